@@ -1,0 +1,16 @@
+"""dinofeat: DINO self-supervised vision features.
+
+Pretrained DINO ViTs from the hub, embeddings, attention maps, a faiss-backed k-NN index
+and the complete DINO training core::
+
+    import dinofeat
+    model = dinofeat.load("vit_s16")
+    feats = model.embed("photos/")            # [N, 384]
+"""
+
+from .model import DinoModel, load
+from .zoo import list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["DinoModel", "load", "list_models", "__version__"]

@@ -1,0 +1,7 @@
+"""``python -m dinofeat`` (also what ``torchrun -m dinofeat`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

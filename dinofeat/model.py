@@ -1,0 +1,256 @@
+"""DinoModel: a backbone with its preprocessing, and :func:`load`.
+
+``DinoModel`` is an ``nn.Module``: ``model(x)`` maps a normalised batch ``[B, 3, H, W]``
+to the [CLS] feature ``[B, D]``; ``model.last_self_attention(x)`` gives the last block's
+softmax attention ``[B, heads, 1 + N, 1 + N]``. Higher-level verbs (``embed``,
+``patch_features``, ``attention_maps``) build on these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import hub
+from .backbones import DinoVisionTransformer, build_backbone
+from .zoo import MODELS, ModelSpec, Preprocessing, get_spec
+
+__all__ = ["DinoModel", "load", "CHECKPOINT_NAMES"]
+
+# File names looked for when load() is given a training run folder.
+CHECKPOINT_NAMES = ("checkpoint.pth", "teacher_backbone.safetensors", "model.safetensors")
+
+
+class DinoModel(nn.Module):
+    """A DINO backbone together with the preprocessing its features expect.
+
+    Attributes:
+        backbone: maps ``[B, 3, H, W]`` to ``[B, embed_dim]``.
+        name: zoo name or file the weights came from.
+        spec: the zoo entry (``None`` for files not in the zoo).
+        preprocessing: the :class:`~dinofeat.zoo.Preprocessing` ``embed`` applies.
+    """
+
+    def __init__(self, backbone: nn.Module, *, name: str = "custom",
+                 spec: ModelSpec | None = None,
+                 preprocessing: Preprocessing | None = None,
+                 source: str | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.name = name
+        self.spec = spec
+        self.preprocessing = preprocessing or (spec.preprocessing if spec else Preprocessing())
+        self.source = source
+        self._weights_hash: str | None = None
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def embed_dim(self) -> int:
+        return int(self.backbone.embed_dim)
+
+    @property
+    def patch_size(self) -> int | None:
+        return getattr(self.backbone, "patch_size", None)
+
+    @property
+    def is_vit(self) -> bool:
+        return isinstance(self.backbone, DinoVisionTransformer)
+
+    @property
+    def num_heads(self) -> int | None:
+        return getattr(self.backbone, "num_heads", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def weights_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) of the backbone's tensors, names and shapes:
+        identifies the weights whatever file format they came in."""
+        if self._weights_hash is None:
+            h = hashlib.sha256()
+            for k, v in sorted(self.backbone.state_dict().items()):
+                h.update(k.encode())
+                h.update(str(tuple(v.shape)).encode())
+                h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._weights_hash = h.hexdigest()[:16]
+        return self._weights_hash
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity of the model (stored next to features and indexes)."""
+        return {"name": self.name, "weights_hash": self.weights_hash,
+                "embed_dim": self.embed_dim, "patch_size": self.patch_size,
+                "preprocessing": self.preprocessing.to_dict()}
+
+    def _require_vit(self, what: str) -> DinoVisionTransformer:
+        if not self.is_vit:
+            raise TypeError(f"{what} needs a ViT; {self.name} is a "
+                            f"{type(self.backbone).__name__.strip('_')} (no self-attention)")
+        return self.backbone  # type: ignore[return-value]
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``[B, 3, H, W]`` -> [CLS] features ``[B, D]``."""
+        return self.backbone(x)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``[B, 3, H, W]`` -> final-normed tokens ``[B, 1 + h*w, D]``
+        ([CLS] first, then the patch tokens in row-major grid order)."""
+        if not hasattr(self.backbone, "forward_tokens"):
+            raise TypeError(f"{self.name} has no tokens (it is a ResNet)")
+        return self.backbone.forward_tokens(x)
+
+    def last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of the last block ``[B, heads, 1 + N, 1 + N]`` for normalised
+        images ``[B, 3, H, W]`` (``N = (H // p) * (W // p)``)."""
+        return self._require_vit("last_self_attention").last_self_attention(x)
+
+    def last_cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The [CLS] query row of :meth:`last_self_attention`, ``[B, heads, 1 + N]``."""
+        return self._require_vit("last_cls_attention").last_cls_attention(x)
+
+    def intermediate_tokens(self, x: torch.Tensor, n: int = 1, norm: bool = True):
+        """Normed tokens ``[B, 1 + N, D]`` of the last ``n`` blocks (a list)."""
+        return self._require_vit("intermediate_tokens").intermediate_tokens(x, n, norm=norm)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
+
+
+# --------------------------------------------------------------------- loading
+def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
+                     pos_embed_interp: str) -> nn.Module:
+    if arch is not None:
+        spec = MODELS.get(arch)
+        if spec is not None and spec.arch == "xcit":
+            return build_backbone(arch)
+        if arch not in MODELS or MODELS[arch].arch != "vit":
+            return build_backbone(arch, pos_embed_interp=pos_embed_interp)
+    facts = hub.infer_architecture(sd)
+    if facts["family"] == "resnet":
+        return build_backbone("resnet50")
+    if facts["family"] == "xcit":
+        size = "s12" if facts["embed_dim"] == 384 else "m24"
+        return build_backbone(f"xcit_{size}_{facts['patch_size']}")
+    if arch is not None:
+        spec = MODELS[arch]
+        if (spec.embed_dim, spec.patch_size) != (facts["embed_dim"], facts["patch_size"]):
+            raise hub.CheckpointError(
+                f"weights are a ViT with dim {facts['embed_dim']} and patch "
+                f"{facts['patch_size']}, but arch={arch!r} has dim {spec.embed_dim} and "
+                f"patch {spec.patch_size}")
+    return DinoVisionTransformer(
+        patch_size=facts["patch_size"], embed_dim=facts["embed_dim"], depth=facts["depth"],
+        num_heads=facts["num_heads"], img_size=facts["trained_grid"] * facts["patch_size"],
+        pos_embed_interp=pos_embed_interp)
+
+
+def _load_strict(backbone: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    expected = backbone.state_dict()
+    if hasattr(backbone, "net") and type(backbone).__name__ == "_XCiTTrunk":
+        backbone.load_state_dict(sd, strict=True)
+        return
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    bad_shape = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                       for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if bad_shape:
+            parts.append(f"shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape)}")
+        raise hub.CheckpointError(f"{source}: weights do not fit the architecture "
+                                  f"{type(backbone).__name__}:\n  " + "\n  ".join(parts))
+    for k, v in sd.items():
+        if not v.is_floating_point() and expected[k].is_floating_point():
+            raise hub.CheckpointError(f"{source}: tensor {k} has dtype {v.dtype}, expected "
+                                      "a floating-point tensor")
+    backbone.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def _resolve_file(path: Path) -> Path:
+    if path.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path} is a folder without a checkpoint "
+                                f"({' or '.join(CHECKPOINT_NAMES)})")
+    return path
+
+
+def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device | None = None,
+         *, arch: str | None = None, checkpoint_key: str = "teacher",
+         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+         pos_embed_interp: str | None = None,
+         preprocessing: Preprocessing | None = None) -> DinoModel:
+    """Load a DINO backbone as a :class:`DinoModel` in eval mode.
+
+    Args:
+        name_or_path: a zoo name (``dinofeat.list_models()``), a weights file (original
+            release backbone ``.pth`` or full checkpoint, dinofeat training checkpoint,
+            ``.safetensors``) or a training run folder.
+        device: where to put the model (default: CUDA if available, else CPU).
+        arch: architecture for files; inferred from the tensors when omitted.
+        checkpoint_key: ``"teacher"`` (default) or ``"student"`` for training checkpoints.
+        revision: Hugging Face hub revision (branch, tag or commit) for zoo models.
+        cache_dir: Hugging Face cache folder (default: huggingface_hub's).
+        pos_embed_interp: ``"dino"`` (original, default) or ``"timm"``.
+        preprocessing: override the model's own preprocessing.
+    """
+    spec: ModelSpec | None = None
+    name = str(name_or_path)
+    if isinstance(name_or_path, str) and name_or_path in MODELS:
+        spec = get_spec(name_or_path)
+        path = hub.fetch_weights(spec, revision=revision, cache_dir=cache_dir)
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            if isinstance(name_or_path, str) and os.sep not in name_or_path and \
+                    "." not in Path(name_or_path).name:
+                raise KeyError(f"unknown model {name_or_path!r}; valid names: "
+                               f"{', '.join(MODELS)} (or a path to a weights file)")
+            raise FileNotFoundError(f"no such weights file or folder: {path}")
+        path = _resolve_file(path)
+    ckpt = hub.read_checkpoint(path)
+    meta = hub.read_dinofeat_metadata(path, ckpt)
+    sd = hub.backbone_state_dict(ckpt, checkpoint_key=checkpoint_key, source=str(path))
+    arch = arch or (spec.name if spec else meta.get("arch"))
+    interp = pos_embed_interp or (spec.pos_embed_interp if spec and spec.arch == "vit"
+                                  else meta.get("pos_embed_interp", "dino"))
+    backbone = _build_for_state(sd, arch, interp)
+    _load_strict(backbone, sd, str(path))
+    if preprocessing is None and meta.get("preprocessing"):
+        preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in meta["preprocessing"].items()})
+    model = DinoModel(backbone, name=spec.name if spec else meta.get("name", name), spec=spec,
+                      preprocessing=preprocessing, source=str(path))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+def save_safetensors(model: DinoModel, path: str | os.PathLike, *,
+                     extra: dict[str, Any] | None = None) -> Path:
+    """Write the backbone as safetensors with dinofeat metadata (arch, preprocessing), so
+    that :func:`load` restores the same model with its preprocessing."""
+    from safetensors.torch import save_file
+
+    from .utils import atomic_path
+    meta = {"name": model.name, "preprocessing": model.preprocessing.to_dict(),
+            "pos_embed_interp": getattr(model.backbone, "pos_embed_interp", "dino")}
+    meta.update(extra or {})
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={"dinofeat": json.dumps(meta)})
+    return path

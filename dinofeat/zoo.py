@@ -1,0 +1,217 @@
+"""The model table: every published DINO backbone as data.
+
+Each entry says what the network is (architecture, patch size, feature dimension, depth,
+heads), where its weights live (Hugging Face hub repo of the timm copy, the original
+release URLs) and what the paper reports for it (ImageNet k-NN and linear top-1), plus
+the preprocessing its numbers were measured with. Nothing here builds or downloads
+anything: :mod:`dinofeat.backbones` builds, :mod:`dinofeat.hub` fetches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessing",
+    "ModelSpec",
+    "MODELS",
+    "get_spec",
+    "list_models",
+    "register_model",
+    "format_table",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_RELEASE = "https://dl.fbaipublicfiles.com/dino"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are turned into the model's input tensor.
+
+    ``mode="dino"``: resize the short side to ``resize_size`` (bicubic), centre-crop
+    ``crop_size`` (the k-NN / linear evaluation protocol of the paper). ``mode="whole"``:
+    resize the whole image so that its long side is ``crop_size`` and round both sides
+    down to a multiple of the patch size (retrieval, attention maps).
+    """
+
+    mode: str = "dino"
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    grayscale: bool = False  # convert to one channel and repeat it three times
+
+    def replace(self, **changes) -> "Preprocessing":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One zoo entry. ``arch`` is ``"vit"``, ``"resnet"`` or ``"xcit"``."""
+
+    name: str
+    arch: str
+    timm_name: str | None  # architecture name in timm (torchvision for resnet50)
+    patch_size: int | None
+    embed_dim: int
+    depth: int | None
+    num_heads: int | None
+    params_m: int
+    knn_top1: float | None
+    linear_top1: float | None
+    hf_hub_id: str | None = None  # timm copy of the weights on the Hugging Face hub
+    hf_revision: str = "main"
+    backbone_url: str | None = None  # original release files
+    full_checkpoint_url: str | None = None
+    linear_head_url: str | None = None
+    sha256: str | None = None  # of backbone_url, when known
+    img_size: int = 224  # grid the position embeddings were trained at
+    pos_embed_interp: str = "dino"  # "dino" (scale-factor + 0.1) or "timm" (target size)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    local_file: str | None = None  # weights shipped inside the package (dinofeat/weights/)
+    description: str = ""
+
+    @property
+    def num_patch_tokens_224(self) -> int | None:
+        if self.patch_size is None:
+            return None
+        return (224 // self.patch_size) ** 2
+
+    @property
+    def tokens_at_224(self) -> int | None:
+        n = self.num_patch_tokens_224
+        return None if n is None else n + 1
+
+
+def _release(folder: str, stem: str) -> dict:
+    return dict(
+        backbone_url=f"{_RELEASE}/{folder}/{stem}_pretrain.pth",
+        full_checkpoint_url=f"{_RELEASE}/{folder}/{stem}_pretrain_full_checkpoint.pth",
+        linear_head_url=f"{_RELEASE}/{folder}/{stem}_linearweights.pth",
+    )
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add (or replace) a zoo entry; returns it."""
+    MODELS[spec.name] = spec
+    return spec
+
+
+for _spec in [
+    ModelSpec(
+        "vit_s16", "vit", "vit_small_patch16_224", 16, 384, 12, 6, 21, 74.5, 77.0,
+        hf_hub_id="timm/vit_small_patch16_224.dino",
+        **_release("dino_deitsmall16_pretrain", "dino_deitsmall16"),
+        description="ViT-S/16 (DeiT-S), DINO ImageNet-1k, 800 epochs",
+    ),
+    ModelSpec(
+        "vit_s8", "vit", "vit_small_patch8_224", 8, 384, 12, 6, 21, 78.3, 79.7,
+        hf_hub_id="timm/vit_small_patch8_224.dino",
+        **_release("dino_deitsmall8_pretrain", "dino_deitsmall8"),
+        description="ViT-S/8, DINO ImageNet-1k",
+    ),
+    ModelSpec(
+        "vit_b16", "vit", "vit_base_patch16_224", 16, 768, 12, 12, 85, 76.1, 78.2,
+        hf_hub_id="timm/vit_base_patch16_224.dino",
+        **_release("dino_vitbase16_pretrain", "dino_vitbase16"),
+        description="ViT-B/16, DINO ImageNet-1k",
+    ),
+    ModelSpec(
+        "vit_b8", "vit", "vit_base_patch8_224", 8, 768, 12, 12, 85, 77.4, 80.1,
+        hf_hub_id="timm/vit_base_patch8_224.dino",
+        **_release("dino_vitbase8_pretrain", "dino_vitbase8"),
+        description="ViT-B/8, DINO ImageNet-1k",
+    ),
+    ModelSpec(
+        "resnet50", "resnet", "resnet50", None, 2048, None, None, 23, 67.5, 75.3,
+        **_release("dino_resnet50_pretrain", "dino_resnet50"),
+        description="ResNet-50 (torchvision layout), DINO ImageNet-1k",
+    ),
+    ModelSpec(
+        "xcit_s12_16", "xcit", "xcit_small_12_p16_224", 16, 384, 12, 8, 26, 76.0, 77.8,
+        **_release("dino_xcit_small_12_p16_pretrain", "dino_xcit_small_12_p16"),
+        pos_embed_interp="none",
+        description="XCiT-S12/16, DINO ImageNet-1k",
+    ),
+    ModelSpec(
+        "xcit_s12_8", "xcit", "xcit_small_12_p8_224", 8, 384, 12, 8, 26, 77.1, 79.2,
+        **_release("dino_xcit_small_12_p8_pretrain", "dino_xcit_small_12_p8"),
+        pos_embed_interp="none",
+        description="XCiT-S12/8, DINO ImageNet-1k",
+    ),
+    ModelSpec(
+        "xcit_m24_16", "xcit", "xcit_medium_24_p16_224", 16, 512, 24, 8, 84, 76.4, 78.8,
+        **_release("dino_xcit_medium_24_p16_pretrain", "dino_xcit_medium_24_p16"),
+        pos_embed_interp="none",
+        description="XCiT-M24/16, DINO ImageNet-1k",
+    ),
+    ModelSpec(
+        "xcit_m24_8", "xcit", "xcit_medium_24_p8_224", 8, 512, 24, 8, 84, 77.9, 80.3,
+        **_release("dino_xcit_medium_24_p8_pretrain", "dino_xcit_medium_24_p8"),
+        pos_embed_interp="none",
+        description="XCiT-M24/8, DINO ImageNet-1k",
+    ),
+]:
+    register_model(_spec)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The zoo entry called ``name``; a ``KeyError`` naming the valid names otherwise."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}"
+        ) from None
+
+
+def list_models(as_dicts: bool = False):
+    """Names of the zoo models (or, with ``as_dicts=True``, one dict per model with
+    name, arch, dim, patch size, params and the published ImageNet k-NN/linear top-1)."""
+    if not as_dicts:
+        return list(MODELS)
+    return [
+        dict(
+            name=s.name,
+            arch=s.arch,
+            dim=s.embed_dim,
+            patch_size=s.patch_size,
+            params_m=s.params_m,
+            knn_top1=s.knn_top1,
+            linear_top1=s.linear_top1,
+            hf_hub_id=s.hf_hub_id,
+            description=s.description,
+        )
+        for s in MODELS.values()
+    ]
+
+
+def format_table() -> str:
+    """The zoo as a plain-text table (what ``dinofeat models`` prints)."""
+    head = ("name", "arch", "dim", "patch", "params", "k-NN", "linear", "weights")
+    rows = [head]
+    for s in MODELS.values():
+        src = s.hf_hub_id or ("package" if s.local_file else "release .pth")
+        rows.append((
+            s.name, s.arch, str(s.embed_dim), str(s.patch_size or "-"), f"{s.params_m}M",
+            f"{s.knn_top1:.1f}" if s.knn_top1 is not None else "-",
+            f"{s.linear_top1:.1f}" if s.linear_top1 is not None else "-",
+            src,
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
