@@ -8,9 +8,10 @@ and the complete DINO training core::
     feats = model.embed("photos/")            # [N, 384]
 """
 
+from .index import KNNIndex
 from .model import DinoModel, load
 from .zoo import list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["DinoModel", "load", "list_models", "__version__"]
+__all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__"]
