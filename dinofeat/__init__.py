@@ -9,9 +9,14 @@ and the complete DINO training core::
 """
 
 from .index import KNNIndex
+from .attention import AttentionMaps
+from .images import ImageReadError, list_images, open_image
 from .model import DinoModel, load
+from .shortcuts import attention_maps, embed
 from .zoo import list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__"]
+__all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__",
+           "embed", "attention_maps", "AttentionMaps", "open_image", "list_images",
+           "ImageReadError"]

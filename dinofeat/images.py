@@ -43,8 +43,19 @@ __all__ = [
     "MAX_PIXELS",
     "ImageReadError",
     "open_image",
+    "read_image",
     "list_images",
     "to_rgb",
+    "pil_to_tensor",
+    "as_uint8_image",
+    "rgb_to_gray3",
+    "ImageTransform",
+    "normalize_batch",
+    "ImageSource",
+    "SkippedImage",
+    "resolve_images",
+    "ImageBatch",
+    "image_loader",
 ]
 
 #: File extensions :func:`list_images` picks up (lower case).
@@ -209,3 +220,368 @@ def _decode_pil(img: Image.Image, path, background=_WHITE) -> Image.Image:
         raise
     except Exception as e:  # noqa: BLE001
         raise ImageReadError(path, _reason(e)) from None
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB ``PIL.Image`` -> ``uint8`` tensor ``[3, H, W]``."""
+    arr = np.asarray(img if img.mode == "RGB" else to_rgb(img))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> torch.Tensor:
+    """Read an image file as an RGB ``uint8`` tensor ``[3, H, W]`` (EXIF-rotated).
+
+    Plain 8-bit RGB/greyscale JPEGs and PNGs (and 16-bit RGB PNGs) are decoded by
+    ``torchvision.io.decode_image`` (libjpeg-turbo/libpng straight into a tensor);
+    everything else (transparency, palettes, CMYK, 16-bit greyscale, other formats) goes
+    through Pillow and :func:`to_rgb`. Both paths give the same pixels for the files the
+    fast one takes (tested). Raises :class:`ImageReadError` naming the file."""
+    data = _read_bytes(path)
+    img = _open_pil(data, path, max_pixels)
+    if img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L") \
+            and "transparency" not in img.info:
+        from torchvision.io import ImageReadMode, decode_image
+        try:
+            t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                             mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            t = None  # damaged: Pillow below gives the error message (or copes)
+        if t is not None:
+            if t.dtype != torch.uint8:  # 16-bit PNG: keep the high byte, as Pillow does
+                t = (t.to(torch.int32) >> 8).to(torch.uint8)
+            return t.contiguous()
+    return pil_to_tensor(_decode_pil(img, path))
+
+
+def as_uint8_image(obj: Any, *, name: str = "image") -> torch.Tensor:
+    """An in-memory image -> RGB ``uint8`` tensor ``[3, H, W]``.
+
+    Accepts a ``PIL.Image`` (any mode, EXIF orientation applied), a ``numpy`` ``uint8``
+    array ``H x W`` (grey), ``H x W x 1``, ``H x W x 3`` (RGB) or ``H x W x 4`` (RGBA,
+    composited on white), or a ``uint8`` tensor ``[3, H, W]`` / ``[1, H, W]``.
+    """
+    if isinstance(obj, Image.Image):
+        try:
+            return pil_to_tensor(to_rgb(ImageOps.exif_transpose(obj) or obj))
+        except Exception as e:  # noqa: BLE001
+            raise ImageReadError(name, _reason(e)) from None
+    if isinstance(obj, np.ndarray):
+        if obj.dtype != np.uint8:
+            raise ValueError(f"{name}: arrays must be uint8 H x W x C images (0-255), got "
+                             f"dtype {obj.dtype}; convert with (a * 255).round().astype('uint8')")
+        if obj.ndim == 2:
+            obj = obj[:, :, None]
+        if obj.ndim != 3 or obj.shape[2] not in (1, 3, 4) or 0 in obj.shape[:2]:
+            raise ValueError(f"{name}: arrays must be H x W, H x W x 1, H x W x 3 or "
+                             f"H x W x 4, got shape {tuple(obj.shape)}")
+        if obj.shape[2] == 4:
+            return pil_to_tensor(to_rgb(Image.fromarray(np.ascontiguousarray(obj), "RGBA")))
+        t = torch.from_numpy(np.ascontiguousarray(obj)).permute(2, 0, 1)
+        return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
+    if isinstance(obj, torch.Tensor):
+        if obj.dtype != torch.uint8 or obj.ndim != 3 or obj.shape[0] not in (1, 3) \
+                or 0 in obj.shape[1:]:
+            raise ValueError(f"{name}: image tensors must be uint8 [3, H, W] or [1, H, W], "
+                             f"got {obj.dtype} {tuple(obj.shape)}")
+        obj = obj.detach().cpu()
+        return obj.expand(3, -1, -1).contiguous() if obj.shape[0] == 1 else obj.contiguous()
+    raise TypeError(f"{name}: cannot use a {type(obj).__name__} as an image (give a path, "
+                    "a folder, a PIL image, a uint8 numpy array or a tensor)")
+
+
+# ---------------------------------------------------------------- preprocessing
+def rgb_to_gray3(img: torch.Tensor) -> torch.Tensor:
+    """``uint8 [3, H, W]`` RGB -> ``uint8 [3, H, W]`` grey repeated three times, with
+    Pillow's ``convert("L")`` integer formula (ITU-R 601-2 luma), so it matches exactly."""
+    r, g, b = img.to(torch.int32).unbind(0)
+    gray = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)
+    return gray.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+class ImageTransform:
+    """A model's preprocessing on ``uint8`` tensors: ``[3, H, W]`` -> ``[3, h, w]``.
+
+    ``mode="dino"``: resize the short side to ``resize_size`` (bicubic, antialiased),
+    centre-crop ``crop_size`` (the paper's 256 -> 224). ``size`` sets the crop and scales
+    the resize with it (``resize = round(size * resize_size / crop_size)``).
+
+    ``mode="whole"``: the whole image, resized so that its long side is ``size``
+    (default ``crop_size``), each side then rounded down to a multiple of the patch size
+    (at least one patch); nothing is cropped, the aspect ratio changes by under a patch.
+
+    ``grayscale=True`` turns the image grey (three equal channels) before resizing.
+    Normalisation is not done here: see :func:`normalize_batch`.
+    """
+
+    def __init__(self, preprocessing, patch_size: int | None = None, size: int | None = None):
+        from .zoo import Preprocessing
+        if not isinstance(preprocessing, Preprocessing):
+            raise TypeError(f"expected a dinofeat.zoo.Preprocessing, got {type(preprocessing)}")
+        if preprocessing.mode not in ("dino", "whole"):
+            raise ValueError(f"preprocessing mode must be 'dino' or 'whole', got "
+                             f"{preprocessing.mode!r}")
+        if preprocessing.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {preprocessing.interpolation!r}; use one "
+                             f"of {', '.join(_INTERPOLATIONS)}")
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"size must be a positive integer, got {size!r}")
+        self.preprocessing = preprocessing
+        self.patch_size = patch_size or 1
+        if preprocessing.mode == "dino":
+            self.crop_size = size or preprocessing.crop_size
+            self.resize_size = (preprocessing.resize_size if size is None else
+                                round(size * preprocessing.resize_size / preprocessing.crop_size))
+        else:
+            self.crop_size = None
+            self.resize_size = size or preprocessing.crop_size
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(h, w)`` of the result for an ``height x width`` image."""
+        if self.crop_size is not None:
+            return self.crop_size, self.crop_size
+        scale = self.resize_size / max(height, width)
+        p = self.patch_size
+        h = max(p, int(round(height * scale)) // p * p)
+        w = max(p, int(round(width * scale)) // p * p)
+        return h, w
+
+    def _resize(self, img: torch.Tensor, size: list[int]) -> torch.Tensor:
+        import torchvision.transforms.v2.functional as TF
+        mode = TF.InterpolationMode(self.preprocessing.interpolation)
+        if mode in (TF.InterpolationMode.BILINEAR, TF.InterpolationMode.BICUBIC):
+            return TF.resize(img, size, interpolation=mode, antialias=True)
+        # torchvision's tensor resize has no lanczos/box/hamming: use Pillow for those.
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        target = (size[1], size[0]) if len(size) == 2 else None
+        if target is None:
+            h, w = img.shape[-2:]
+            s = size[0] / min(h, w)
+            target = (int(w * s), size[0]) if h <= w else (size[0], int(h * s))
+        resample = getattr(Image.Resampling, self.preprocessing.interpolation.upper())
+        return pil_to_tensor(pil.resize(target, resample))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.preprocessing.grayscale:
+            img = rgb_to_gray3(img)
+        if self.crop_size is not None:
+            import torchvision.transforms.v2.functional as TF
+            if min(img.shape[-2:]) != self.resize_size:
+                img = self._resize(img, [self.resize_size])
+            return TF.center_crop(img, [self.crop_size, self.crop_size]).contiguous()
+        h, w = self.output_size(*img.shape[-2:])
+        if (h, w) != tuple(img.shape[-2:]):
+            img = self._resize(img, [h, w])
+        return img.contiguous()
+
+    def __repr__(self) -> str:
+        return (f"ImageTransform(mode={self.preprocessing.mode!r}, resize={self.resize_size}, "
+                f"crop={self.crop_size}, patch={self.patch_size}, "
+                f"grayscale={self.preprocessing.grayscale})")
+
+
+def normalize_batch(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
+                    device: torch.device | str | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format
+                    ) -> torch.Tensor:
+    """``uint8 [B, 3, H, W]`` -> normalised ``float32 [B, 3, H, W]`` on ``device``:
+    ``(x / 255 - mean) / std``. The last step of preprocessing, done where the model is
+    (the ``uint8`` batch is four times smaller to move)."""
+    if batch.dtype != torch.uint8:
+        raise TypeError(f"normalize_batch expects uint8 images, got {batch.dtype}")
+    x = batch.to(device or batch.device, non_blocking=True).to(torch.float32)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    x = (x - m) / s
+    return x.contiguous(memory_format=memory_format)
+
+
+# ----------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class ImageSource:
+    """One input image: ``key`` is its path (file inputs) or its position (in-memory
+    inputs); ``item`` is what gets decoded (a ``Path``, ``PIL.Image``, array or tensor)."""
+
+    key: Path | int
+    item: Any
+
+    @property
+    def name(self) -> str:
+        return str(self.key) if isinstance(self.key, Path) else f"image #{self.key}"
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An input that could not be read: ``position`` in the input list, ``key`` (path or
+    position) and ``reason``."""
+
+    position: int
+    key: Path | int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.reason}"
+
+
+@dataclass
+class ResolvedImages:
+    """What :func:`resolve_images` made of the user's input."""
+
+    sources: list[ImageSource]
+    tensor: torch.Tensor | None = None  # an already-normalised float batch, used as is
+    from_folder: bool = False  # a folder was given: unreadable files are skipped
+
+    def __len__(self) -> int:
+        return len(self.sources) if self.tensor is None else int(self.tensor.shape[0])
+
+
+def _resolve_one(obj: Any, out: list, folder_flag: list[bool]) -> None:
+    if isinstance(obj, (str, os.PathLike)):
+        p = Path(obj)
+        if p.is_dir():
+            files = list_images(p)
+            if not files:
+                raise FileNotFoundError(f"no image files in folder {p} (looked for "
+                                        f"{', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...)")
+            out.extend(files)
+            folder_flag[0] = True
+        else:
+            out.append(p)
+    elif isinstance(obj, (Image.Image, np.ndarray)):
+        out.append(obj)
+    elif isinstance(obj, torch.Tensor):
+        if obj.dtype.is_floating_point:
+            raise TypeError("float tensors are normalised model input and must come alone "
+                            "as one [N, 3, H, W] batch, not inside a list")
+        out.append(obj)
+    else:
+        raise TypeError(f"cannot use a {type(obj).__name__} as an image (give a path, a "
+                        "folder, a PIL image, a uint8 numpy array or a tensor)")
+
+
+def resolve_images(images: Any) -> ResolvedImages:
+    """Turn any supported input into a list of :class:`ImageSource`.
+
+    * a path to a file: that image; a path to a folder: :func:`list_images` of it (sorted,
+      recursive); a list/tuple mixing paths, folders, PIL images, arrays, uint8 tensors;
+    * a ``PIL.Image``; a ``uint8`` array ``H x W [x C]`` (one image) or ``N x H x W x C``
+      (a batch);
+    * a ``uint8`` tensor ``[3, H, W]`` (one image) or ``[N, 3, H, W]``: raw RGB pixels,
+      preprocessed like files;
+    * a **float** tensor ``[N, 3, H, W]`` (or ``[3, H, W]``) is taken to be model input
+      that is **already preprocessed and normalised** (what ``model(x)`` takes): it is
+      used as is, without resizing, cropping or normalisation.
+
+    A single path that does not exist raises ``FileNotFoundError``.
+    """
+    if isinstance(images, torch.Tensor) and images.dtype.is_floating_point:
+        t = images.unsqueeze(0) if images.ndim == 3 else images
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise ValueError(f"a float image tensor must be [N, 3, H, W] (normalised model "
+                             f"input), got shape {tuple(images.shape)}")
+        return ResolvedImages([ImageSource(i, None) for i in range(t.shape[0])], tensor=t)
+    if isinstance(images, (str, os.PathLike)) and not Path(images).exists():
+        raise FileNotFoundError(f"no such image file or folder: {images}")
+    items: list[Any] = []
+    folder = [False]
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        items.extend(images.unbind(0))
+    elif isinstance(images, np.ndarray) and images.ndim == 4:
+        items.extend(list(images))
+    elif isinstance(images, (list, tuple)):
+        for obj in images:
+            _resolve_one(obj, items, folder)
+    else:
+        _resolve_one(images, items, folder)
+    if not items:
+        raise ValueError("no images given")
+    sources = [ImageSource(it if isinstance(it, Path) else i, it) for i, it in enumerate(items)]
+    return ResolvedImages(sources, from_folder=folder[0])
+
+
+# ---------------------------------------------------------------------- loading
+def load_source(source: ImageSource, *, max_pixels: int | None = None) -> torch.Tensor:
+    """Decode one :class:`ImageSource` to an RGB ``uint8`` tensor ``[3, H, W]``."""
+    if isinstance(source.item, Path):
+        return read_image(source.item, max_pixels=max_pixels)
+    return as_uint8_image(source.item, name=source.name)
+
+
+@dataclass
+class ImageBatch:
+    """A batch as the loader delivers it: images grouped by size (one group in "dino"
+    mode, possibly several in "whole" mode), still ``uint8``, plus the inputs that failed.
+
+    ``groups``: ``[(positions, uint8 [B_g, 3, H_g, W_g]), ...]``, positions ascending
+    within a group; ``failed``: ``[(position, reason), ...]``; ``positions``: every
+    position of the batch in input order.
+    """
+
+    positions: list[int]
+    groups: list[tuple[list[int], torch.Tensor]]
+    failed: list[tuple[int, str]]
+
+    def pin_memory(self) -> "ImageBatch":
+        return ImageBatch(self.positions, [(p, t.pin_memory()) for p, t in self.groups],
+                          self.failed)
+
+
+class _SourceDataset(torch.utils.data.Dataset):
+    def __init__(self, sources: Sequence[ImageSource], transform: Callable | None,
+                 max_pixels: int | None):
+        self.sources = sources
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int):
+        try:
+            img = load_source(self.sources[i], max_pixels=self.max_pixels)
+            if self.transform is not None:
+                img = self.transform(img)
+            return i, img, None
+        except (ImageReadError, ValueError, TypeError) as e:
+            return i, None, e.reason if isinstance(e, ImageReadError) else str(e)
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageBatch:
+    by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    failed = []
+    for i, img, err in items:
+        if img is None:
+            failed.append((i, err))
+        else:
+            by_shape.setdefault(tuple(img.shape), []).append((i, img))
+    groups = [([i for i, _ in g], torch.stack([t for _, t in g])) for g in by_shape.values()]
+    return ImageBatch([i for i, _, _ in items], groups, failed)
+
+
+def default_num_workers(num_images: int, batch_size: int) -> int:
+    """Worker processes for decoding: none for a single batch, else up to 8, leaving one
+    CPU core to the main process."""
+    if num_images <= batch_size:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(8, (cpus or 1) - 1))
+
+
+def image_loader(sources: Sequence[ImageSource], transform: Callable | None = None, *,
+                 batch_size: int = 64, num_workers: int | None = None,
+                 pin_memory: bool = False, max_pixels: int | None = None
+                 ) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` that decodes and preprocesses ``sources`` in worker processes and
+    yields :class:`ImageBatch` es in input order (``uint8`` until
+    :func:`normalize_batch`). Unreadable inputs never stop it: they come back in
+    ``ImageBatch.failed``; the caller decides whether to raise or skip."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers is None:
+        num_workers = default_num_workers(len(sources), batch_size)
+    return torch.utils.data.DataLoader(
+        _SourceDataset(sources, transform, max_pixels), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
+        persistent_workers=False)

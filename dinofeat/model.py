@@ -120,6 +120,123 @@ class DinoModel(nn.Module):
         """Normed tokens ``[B, 1 + N, D]`` of the last ``n`` blocks (a list)."""
         return self._require_vit("intermediate_tokens").intermediate_tokens(x, n, norm=norm)
 
+    # ------------------------------------------------- features (dinofeat.embedding)
+    def iter_embed(self, images, *, pool: str = "cls", normalize: bool = True,
+                   batch_size: int = 64, num_workers: int | None = None,
+                   preprocessing: "None | str | Preprocessing" = None, size: int | None = None,
+                   multiscale: bool = False, n_last_blocks: int = 1, avgpool: bool = False,
+                   precision: str = "fp32", device: str | torch.device | None = None,
+                   progress: bool | None = None, skip_unreadable: bool | None = None):
+        """Embed images batch by batch, without holding all features.
+
+        Takes the same arguments as :meth:`embed` and returns a
+        :class:`~dinofeat.embedding.EmbedStream`. Iterating it yields
+        ``(keys, feats)``: ``keys`` lists the ``pathlib.Path`` of each image of the batch
+        (for file and folder inputs) or its position in the input (in-memory images);
+        ``feats`` is a CPU ``float32`` tensor ``[len(keys), D']``. Batches come in input
+        order. Unreadable files are left out; with ``skip_unreadable`` (the default for a
+        folder) each one is recorded in ``stream.skipped`` (a list of
+        :class:`~dinofeat.images.SkippedImage` with ``.key`` and ``.reason``, complete
+        once the iteration ends), otherwise the first raises
+        :class:`~dinofeat.images.ImageReadError`. ``len(stream)`` is the number of inputs,
+        ``stream.sources`` lists them::
+
+            stream = model.iter_embed("photos/")
+            for paths, feats in stream:
+                index.add(feats, paths)
+            print(len(stream.skipped), "unreadable")
+        """
+        from .embedding import EmbedStream, embed_fn
+        fn = embed_fn(self, pool=pool, normalize=normalize, multiscale=multiscale,
+                      n_last_blocks=n_last_blocks, avgpool=avgpool)
+        return EmbedStream(self, images, fn, preprocessing=preprocessing, size=size,
+                           batch_size=batch_size, num_workers=num_workers, precision=precision,
+                           device=device, progress=progress, skip_unreadable=skip_unreadable)
+
+    def embed(self, images, *, pool: str = "cls", normalize: bool = True,
+              batch_size: int = 64, num_workers: int | None = None,
+              preprocessing: "None | str | Preprocessing" = None, size: int | None = None,
+              multiscale: bool = False, n_last_blocks: int = 1, avgpool: bool = False,
+              precision: str = "fp32", device: str | torch.device | None = None,
+              progress: bool | None = None, skip_unreadable: bool | None = None,
+              return_keys: bool = False):
+        """Feature vectors of images: ``Tensor [N, D']`` (CPU, float32), one row per
+        readable image, in input order (a folder: sorted paths).
+
+        Args:
+            images: a path, a folder (recursive), a list of paths/PIL images/arrays, a
+                ``PIL.Image``, a ``uint8`` array ``H x W x C``, a ``uint8`` tensor
+                ``[N, 3, H, W]`` of raw pixels, or a float tensor ``[N, 3, H, W]`` taken to
+                be already preprocessed and normalised (used as is).
+            pool: ``"cls"`` (default; k-NN), ``"mean"`` (average patch token), ``"gem"``
+                (GeM p = 4 over output patch tokens) or ``"cls+gem"`` (copy detection).
+            normalize: L2-normalise each vector.
+            n_last_blocks, avgpool: the linear-evaluation representations ([CLS] of the
+                last ``n`` blocks concatenated, ViT-S: 4; ``avgpool``: last [CLS] with the
+                average patch token, ViT-B, in the release's interleaved layout).
+            multiscale: average over input scales 1, 1/sqrt(2), 1/2 (bilinear; retrieval).
+            preprocessing: ``None`` (the model's own), ``"dino"`` (resize 256, crop 224),
+                ``"whole"`` (whole image, long side ``size``, sides rounded down to the
+                patch size) or a :class:`~dinofeat.zoo.Preprocessing`.
+            size: crop size (``"dino"``) or long side (``"whole"``).
+            batch_size, num_workers: batching; decoding runs in ``num_workers`` processes
+                (default: none for one batch, else up to 8).
+            precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; output fp32).
+            device: run there (moves the model); default: where the model is.
+            progress: tqdm bar with images/s (default: when stderr is a terminal).
+            skip_unreadable: skip (and log) unreadable files instead of raising
+                :class:`~dinofeat.images.ImageReadError`; default: on for a folder.
+            return_keys: also return the path (or input position) of every row.
+
+        An image's vector does not depend on the batch it is in (up to float rounding).
+        """
+        from .embedding import collect, feature_dim
+        stream = self.iter_embed(
+            images, pool=pool, normalize=normalize, batch_size=batch_size,
+            num_workers=num_workers, preprocessing=preprocessing, size=size,
+            multiscale=multiscale, n_last_blocks=n_last_blocks, avgpool=avgpool,
+            precision=precision, device=device, progress=progress,
+            skip_unreadable=skip_unreadable)
+        keys, feats = collect(stream)
+        if feats is None:
+            feats = torch.zeros(0, feature_dim(self, pool, n_last_blocks, avgpool))
+        return (feats, keys) if return_keys else feats
+
+    def patch_features(self, images, *, blocks: "int | list[int] | None" = None,
+                       norm: bool = True, preprocessing: "None | str | Preprocessing" = None,
+                       size: int | None = None, batch_size: int = 16,
+                       num_workers: int | None = None, precision: str = "fp32",
+                       device: str | torch.device | None = None,
+                       progress: bool | None = None) -> torch.Tensor:
+        """Patch tokens on their grid: ``Tensor [N, h, w, D]`` (CPU, float32).
+
+        ``blocks=None``: the output tokens (after the final LayerNorm); an int: that
+        block's tokens (negative counts from the end), through the final LayerNorm when
+        ``norm``; a list of ints: ``[N, len(blocks), h, w, D]``. The grid is that of the
+        preprocessed image (``h = H // patch``); images are prepared as in :meth:`embed`
+        (use ``preprocessing="whole"`` to keep the whole image); images giving different
+        grids raise a ``ValueError`` (pass them one at a time). Unreadable images raise.
+        """
+        from .embedding import EmbedStream, collect, patch_fn
+        stream = EmbedStream(self, images, patch_fn(self, blocks, norm=norm),
+                             preprocessing=preprocessing, size=size, batch_size=batch_size,
+                             num_workers=num_workers, precision=precision, device=device,
+                             progress=progress, skip_unreadable=False, desc="patches")
+        return collect(stream)[1]
+
+    def attention_maps(self, img, *, size: int | None = None, threshold: float = 0.6,
+                       device: str | torch.device | None = None,
+                       precision: str = "fp32"):
+        """The last block's [CLS] attention of every head at the image's own resolution:
+        an :class:`~dinofeat.attention.AttentionMaps` with ``.heads`` (``[heads, H, W]``),
+        ``.mean``, ``.masks`` (smallest patch sets holding ``threshold`` of each head's
+        mass), ``.image`` and ``.save(dir)``. ``size`` resizes the short side first; the
+        image is then cropped to a multiple of the patch size. ViTs only. See
+        :func:`dinofeat.attention.attention_maps`."""
+        from .attention import attention_maps
+        return attention_maps(self, img, size=size, threshold=threshold, device=device,
+                              precision=precision)
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
 

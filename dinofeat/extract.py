@@ -1,0 +1,409 @@
+"""Embedding a large collection into a file: shards, resume, several processes.
+
+:func:`embed_to_file` is what ``dinofeat embed`` runs (and what ``dinofeat index build``
+can reuse). The sorted input list is cut into shards of ``shard_size`` images; shard ``k``
+holds the images ``[k * shard_size, (k + 1) * shard_size)``, whatever the number of
+processes, and is written atomically (a shard file exists only once it is complete). Run
+again after an interruption, the same command reuses the complete shards and embeds only
+the missing ones. Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) process ``r`` of ``W``
+takes shards ``r, r + W, r + 2W, ...``; after a barrier, rank 0 merges every shard, in
+path order, into the output file.
+
+Feature files (:func:`save_features` / :func:`load_features`):
+
+* ``.safetensors``: tensor ``"features"`` ``float32 [N, D]``; header metadata
+  ``"dinofeat"`` holds JSON with ``paths`` (one per row, in order), ``skipped``
+  (``[[path, reason], ...]``), ``model`` (``DinoModel.describe()``) and ``embed`` (pooling
+  and preprocessing options). Path lists too big for a safetensors header
+  (over 32 MB of JSON) go to a sidecar ``<file>.json`` instead.
+* ``.npy``: the ``float32 [N, D]`` array; the same JSON in the sidecar ``<file>.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from .embedding import feature_dim, resolve_preprocessing
+from .images import list_images
+from .utils import atomic_path, atomic_write_json, get_logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import DinoModel
+
+__all__ = ["FeatureFile", "save_features", "load_features", "sidecar_path", "shard_ranges",
+           "extract_to_shards", "merge_shards", "embed_to_file", "ExtractResult",
+           "FEATURE_SUFFIXES"]
+
+log = get_logger(__name__)
+
+FEATURE_SUFFIXES = (".safetensors", ".npy")
+_FORMAT = "dinofeat.features/1"
+_HEADER_LIMIT = 32 * 2 ** 20  # bytes of JSON kept inside a safetensors header
+_EMBED_OPTIONS = ("pool", "normalize", "multiscale", "n_last_blocks", "avgpool", "size",
+                  "preprocessing", "precision")
+
+
+# ------------------------------------------------------------------ feature files
+@dataclass
+class FeatureFile:
+    """Features with the paths they came from: ``features`` ``float32 [N, D]``,
+    ``paths`` (N strings), ``meta`` (model identity, options, ``skipped``)."""
+
+    features: torch.Tensor
+    paths: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return [tuple(s) for s in self.meta.get("skipped", [])]
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """``feats.npy`` -> ``feats.npy.json``: where paths and metadata go beside a file."""
+    p = Path(path)
+    return p.with_name(p.name + ".json")
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix.lower() not in FEATURE_SUFFIXES:
+        raise ValueError(f"{path}: feature files must end in .safetensors or .npy")
+
+
+def save_features(path: str | os.PathLike, features: torch.Tensor, paths: Sequence[str],
+                  meta: dict[str, Any] | None = None) -> Path:
+    """Write ``features`` ``[N, D]`` and their ``paths`` (plus ``meta``) atomically, as
+    ``.safetensors`` or ``.npy`` (see the module docstring)."""
+    path = Path(path)
+    _check_suffix(path)
+    features = features.detach().to("cpu", torch.float32).contiguous()
+    if features.ndim != 2 or features.shape[0] != len(paths):
+        raise ValueError(f"features {tuple(features.shape)} do not match {len(paths)} paths")
+    info = {"format": _FORMAT, **(meta or {}), "count": len(paths), "dim": features.shape[1],
+            "paths": [str(p) for p in paths]}
+    text = json.dumps(info)
+    if path.suffix.lower() == ".npy":
+        atomic_write_json(sidecar_path(path), info, indent=None)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, features.numpy())
+        return path
+    from safetensors.torch import save_file
+    side = sidecar_path(path)
+    if len(text) > _HEADER_LIMIT:
+        atomic_write_json(side, info, indent=None)
+        header = {k: v for k, v in info.items() if k not in ("paths", "skipped")}
+        header["paths_file"] = side.name
+        text = json.dumps(header)
+    elif side.exists():
+        side.unlink()  # a stale sidecar from an earlier, larger run
+    with atomic_path(path) as tmp:
+        save_file({"features": features}, str(tmp), metadata={"dinofeat": text})
+    return path
+
+
+def load_features(path: str | os.PathLike) -> FeatureFile:
+    """Read a file written by :func:`save_features` (or ``dinofeat embed``)."""
+    path = Path(path)
+    _check_suffix(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such feature file: {path}")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from None
+        side = sidecar_path(path)
+        if not side.is_file():
+            raise FileNotFoundError(f"{path}: its paths file {side.name} is missing")
+        info = _read_json(side)
+        feats = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    else:
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if "features" not in f.keys():
+                    raise ValueError(f"{path}: no 'features' tensor (has {list(f.keys())})")
+                feats = f.get_tensor("features").float()
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        if "dinofeat" not in meta:
+            raise ValueError(f"{path}: no dinofeat metadata (paths) in the file")
+        info = json.loads(meta["dinofeat"])
+        if "paths_file" in info:
+            info = _read_json(path.with_name(info["paths_file"]))
+    paths = info.get("paths")
+    if not isinstance(paths, list) or len(paths) != feats.shape[0]:
+        raise ValueError(f"{path}: {feats.shape[0]} feature rows but "
+                         f"{len(paths) if isinstance(paths, list) else 'no'} paths")
+    meta = {k: v for k, v in info.items() if k != "paths"}
+    return FeatureFile(feats, paths, meta)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing metadata file {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: damaged JSON ({e})") from None
+
+
+# ------------------------------------------------------------------------ shards
+def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` of consecutive shards covering ``num_images``."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    return [(lo, min(lo + shard_size, num_images)) for lo in range(0, num_images, shard_size)]
+
+
+def _input_paths(images: Any) -> list[Path]:
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images)
+        if p.is_dir():
+            files = list_images(p)
+            if not files:
+                raise FileNotFoundError(f"no image files in folder {p}")
+            return files
+        if not p.exists():
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+        return [p]
+    if isinstance(images, (list, tuple)) and all(isinstance(i, (str, os.PathLike))
+                                                 for i in images):
+        out: list[Path] = []
+        for i in images:
+            out.extend(_input_paths(i) if Path(i).is_dir() else [Path(i)])
+        if not out:
+            raise ValueError("no images given")
+        return out
+    raise TypeError("extraction to files takes a folder, an image path or a list of paths")
+
+
+def _run_config(model: "DinoModel", paths: Sequence[Path], shard_size: int,
+                options: dict[str, Any]) -> dict[str, Any]:
+    pre = resolve_preprocessing(model, options.get("preprocessing"))
+    embed = {k: options.get(k) for k in _EMBED_OPTIONS}
+    embed["preprocessing"] = pre.to_dict()
+    embed["dim"] = feature_dim(model, embed["pool"] or "cls", embed["n_last_blocks"] or 1,
+                               bool(embed["avgpool"]))
+    digest = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
+    return {"format": _FORMAT, "model": model.describe(), "embed": embed,
+            "num_images": len(paths), "paths_sha256": digest, "shard_size": shard_size}
+
+
+def _config_id(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shard_path(shard_dir: Path, k: int) -> Path:
+    return shard_dir / f"shard_{k:06d}.safetensors"
+
+
+def _shard_is_complete(path: Path, config_id: str, lo: int, hi: int) -> bool:
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            info = json.loads((f.metadata() or {}).get("dinofeat", "{}"))
+    except Exception:  # noqa: BLE001 - a damaged shard is simply redone
+        log.warning("shard %s is damaged; embedding it again", path)
+        return False
+    if info.get("config_id") != config_id:
+        raise ValueError(
+            f"{path} was written with other settings (model, options or input list); use "
+            f"another --shard-dir or delete {path.parent}")
+    return info.get("range") == [lo, hi]
+
+
+def _defaults(options: dict[str, Any]) -> dict[str, Any]:
+    full = dict(pool="cls", normalize=True, multiscale=False, n_last_blocks=1, avgpool=False,
+                size=None, preprocessing=None, precision="fp32")
+    unknown = set(options) - set(full) - {"batch_size", "num_workers", "device"}
+    if unknown:
+        raise TypeError(f"unknown embed option(s): {', '.join(sorted(unknown))}")
+    full.update(options)
+    return full
+
+
+def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathLike, *,
+                      shard_size: int = 10_000, rank: int = 0, world_size: int = 1,
+                      progress: bool | None = None, **embed_options) -> dict[str, Any]:
+    """Embed this process's shards of ``images`` into ``shard_dir``; return the run's
+    configuration (what :func:`merge_shards` checks).
+
+    ``images``: a folder (sorted, recursive) or a list of paths (kept in its order).
+    Shard ``k`` (``shard_size`` images) is done by rank ``k % world_size``; complete shards
+    already in ``shard_dir`` from the same configuration are kept, a shard from another
+    configuration is an error. Unreadable files are skipped, logged and recorded.
+    ``embed_options``: those of :meth:`DinoModel.embed` (``pool``, ``normalize``,
+    ``multiscale``, ``n_last_blocks``, ``avgpool``, ``size``, ``preprocessing``,
+    ``precision``, ``batch_size``, ``num_workers``, ``device``).
+    """
+    from tqdm.auto import tqdm
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    options = _defaults(embed_options)
+    paths = _input_paths(images)
+    shard_dir = Path(shard_dir)
+    config = _run_config(model, paths, shard_size, options)
+    cid = _config_id(config)
+    manifest = shard_dir / "manifest.json"
+    if manifest.is_file():
+        old = _read_json(manifest)
+        if old.get("config_id") != cid:
+            raise ValueError(
+                f"{shard_dir} holds shards of another run (different model, options or "
+                f"input list); use another --shard-dir or delete it")
+    elif rank == 0:
+        atomic_write_json(manifest, {"config_id": cid, **config})
+    ranges = shard_ranges(len(paths), shard_size)
+    mine = [k for k in range(rank, len(ranges), world_size)]
+    todo = [k for k in mine if not _shard_is_complete(_shard_path(shard_dir, k), cid,
+                                                      *ranges[k])]
+    if len(todo) < len(mine):
+        log.info("rank %d: %d of its %d shard(s) already complete in %s", rank,
+                 len(mine) - len(todo), len(mine), shard_dir)
+    total = sum(ranges[k][1] - ranges[k][0] for k in todo)
+    # By default one bar (rank 0's, on a terminal); its rate is this process's images/s.
+    show = progress if progress is not None else (_isatty() and rank == 0)
+    bar = tqdm(total=total, unit="img", desc=f"embed[{rank}]" if world_size > 1 else "embed",
+               disable=not show or total == 0, dynamic_ncols=True, smoothing=0.1)
+    stream_opts = {k: options[k] for k in options if k != "size" and k != "preprocessing"}
+    try:
+        for k in todo:
+            lo, hi = ranges[k]
+            stream = model.iter_embed(paths[lo:hi], size=options["size"],
+                                      preprocessing=options["preprocessing"], progress=False,
+                                      skip_unreadable=True, **stream_opts)
+            keys: list[str] = []
+            chunks: list[torch.Tensor] = []
+            done = 0
+            for batch_keys, feats in stream:
+                keys.extend(str(p) for p in batch_keys)
+                chunks.append(feats)
+                now = len(keys) + len(stream.skipped)
+                bar.update(now - done)
+                done = now
+            bar.update((hi - lo) - done)
+            feats = torch.cat(chunks) if chunks else torch.zeros(0, config["embed"]["dim"])
+            info = {"config_id": cid, "range": [lo, hi], "paths": keys,
+                    "skipped": [[str(s.key), s.reason] for s in stream.skipped]}
+            from safetensors.torch import save_file
+            with atomic_path(_shard_path(shard_dir, k)) as tmp:
+                save_file({"features": feats.contiguous()}, str(tmp),
+                          metadata={"dinofeat": json.dumps(info)})
+    finally:
+        bar.close()
+    return {"config_id": cid, **config}
+
+
+def _isatty() -> bool:
+    import sys
+    return sys.stderr.isatty()
+
+
+def merge_shards(shard_dir: str | os.PathLike, out: str | os.PathLike) -> FeatureFile:
+    """Concatenate every shard of ``shard_dir`` in order into the feature file ``out``
+    (``.safetensors`` or ``.npy``); a missing shard is an error naming it."""
+    from safetensors import safe_open
+    shard_dir = Path(shard_dir)
+    manifest = _read_json(shard_dir / "manifest.json")
+    cid = manifest["config_id"]
+    ranges = shard_ranges(manifest["num_images"], manifest["shard_size"])
+    missing = [str(_shard_path(shard_dir, k)) for k, (lo, hi) in enumerate(ranges)
+               if not _shard_is_complete(_shard_path(shard_dir, k), cid, lo, hi)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) missing or incomplete: "
+                                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    feats, paths, skipped = [], [], []
+    for k in range(len(ranges)):
+        with safe_open(str(_shard_path(shard_dir, k)), "pt") as f:
+            info = json.loads(f.metadata()["dinofeat"])
+            feats.append(f.get_tensor("features"))
+        paths.extend(info["paths"])
+        skipped.extend(info["skipped"])
+    features = torch.cat(feats) if feats else torch.zeros(0, manifest["embed"]["dim"])
+    meta = {"model": manifest["model"], "embed": manifest["embed"],
+            "num_images": manifest["num_images"], "skipped": skipped}
+    save_features(out, features, paths, meta)
+    return FeatureFile(features, paths, {**meta, "count": len(paths)})
+
+
+# ------------------------------------------------------------------- all together
+@dataclass
+class ExtractResult:
+    """What :func:`embed_to_file` did (``features`` only on rank 0)."""
+
+    out: Path
+    num_images: int
+    rank: int
+    world_size: int
+    features: FeatureFile | None = None
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return self.features.skipped if self.features else []
+
+
+def _distributed_setup(device: str | torch.device | None) -> tuple[int, int, bool]:
+    """``(rank, world_size, created)``: join the process group ``torchrun`` describes in
+    the environment (gloo on CPU, NCCL on CUDA), if there is one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    cuda = (torch.device(device).type == "cuda") if device is not None else \
+        torch.cuda.is_available()
+    # Ranks with less work wait for the others at the barrier: allow long runs.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def embed_to_file(model: "DinoModel", images: Any, out: str | os.PathLike, *,
+                  shard_size: int = 10_000, shard_dir: str | os.PathLike | None = None,
+                  keep_shards: bool = False, progress: bool | None = None,
+                  **embed_options) -> ExtractResult:
+    """Embed ``images`` (a folder or a list of paths) into the feature file ``out``.
+
+    Writes shards of ``shard_size`` images into ``shard_dir`` (default
+    ``<out>.shards/``), resuming from the complete ones of an interrupted run, then merges
+    them into ``out`` in path order and deletes them (unless ``keep_shards``). Under
+    ``torchrun`` every process embeds its own shards and rank 0 merges. Returns an
+    :class:`ExtractResult`; the merged :class:`FeatureFile` on rank 0.
+    """
+    out = Path(out)
+    _check_suffix(out)
+    shard_dir = Path(shard_dir) if shard_dir is not None else out.with_name(out.name + ".shards")
+    rank, world, created = _distributed_setup(embed_options.get("device"))
+    import torch.distributed as dist
+    try:
+        extract_to_shards(model, images, shard_dir, shard_size=shard_size, rank=rank,
+                          world_size=world, progress=progress, **embed_options)
+        if world > 1:
+            dist.barrier()
+        result = ExtractResult(out, 0, rank, world)
+        if rank == 0:
+            merged = merge_shards(shard_dir, out)
+            result.features = merged
+            result.num_images = merged.meta["num_images"]
+            if not keep_shards:
+                shutil.rmtree(shard_dir, ignore_errors=True)
+        if world > 1:
+            dist.barrier()  # nobody leaves before the output exists
+        return result
+    finally:
+        if created:
+            dist.destroy_process_group()
