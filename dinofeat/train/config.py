@@ -154,6 +154,9 @@ class TrainConfig:
                             "path per line")
     output_dir: str = _opt("runs/dino", "run folder: checkpoints, logs, config.json")
     resume: bool = _opt(True, "continue from output_dir/checkpoint.pth when it exists")
+    resume_from: str | None = _opt(None, "continue pretraining from an original DINO full "
+                                   "checkpoint (student, teacher, optimizer, centre, epoch); "
+                                   "ignored once output_dir has its own checkpoint")
     saveckp_freq: int = _opt(20, "also keep a numbered checkpoint copy every this many "
                              "epochs (0: never)")
     save_every_iters: int = _opt(0, "also save checkpoint.pth every this many iterations "
@@ -669,6 +672,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> argparse.ArgumentPar
 
 
 _METAVARS = {"data": "PATH", "output_dir": "DIR", "knn_eval_data": "DIR", "arch": "NAME",
+             "resume_from": "FILE",
              "device": "DEVICE"}
 _CHOICES = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "collapse": COLLAPSE_MODES,
             "teacher": TEACHER_MODES, "loss": LOSSES}
@@ -684,5 +688,5 @@ _SECTIONS.update({name: "multi-crop augmentation" for name in (
     "global_crops_scale", "local_crops_number", "local_crops_scale", "global_crop_size",
     "local_crop_size", "grayscale", "mean", "std")})
 _SECTIONS.update({name: "data, output and logging" for name in (
-    "data", "output_dir", "resume", "saveckp_freq", "save_every_iters", "num_workers",
-    "log_every", "tensorboard", "knn_eval_data", "knn_eval_every", "device")})
+    "data", "output_dir", "resume", "resume_from", "saveckp_freq", "save_every_iters",
+    "num_workers", "log_every", "tensorboard", "knn_eval_data", "knn_eval_every", "device")})
