@@ -249,7 +249,14 @@ def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
         if spec is not None and spec.arch == "xcit":
             return build_backbone(arch)
         if arch not in MODELS or MODELS[arch].arch != "vit":
-            return build_backbone(arch, pos_embed_interp=pos_embed_interp)
+            # a ViT trained at another resolution (dinofeat.train on 32 px crops...) gets
+            # position embeddings for the grid its file holds
+            kw = {}
+            if "pos_embed" in sd and "patch_embed.proj.weight" in sd:
+                from .backbones import trained_grid_from_pos_embed
+                kw["img_size"] = trained_grid_from_pos_embed(sd["pos_embed"]) * int(
+                    sd["patch_embed.proj.weight"].shape[-1])
+            return build_backbone(arch, pos_embed_interp=pos_embed_interp, **kw)
     facts = hub.infer_architecture(sd)
     if facts["family"] == "resnet":
         return build_backbone("resnet50")
