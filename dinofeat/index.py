@@ -66,6 +66,9 @@ __all__ = [
     "choose_factory",
     "configure_threads",
     "features_info",
+    "embedding_identity",
+    "AddReport",
+    "ImagePlan",
 ]
 
 FORMAT_NAME = "dinofeat.KNNIndex"
@@ -118,7 +121,8 @@ def _gpu_available() -> bool:
 
 
 # ------------------------------------------------------------------ model identity
-_IDENTITY_KEYS = ("weights_hash", "preprocessing", "pooling")
+_IDENTITY_KEYS = ("weights_hash", "preprocessing", "pooling", "multiscale", "whitening")
+_IDENTITY_DEFAULTS = {"pooling": "cls", "multiscale": False, "whitening": None}
 
 
 def features_info(model: Any = None, pooling: str = "cls", **extra: Any) -> dict[str, Any]:
@@ -133,7 +137,7 @@ def features_info(model: Any = None, pooling: str = "cls", **extra: Any) -> dict
         info = dict(model.describe())
         src = getattr(model, "source", None)
         if src and "source" not in extra:
-            info["source"] = str(src)
+            info["source"] = os.path.abspath(src) if os.path.exists(src) else str(src)
     elif isinstance(model, Mapping):
         info = dict(model)
     else:
@@ -160,15 +164,16 @@ def _describe(info: Mapping[str, Any]) -> str:
 def check_compatible(index_info: Mapping[str, Any] | None, query_info: Mapping[str, Any] | None,
                      what: str = "features") -> None:
     """Raise :class:`IncompatibleFeaturesError` when two feature identities differ in
-    weights, preprocessing or pooling (missing pooling counts as ``"cls"``). Nothing is
+    weights, preprocessing, pooling, multi-scale averaging or whitening (missing pooling
+    counts as ``"cls"``, missing multiscale as off, missing whitening as none). Nothing is
     checked when either side is unknown."""
     if not index_info or not query_info:
         return
     diffs = []
     for key in _IDENTITY_KEYS:
-        a = index_info.get(key, "cls" if key == "pooling" else None)
-        b = query_info.get(key, "cls" if key == "pooling" else None)
-        if a is None or b is None:
+        a = index_info.get(key, _IDENTITY_DEFAULTS.get(key))
+        b = query_info.get(key, _IDENTITY_DEFAULTS.get(key))
+        if key in ("weights_hash", "preprocessing") and (a is None or b is None):
             continue
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             diffs.append(key)
@@ -1013,6 +1018,286 @@ class KNNIndex:
         self._apply_search_params()
         return self
 
+    # ------------------------------------------------------------ images
+    def _stat_cache(self) -> dict[str, tuple[int, int, str]]:
+        """path -> (size, mtime_ns, sha256) of indexed files, to skip re-hashing them."""
+        out = {}
+        for p, h, e in zip(self._paths, self._hashes, self._extra):
+            if p and h and e and "size" in e and "mtime_ns" in e:
+                out[p] = (int(e["size"]), int(e["mtime_ns"]), h)
+        return out
+
+    def plan_images(self, images: Any, *, progress: bool | None = None,
+                    hash_threads: int = 4) -> "ImagePlan":
+        """Hash the image files of ``images`` (a folder, a file, or a list of them) and
+        sort them into new files and files whose content (sha256) the index already
+        holds, or that repeat another new file byte for byte. Files unchanged since they
+        were indexed (same path, size and mtime) are not read again."""
+        files = image_files(images)
+        known = self._stat_cache()
+        plan = ImagePlan()
+        seen: set[str] = set()
+        for f, st, digest, err in _hash_files(files, known, progress, hash_threads):
+            if err is not None:
+                plan.unreadable.append((f, err))
+            elif digest in self._hash_set:
+                plan.already_indexed.append(f)
+            elif digest in seen:
+                plan.duplicate_content.append(f)
+            else:
+                seen.add(digest)
+                plan.new.append(f)
+                plan.info[f] = {"path": f, "sha256": digest, "size": st[0], "mtime_ns": st[1]}
+        return plan
+
+    def add_images(self, images: Any, model: Any, *, pool: str | None = None,
+                   labels: Any = None, checkpoint: str | os.PathLike | None = None,
+                   checkpoint_every: int = 5000, batch_size: int = 64,
+                   num_workers: int | None = None, progress: bool | None = None,
+                   plan: "ImagePlan | None" = None, **embed_kw: Any) -> "AddReport":
+        """Embed image files with ``model`` and add them, streaming batch by batch.
+
+        Files whose content (sha256 of the bytes) is already in the index are skipped, so
+        running it twice adds nothing the second time; unreadable files are skipped and
+        reported. With ``checkpoint`` (an index folder) the partial index is saved there
+        atomically every ``checkpoint_every`` images and at the end, so an interrupted run
+        loses at most that many images and a rerun continues where it stopped.
+
+        Args:
+            images: a folder (recursive), an image file, or a list of them.
+            model: a :class:`DinoModel`; its identity (weights hash, preprocessing) and
+                ``pool`` must match the index's, if the index has one.
+            pool: ``"cls"``, ``"cls+gem"`` ... (default: the index's, else ``"cls"``).
+            labels: ``None``, ``"folder"`` (the parent folder's name, ImageFolder style), a
+                callable ``path -> label`` or a mapping from path to label.
+            embed_kw: more :meth:`DinoModel.iter_embed` options (``size``,
+                ``preprocessing``, ``precision``, ``multiscale``, ``device`` ...).
+        """
+        t0 = time.perf_counter()
+        pool = pool or (self.model_info or {}).get("pooling", "cls")
+        identity = embedding_identity(model, pool=pool, **embed_kw)
+        check_compatible(self.model_info, identity, "features of these images")
+        if self.model_info is None:
+            self.model_info = identity
+        if plan is None:
+            plan = self.plan_images(images, progress=progress)
+        report = AddReport(already_indexed=len(plan.already_indexed),
+                           duplicate_content=len(plan.duplicate_content),
+                           unreadable=list(plan.unreadable))
+        label_of = _label_function(labels)
+        if label_of is None and self.has_labels and plan.new:
+            raise ValueError("this index has labels: pass labels= ('folder', a function or "
+                             "a mapping) for the new images")
+        if self.dim is None and self.factory == "auto" and self.expected_size is None:
+            self.expected_size = len(plan.new)
+        self.build_state.update(complete=False, source=_sources_text(images))
+        since = 0
+        if plan.new:
+            stream = model.iter_embed(plan.new, pool=pool, batch_size=batch_size,
+                                      num_workers=num_workers, progress=progress,
+                                      skip_unreadable=True, **embed_kw)
+            for keys, feats in stream:
+                paths = [str(k) for k in keys]
+                self.add(feats, labels=[label_of(p) for p in paths] if label_of else None,
+                         meta=[plan.info[p] for p in paths])
+                report.added += len(paths)
+                since += len(paths)
+                if checkpoint is not None and since >= checkpoint_every:
+                    self.save(checkpoint)
+                    since = 0
+            report.unreadable.extend((str(sk.key), sk.reason) for sk in stream.skipped)
+        self.build_state.update(complete=True, unreadable=[list(u) for u in report.unreadable],
+                                last_add=str(report))
+        if checkpoint is not None:
+            self.save(checkpoint)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def add_images_distributed(self, images: Any, model: Any, *, checkpoint: str | os.PathLike,
+                               pool: str | None = None, labels: Any = None,
+                               shard_size: int = 2000, batch_size: int = 64,
+                               num_workers: int | None = None, progress: bool | None = None,
+                               checkpoint_every: int | None = None,
+                               **embed_kw: Any) -> "AddReport":
+        """:meth:`add_images` across the processes ``torchrun`` started (gloo on CPU,
+        NCCL on CUDA), through :mod:`dinofeat.extract`'s shards.
+
+        Rank 0 hashes the files and writes the list of new ones to
+        ``<checkpoint>.shards/plan.json``; every rank embeds its shards of that list
+        (:func:`dinofeat.extract.extract_to_shards`, ``shard_size`` images each, complete
+        shards of an interrupted run are reused); rank 0 then reads the shards one at a
+        time, in path order, adds them (skipping content already indexed), checkpoints
+        after each and deletes the shard folder. The result is the index a single process
+        builds. ``checkpoint`` (the index folder) must be on storage every process sees.
+        ``checkpoint_every`` is not used: the index is checkpointed after every shard.
+        Returns the report on rank 0 (other ranks: an empty one)."""
+        import torch.distributed as dist
+
+        from .extract import _distributed_setup, extract_to_shards
+        t0 = time.perf_counter()
+        pool = pool or (self.model_info or {}).get("pooling", "cls")
+        identity = embedding_identity(model, pool=pool, **embed_kw)
+        check_compatible(self.model_info, identity, "features of these images")
+        if self.model_info is None:
+            self.model_info = identity
+        rank, world, created = _distributed_setup(embed_kw.get("device"))
+        shard_dir = Path(str(checkpoint) + ".shards")
+        plan_file = shard_dir / "plan.json"
+        report = AddReport()
+        try:
+            if rank == 0:
+                plan_doc = _read_plan(plan_file, identity)
+                if plan_doc is None:
+                    plan = self.plan_images(images, progress=progress)
+                    plan_doc = {"model": identity, "new": plan.new,
+                                "info": [plan.info[p] for p in plan.new],
+                                "already_indexed": len(plan.already_indexed),
+                                "duplicate_content": len(plan.duplicate_content),
+                                "unreadable": [list(u) for u in plan.unreadable]}
+                    shard_dir.mkdir(parents=True, exist_ok=True)
+                    atomic_write_json(plan_file, plan_doc, indent=None)
+                else:
+                    _log.info("resuming the distributed build planned in %s", plan_file)
+            if world > 1:
+                dist.barrier()
+            plan_doc = json.loads(plan_file.read_text())
+            if plan_doc["new"]:
+                extract_to_shards(model, plan_doc["new"], shard_dir, shard_size=shard_size,
+                                  rank=rank, world_size=world, progress=progress, pool=pool,
+                                  batch_size=batch_size, num_workers=num_workers,
+                                  **{k: v for k, v in embed_kw.items()
+                                     if k in ("size", "preprocessing", "precision",
+                                              "multiscale", "normalize", "device")})
+            if world > 1:
+                dist.barrier()
+            if rank == 0:
+                report = self._merge_plan_shards(plan_doc, shard_dir, labels, checkpoint)
+                report.seconds = time.perf_counter() - t0
+            if world > 1:
+                dist.barrier()  # nobody leaves before the index is complete
+        finally:
+            if created:
+                dist.destroy_process_group()
+        return report
+
+    def _merge_plan_shards(self, plan_doc: dict, shard_dir: Path, labels: Any,
+                           checkpoint: str | os.PathLike) -> "AddReport":
+        from safetensors import safe_open
+
+        from .extract import shard_ranges, _shard_path
+        report = AddReport(already_indexed=plan_doc["already_indexed"],
+                           duplicate_content=plan_doc["duplicate_content"],
+                           unreadable=[tuple(u) for u in plan_doc["unreadable"]])
+        info = {d["path"]: d for d in plan_doc["info"]}
+        label_of = _label_function(labels)
+        if label_of is None and self.has_labels and plan_doc["new"]:
+            raise ValueError("this index has labels: pass labels= for the new images")
+        self.build_state.update(complete=False)
+        if plan_doc["new"]:
+            manifest = json.loads((shard_dir / "manifest.json").read_text())
+            for k, _ in enumerate(shard_ranges(len(plan_doc["new"]), manifest["shard_size"])):
+                with safe_open(str(_shard_path(shard_dir, k)), "pt") as f:
+                    meta = json.loads(f.metadata()["dinofeat"])
+                    feats = f.get_tensor("features")
+                report.unreadable.extend(tuple(u) for u in meta["skipped"])
+                rows = [r for r, p in enumerate(meta["paths"])
+                        if info[p]["sha256"] not in self._hash_set]  # resumed merge
+                if rows:
+                    paths = [meta["paths"][r] for r in rows]
+                    self.add(feats[rows], meta=[info[p] for p in paths],
+                             labels=[label_of(p) for p in paths] if label_of else None)
+                    report.added += len(rows)
+                self.save(checkpoint)
+        self.build_state.update(complete=True, unreadable=[list(u) for u in report.unreadable],
+                                last_add=str(report))
+        self.save(checkpoint)
+        import shutil
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        return report
+
+    @classmethod
+    def from_images(cls, images: Any, model: Any, out: str | os.PathLike | None = None, *,
+                    metric: str = "cosine", factory: str = "Flat", pool: str = "cls",
+                    **kw: Any) -> "KNNIndex":
+        """Build an index of the image files under ``images`` (see :meth:`add_images`).
+
+        With ``out`` the index is checkpointed there while it grows and saved at the end;
+        if ``out`` already holds an index (an interrupted or earlier build with the same
+        model and pooling) it is loaded and only the files it lacks are embedded. Under
+        ``torchrun`` every process embeds a share of the new files and rank 0 adds them
+        (see :mod:`dinofeat.extract`)."""
+        if out is not None and (Path(out) / HEADER_NAME).is_file():
+            index = cls.load(out)
+            _log.info("resuming index %s: %d items already in it", out, len(index))
+            if index.metric != metric or index.factory != factory:
+                raise ValueError(f"{out} holds a {index.metric}/{index.factory} index, not "
+                                 f"{metric}/{factory}: choose another output or delete it")
+        else:
+            index = cls(metric=metric, factory=factory)
+        if _distributed():
+            if out is None:
+                raise ValueError("a distributed build (torchrun) needs out=: the processes "
+                                 "meet through its shard folder")
+            index.add_images_distributed(images, model, pool=pool, checkpoint=out, **kw)
+        else:
+            kw.pop("shard_size", None)
+            index.add_images(images, model, pool=pool, checkpoint=out, **kw)
+        return index
+
+    def embed_options(self) -> dict[str, Any]:
+        """The :meth:`DinoModel.embed` options that make features of this index's kind
+        (pooling, the exact preprocessing, multi-scale), from its model identity."""
+        info = self.model_info or {}
+        opts: dict[str, Any] = {"pool": info.get("pooling", "cls")}
+        if info.get("preprocessing"):
+            from .zoo import Preprocessing
+            opts["preprocessing"] = Preprocessing(**{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in info["preprocessing"].items()})
+        if info.get("multiscale"):
+            opts["multiscale"] = True
+        if info.get("normalized") is False:
+            opts["normalize"] = False
+        return opts
+
+    def load_model(self, weights: str | os.PathLike | None = None, device: Any = None):
+        """Load the model this index was built with: ``weights`` if given, else its zoo
+        name, else the weights file recorded at build time; its weights hash must match
+        the index's."""
+        from .model import load
+        from .zoo import MODELS
+        info = self.model_info or {}
+        name, source = info.get("name"), info.get("source")
+        if weights is not None:
+            model = load(weights, device=device)
+        elif name in MODELS:
+            model = load(name, device=device)
+        elif source and Path(source).exists():
+            model = load(source, device=device)
+        else:
+            raise FileNotFoundError(
+                f"this index was built with model {name!r}"
+                f"{f' from {source}' if source else ''}, which is not available here; pass "
+                "the weights file (--weights PATH / weights=)")
+        want = info.get("weights_hash")
+        if want and model.weights_hash != want:
+            raise IncompatibleFeaturesError(
+                f"the model loaded ({model.name}, weights {model.weights_hash}) is not the "
+                f"one this index was built with ({name}, weights {want})")
+        return model
+
+    def search_images(self, images: Any, model: Any, k: int = 10, **embed_kw: Any
+                      ) -> tuple[np.ndarray, np.ndarray, list]:
+        """Embed ``images`` with ``model`` (with :meth:`embed_options`; the model must be
+        the index's) and search: ``(scores, ids, keys)`` with ``keys`` the query paths (or
+        positions) of the rows; unreadable query files raise."""
+        opts = {**self.embed_options(), **embed_kw}
+        identity = embedding_identity(model, **opts)
+        check_compatible(self.model_info, identity, "query images")
+        feats, keys = model.embed(images, return_keys=True, **opts)
+        scores, ids = self.search(feats, k)
+        return scores, ids, keys
+
     def info(self) -> dict[str, Any]:
         """A JSON-able summary: counts, dims, metric, factory, model, memory."""
         h = self._header(0, {})
@@ -1026,3 +1311,158 @@ def _generation_of(name: str) -> int:
     if not m:
         return 0
     return int(m.group(1) or m.group(2))
+
+
+# ------------------------------------------------------------------ image helpers
+class ImagePlan:
+    """What :meth:`KNNIndex.plan_images` found: ``new`` files (paths) to embed, with their
+    ``info`` (path, sha256, size, mtime_ns), and the files skipped as ``already_indexed``,
+    ``duplicate_content`` (same bytes as another new file) or ``unreadable``
+    (``(path, reason)``)."""
+
+    def __init__(self) -> None:
+        self.new: list[str] = []
+        self.info: dict[str, dict[str, Any]] = {}
+        self.already_indexed: list[str] = []
+        self.duplicate_content: list[str] = []
+        self.unreadable: list[tuple[str, str]] = []
+
+
+class AddReport:
+    """What :meth:`KNNIndex.add_images` did."""
+
+    def __init__(self, added: int = 0, already_indexed: int = 0, duplicate_content: int = 0,
+                 unreadable: list[tuple[str, str]] | None = None, seconds: float = 0.0):
+        self.added = added
+        self.already_indexed = already_indexed
+        self.duplicate_content = duplicate_content
+        self.unreadable = unreadable or []
+        self.seconds = seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"added": self.added, "already_indexed": self.already_indexed,
+                "duplicate_content": self.duplicate_content,
+                "unreadable": [list(u) for u in self.unreadable], "seconds": self.seconds}
+
+    def __str__(self) -> str:
+        return (f"added {self.added} images ({self.already_indexed} already indexed, "
+                f"{self.duplicate_content} byte-identical to another new file, "
+                f"{len(self.unreadable)} unreadable)")
+
+    def __repr__(self) -> str:
+        return f"AddReport({self.as_dict()})"
+
+
+def embedding_identity(model: Any, *, pool: str = "cls", preprocessing: Any = None,
+                       size: int | None = None, multiscale: bool = False,
+                       normalize: bool = True, **_ignored: Any) -> dict[str, Any]:
+    """:func:`features_info` for features made by ``model.embed(..., pool=pool, ...)``: the
+    preprocessing recorded is the one actually applied (``preprocessing`` and ``size``
+    overrides included)."""
+    from .embedding import resolve_preprocessing
+    pre = resolve_preprocessing(model, preprocessing)
+    if size is not None:
+        if pre.mode == "dino":
+            pre = pre.replace(crop_size=size,
+                              resize_size=round(size * pre.resize_size / pre.crop_size))
+        else:
+            pre = pre.replace(crop_size=size)
+    extra: dict[str, Any] = {"preprocessing": pre.to_dict()}
+    if multiscale:
+        extra["multiscale"] = True
+    if not normalize:
+        extra["normalized"] = False
+    return features_info(model, pooling=pool, **extra)
+
+
+def image_files(images: Any) -> list[str]:
+    """Absolute paths of the image files in ``images``: a folder (recursive, sorted), a
+    file, or a list of folders and files."""
+    from .images import list_images
+    items = images if isinstance(images, (list, tuple)) else [images]
+    out: list[str] = []
+    for it in items:
+        if not isinstance(it, (str, os.PathLike)):
+            raise TypeError(f"add_images takes image files and folders, not "
+                            f"{type(it).__name__}; embed in-memory images with model.embed "
+                            "and use add()")
+        p = Path(it)
+        if p.is_dir():
+            out.extend(os.path.abspath(f) for f in list_images(p))
+        elif p.exists():
+            out.append(os.path.abspath(p))
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+    return out
+
+
+def _hash_files(files: list[str], known: dict[str, tuple[int, int, str]],
+                progress: bool | None, threads: int):
+    """Yield ``(path, (size, mtime_ns), sha256, error)`` in order, hashing in threads
+    (hashlib releases the GIL); files unchanged since they were indexed are not read."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from .hub import sha256_file
+
+    def one(f: str):
+        try:
+            st = os.stat(f)
+            stat = (int(st.st_size), int(st.st_mtime_ns))
+            k = known.get(f)
+            if k is not None and k[:2] == stat:
+                return f, stat, k[2], None
+            if st.st_size == 0:
+                return f, stat, None, "empty file"
+            return f, stat, sha256_file(f), None
+        except OSError as e:
+            return f, None, None, e.strerror or str(e)
+
+    show = progress if progress is not None else (sys.stderr.isatty() and len(files) > 1000)
+    with ThreadPoolExecutor(max(1, threads)) as pool, \
+            tqdm(total=len(files), unit="file", desc="hashing", disable=not show) as bar:
+        for start in range(0, len(files), 4096):
+            for r in pool.map(one, files[start:start + 4096]):
+                bar.update(1)
+                yield r
+
+
+def _label_function(labels: Any):
+    if labels is None:
+        return None
+    if labels == "folder":
+        return lambda p: Path(p).parent.name
+    if callable(labels):
+        return labels
+    if isinstance(labels, Mapping):
+        table = {os.path.abspath(k): v for k, v in labels.items()}
+        return lambda p: table[p] if p in table else labels[p]
+    raise TypeError("labels must be None, 'folder', a callable path -> label, or a mapping")
+
+
+def _sources_text(images: Any) -> list[str]:
+    items = images if isinstance(images, (list, tuple)) else [images]
+    return [os.path.abspath(i) if isinstance(i, (str, os.PathLike)) else type(i).__name__
+            for i in items][:20]
+
+
+def _read_plan(plan_file: Path, identity: dict[str, Any]) -> dict | None:
+    """The plan of an interrupted distributed build, if it is for the same features."""
+    if not plan_file.is_file():
+        return None
+    try:
+        doc = json.loads(plan_file.read_text())
+    except ValueError:
+        return None
+    try:
+        check_compatible(doc.get("model"), identity)
+    except IncompatibleFeaturesError:
+        raise ValueError(f"{plan_file.parent} holds an interrupted build with another model "
+                         "or pooling; delete it or use the same options") from None
+    return doc
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
