@@ -237,6 +237,46 @@ class DinoModel(nn.Module):
         return attention_maps(self, img, size=size, threshold=threshold, device=device,
                               precision=precision)
 
+    # ------------------------------------------------------- linear classifier
+    def attach_classifier(self, head, *, n_last_blocks: int | None = None,
+                          avgpool: bool | None = None, class_names=None):
+        """Attach a linear head for :meth:`classify`: a
+        :class:`~dinofeat.eval.linear.LinearProbe`, a head saved by ``dinofeat eval
+        linear`` (``.safetensors``) or an original release ``*_linearweights.pth``
+        (``n_last_blocks``/``avgpool`` inferred from its width unless given). Checks that
+        the head fits this model's features; returns the head."""
+        from .eval.linear import LinearProbe
+        if not isinstance(head, LinearProbe):
+            head = LinearProbe.load(head, embed_dim=self.embed_dim, n_last_blocks=n_last_blocks,
+                                    avgpool=avgpool, class_names=class_names)
+        head.check_model(self)
+        self.classifier = head.to(self.device).eval()
+        return head
+
+    def classify(self, images, k: int = 5, **embed_kw) -> list[list[tuple[str, float]]]:
+        """Top-``k`` ``(class name, probability)`` pairs per image from the attached head
+        (softmax of its logits), best first. ``images`` as for :meth:`embed` (the model's
+        own preprocessing; ``batch_size``, ``num_workers``, ``precision``... pass
+        through). Unreadable images raise."""
+        from .embedding import EmbedStream, collect, crop_to_patches
+        head = getattr(self, "classifier", None)
+        if head is None:
+            raise RuntimeError("no classifier attached: call model.attach_classifier(path) "
+                               "with a linear head first")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            x = crop_to_patches(x, self.patch_size)
+            return head(head.features(self, x).float())
+
+        embed_kw.setdefault("desc", "classify")
+        _, out = collect(EmbedStream(self, images, logits, skip_unreadable=False, **embed_kw))
+        probs = out.softmax(dim=1)
+        top = probs.topk(min(k, probs.shape[1]), dim=1)
+        return [[(head.class_names[i], float(p)) for p, i in zip(ps.tolist(), ix.tolist())]
+                for ps, ix in zip(top.values, top.indices)]
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
 
