@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
@@ -769,3 +770,56 @@ def test_training_step_end_to_end():
     s = dict(student.named_parameters())
     for n, p in teacher.named_parameters():
         torch.testing.assert_close(p, m * t_before[n] + (1 - m) * s[n].detach())
+
+
+# -------------------------------------------------------------------- distributed
+
+
+_WORKER = """
+import importlib.util, sys
+import torch
+import torch.distributed as dist
+spec = importlib.util.spec_from_file_location("dino_loss", sys.argv[1])
+loss_mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(loss_mod)  # loss.py needs only torch and numpy: a light child
+rank, world, init_file, out = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank,
+                        world_size=world)
+b, k = 3, 6
+g = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+teacher = torch.randn(2 * b, k, generator=g)
+student = torch.randn(3 * b, k, generator=g)
+loss_fn = loss_mod.DINOLoss(k, 3, 0.04, 0.04, 0, 10, center_momentum=0.5)
+loss_fn(student, teacher, 0)
+q = loss_mod.sinkhorn_knopp(teacher * 2, 3)
+torch.save({"teacher": teacher, "center": loss_fn.center, "sinkhorn": q}, out)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_centre_and_sinkhorn_are_global_across_processes(tmp_path):
+    """Two gloo processes with different batches: the centre moves to the mean of both
+    batches, and Sinkhorn-Knopp equals the one over the concatenated batch."""
+    import subprocess
+    import sys
+    import dinofeat.train.loss as loss_module
+    world = 2
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), loss_module.__file__, str(r),
+                               str(world), str(tmp_path / "init"), str(tmp_path / f"r{r}.pt")],
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for r in range(world)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    res = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(world)]
+    everything = torch.cat([r["teacher"] for r in res])
+    expected_center = 0.5 * everything.mean(0, keepdim=True)  # m C0 + (1 - m) mean, C0 = 0
+    for r in res:
+        torch.testing.assert_close(r["center"], expected_center)
+    torch.testing.assert_close(torch.cat([r["sinkhorn"] for r in res]),
+                               sinkhorn_knopp(everything * 2, 3))
