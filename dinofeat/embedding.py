@@ -194,6 +194,7 @@ class EmbedStream:
     desc: str = "embed"
     start: int = 0  # with `stop`: only embed positions [start, stop) of the input
     stop: int | None = None
+    quiet: bool = False  # no skip warnings (a caller that reports them itself)
     skipped: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -255,7 +256,7 @@ class EmbedStream:
                     yield from self._iter_loader(bar, fmt)
         finally:
             bar.close()
-        if self.skipped:
+        if self.skipped and not self.quiet:
             shown = "; ".join(str(s) for s in self.skipped[:5])
             more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
             log.warning("skipped %d unreadable image(s) of %d: %s%s", len(self.skipped),
@@ -281,7 +282,7 @@ class EmbedStream:
                 src = sources[pos]
                 if not self.skip_unreadable:
                     raise _images.ImageReadError(src.name, reason)
-                if not self.skipped:
+                if not self.skipped and not self.quiet:
                     log.warning("skipping unreadable image %s: %s (further ones are counted)",
                                 src.name, reason)
                 self.skipped.append(_images.SkippedImage(self.start + pos, src.key, reason))

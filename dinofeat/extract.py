@@ -280,12 +280,15 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
     bar = tqdm(total=total, unit="img", desc=f"embed[{rank}]" if world_size > 1 else "embed",
                disable=not show or total == 0, dynamic_ncols=True, smoothing=0.1)
     stream_opts = {k: options[k] for k in options if k != "size" and k != "preprocessing"}
+    from safetensors.torch import save_file
+    skipped_total = 0
     try:
         for k in todo:
             lo, hi = ranges[k]
             stream = model.iter_embed(paths[lo:hi], size=options["size"],
                                       preprocessing=options["preprocessing"], progress=False,
                                       skip_unreadable=True, **stream_opts)
+            stream.quiet = True  # skips are reported once for the whole run, below
             keys: list[str] = []
             chunks: list[torch.Tensor] = []
             done = 0
@@ -296,15 +299,21 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
                 bar.update(now - done)
                 done = now
             bar.update((hi - lo) - done)
+            if stream.skipped and not skipped_total:
+                first = stream.skipped[0]
+                log.warning("skipping unreadable image %s: %s (further ones are counted)",
+                            first.key, first.reason)
+            skipped_total += len(stream.skipped)
             feats = torch.cat(chunks) if chunks else torch.zeros(0, config["embed"]["dim"])
             info = {"config_id": cid, "range": [lo, hi], "paths": keys,
                     "skipped": [[str(s.key), s.reason] for s in stream.skipped]}
-            from safetensors.torch import save_file
             with atomic_path(_shard_path(shard_dir, k)) as tmp:
                 save_file({"features": feats.contiguous()}, str(tmp),
                           metadata={"dinofeat": json.dumps(info)})
     finally:
         bar.close()
+    if skipped_total:
+        log.warning("rank %d: skipped %d unreadable image(s) of %d", rank, skipped_total, total)
     return {"config_id": cid, **config}
 
 

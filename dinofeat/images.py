@@ -27,12 +27,11 @@ on the model's device.
 from __future__ import annotations
 
 import io
-import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +47,7 @@ __all__ = [
     "to_rgb",
     "pil_to_tensor",
     "as_uint8_image",
+    "check_in_memory_image",
     "rgb_to_gray3",
     "ImageTransform",
     "normalize_batch",
@@ -242,8 +242,10 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> tor
             and "transparency" not in img.info:
         from torchvision.io import ImageReadMode, decode_image
         try:
-            t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                             mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders
+                warnings.simplefilter("ignore", DeprecationWarning)
+                t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                 mode=ImageReadMode.RGB, apply_exif_orientation=True)
         except RuntimeError:
             t = None  # damaged: Pillow below gives the error message (or copes)
         if t is not None:
@@ -253,6 +255,30 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> tor
     return pil_to_tensor(_decode_pil(img, path))
 
 
+def check_in_memory_image(obj: Any, *, name: str = "image") -> None:
+    """Raise ``ValueError``/``TypeError`` unless :func:`as_uint8_image` accepts ``obj``
+    (cheap: looks at type, dtype and shape only)."""
+    if isinstance(obj, Image.Image):
+        return
+    if isinstance(obj, np.ndarray):
+        if obj.dtype != np.uint8:
+            raise ValueError(f"{name}: arrays must be uint8 H x W x C images (0-255), got "
+                             f"dtype {obj.dtype}; convert with (a * 255).round().astype('uint8')")
+        shape = obj.shape + ((1,) if obj.ndim == 2 else ())
+        if len(shape) != 3 or shape[2] not in (1, 3, 4) or 0 in shape[:2]:
+            raise ValueError(f"{name}: arrays must be H x W, H x W x 1, H x W x 3 or "
+                             f"H x W x 4, got shape {tuple(obj.shape)}")
+        return
+    if isinstance(obj, torch.Tensor):
+        if obj.dtype != torch.uint8 or obj.ndim != 3 or obj.shape[0] not in (1, 3) \
+                or 0 in obj.shape[1:]:
+            raise ValueError(f"{name}: image tensors must be uint8 [3, H, W] or [1, H, W] "
+                             f"(channels first), got {obj.dtype} {tuple(obj.shape)}")
+        return
+    raise TypeError(f"{name}: cannot use a {type(obj).__name__} as an image (give a path, "
+                    "a folder, a PIL image, a uint8 numpy array or a tensor)")
+
+
 def as_uint8_image(obj: Any, *, name: str = "image") -> torch.Tensor:
     """An in-memory image -> RGB ``uint8`` tensor ``[3, H, W]``.
 
@@ -260,33 +286,22 @@ def as_uint8_image(obj: Any, *, name: str = "image") -> torch.Tensor:
     array ``H x W`` (grey), ``H x W x 1``, ``H x W x 3`` (RGB) or ``H x W x 4`` (RGBA,
     composited on white), or a ``uint8`` tensor ``[3, H, W]`` / ``[1, H, W]``.
     """
+    check_in_memory_image(obj, name=name)
     if isinstance(obj, Image.Image):
         try:
             return pil_to_tensor(to_rgb(ImageOps.exif_transpose(obj) or obj))
         except Exception as e:  # noqa: BLE001
             raise ImageReadError(name, _reason(e)) from None
     if isinstance(obj, np.ndarray):
-        if obj.dtype != np.uint8:
-            raise ValueError(f"{name}: arrays must be uint8 H x W x C images (0-255), got "
-                             f"dtype {obj.dtype}; convert with (a * 255).round().astype('uint8')")
         if obj.ndim == 2:
             obj = obj[:, :, None]
-        if obj.ndim != 3 or obj.shape[2] not in (1, 3, 4) or 0 in obj.shape[:2]:
-            raise ValueError(f"{name}: arrays must be H x W, H x W x 1, H x W x 3 or "
-                             f"H x W x 4, got shape {tuple(obj.shape)}")
         if obj.shape[2] == 4:
             return pil_to_tensor(to_rgb(Image.fromarray(np.ascontiguousarray(obj), "RGBA")))
-        t = torch.from_numpy(np.ascontiguousarray(obj)).permute(2, 0, 1)
+        arr = np.ascontiguousarray(obj)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
         return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
-    if isinstance(obj, torch.Tensor):
-        if obj.dtype != torch.uint8 or obj.ndim != 3 or obj.shape[0] not in (1, 3) \
-                or 0 in obj.shape[1:]:
-            raise ValueError(f"{name}: image tensors must be uint8 [3, H, W] or [1, H, W], "
-                             f"got {obj.dtype} {tuple(obj.shape)}")
-        obj = obj.detach().cpu()
-        return obj.expand(3, -1, -1).contiguous() if obj.shape[0] == 1 else obj.contiguous()
-    raise TypeError(f"{name}: cannot use a {type(obj).__name__} as an image (give a path, "
-                    "a folder, a PIL image, a uint8 numpy array or a tensor)")
+    obj = obj.detach().cpu()
+    return obj.expand(3, -1, -1).contiguous() if obj.shape[0] == 1 else obj.contiguous()
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -449,16 +464,12 @@ def _resolve_one(obj: Any, out: list, folder_flag: list[bool]) -> None:
             folder_flag[0] = True
         else:
             out.append(p)
-    elif isinstance(obj, (Image.Image, np.ndarray)):
-        out.append(obj)
-    elif isinstance(obj, torch.Tensor):
-        if obj.dtype.is_floating_point:
+    else:
+        if isinstance(obj, torch.Tensor) and obj.dtype.is_floating_point:
             raise TypeError("float tensors are normalised model input and must come alone "
                             "as one [N, 3, H, W] batch, not inside a list")
+        check_in_memory_image(obj, name=f"image #{len(out)}")
         out.append(obj)
-    else:
-        raise TypeError(f"cannot use a {type(obj).__name__} as an image (give a path, a "
-                        "folder, a PIL image, a uint8 numpy array or a tensor)")
 
 
 def resolve_images(images: Any) -> ResolvedImages:
@@ -487,9 +498,11 @@ def resolve_images(images: Any) -> ResolvedImages:
     items: list[Any] = []
     folder = [False]
     if isinstance(images, torch.Tensor) and images.ndim == 4:
-        items.extend(images.unbind(0))
+        for t in images.unbind(0):
+            _resolve_one(t, items, folder)
     elif isinstance(images, np.ndarray) and images.ndim == 4:
-        items.extend(list(images))
+        for a in images:
+            _resolve_one(a, items, folder)
     elif isinstance(images, (list, tuple)):
         for obj in images:
             _resolve_one(obj, items, folder)
