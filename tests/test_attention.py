@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from _features import make_image, tiny_vit  # noqa: F401  (fixtures)
 from dinofeat import images as I
 from dinofeat.attention import AttentionMaps, colorize, mass_masks
 

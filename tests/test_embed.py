@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import dinofeat
+from _features import make_image, tiny_vit  # noqa: F401  (fixtures)
 from dinofeat import images as I
 from dinofeat.embedding import feature_dim
 from dinofeat.model import save_safetensors

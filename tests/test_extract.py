@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from _features import make_image, tiny_vit  # noqa: F401  (fixtures)
 from dinofeat import extract as X
 from dinofeat.cli import main
 from dinofeat.images import list_images

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _features import make_image, tiny_vit  # noqa: F401  (fixtures)
 from dinofeat import images as I
 from dinofeat.zoo import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
