@@ -14,9 +14,10 @@ from .images import ImageReadError, list_images, open_image
 from .model import DinoModel, load
 from .shortcuts import attention_maps, embed
 from .zoo import list_models
+from . import train  # the training package; callable: dinofeat.train(config, **overrides)
 
 __version__ = "0.1.0"
 
 __all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__",
            "embed", "attention_maps", "AttentionMaps", "open_image", "list_images",
-           "ImageReadError"]
+           "ImageReadError", "train"]

@@ -1,5 +1,10 @@
 """The DINO training core: configuration, multi-crop augmentation, projection head, loss,
-schedules and optimisers (the training loop builds on these)."""
+schedules and optimisers, and the training loop.
+
+``dinofeat.train(config, **overrides)`` (this package is callable) runs
+:func:`dinofeat.train.loop.train`."""
+
+import sys
 
 from .augment import MultiCropAugmentation
 from .config import PRESETS, TrainConfig, add_arguments, small_data_preset
@@ -8,6 +13,7 @@ from .loss import DINOLoss
 from .optim import (LARS, apply_schedules, build_optimizer, cancel_last_layer_gradients,
                     clip_gradients, ema_update, param_groups)
 from .schedules import Schedules, build_schedules, cosine_schedule
+from .loop import NonFiniteLossError, TrainResult, TrainState, train
 
 __all__ = [
     "TrainConfig", "PRESETS", "small_data_preset", "add_arguments",
@@ -17,4 +23,16 @@ __all__ = [
     "cosine_schedule", "Schedules", "build_schedules",
     "param_groups", "build_optimizer", "apply_schedules", "LARS", "clip_gradients",
     "cancel_last_layer_gradients", "ema_update",
+    "train", "TrainResult", "TrainState", "NonFiniteLossError",
 ]
+
+
+class _CallablePackage(type(sys.modules[__name__])):
+    """Makes ``dinofeat.train(...)`` run :func:`dinofeat.train.loop.train` while
+    ``dinofeat.train`` stays this package (``dinofeat.train.TrainConfig`` ...)."""
+
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

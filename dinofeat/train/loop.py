@@ -355,14 +355,10 @@ class _Run:
     # .............................................................. setup
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
+        self.augment = MultiCropAugmentation.from_config(cfg)
+        self.dataset = TrainImages(cfg.data, self.augment)  # bad --data fails before mkdir
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed + ctx.rank)
-        import random
-
-        import numpy as np
-        random.seed(cfg.seed + ctx.rank)
-        np.random.seed((cfg.seed + ctx.rank) % 2 ** 32)
 
         family, _, _ = parse_arch(cfg.arch, cfg.patch_size)
         self.channels_last = family == "resnet"
@@ -376,8 +372,6 @@ class _Run:
                                             f"'train' and 'val' class folders; no {split}/")
 
         # data
-        self.augment = MultiCropAugmentation.from_config(cfg)
-        self.dataset = TrainImages(cfg.data, self.augment)
         self.loader, self.sampler = build_train_loader(
             self.dataset, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers,
             seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
@@ -394,8 +388,11 @@ class _Run:
         self.total_batch = cfg.total_batch(ctx.world_size)
         self.schedules: Schedules = build_schedules(cfg, ipe, self.total_batch)
 
-        # networks
+        # networks: the same initial weights on every process (seeded alike), then
+        # per-process random streams (drop-path, augmentation in the main process)
+        torch.manual_seed(cfg.seed)
         student, teacher = build_networks(cfg)
+        _seed_everything(cfg.seed + ctx.rank)
         if self.device.type == "cuda":  # SyncBatchNorm exists for GPUs only
             student = D.convert_sync_batchnorm(student, ctx)
             teacher = D.convert_sync_batchnorm(teacher, ctx)
@@ -416,6 +413,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.skipped_total = 0
         self.skipped_epoch = 0
+        self.epoch_losses: list[float] = []  # this epoch's step losses (kept across resumes)
         self.bad_files: set[str] = set()
         self.last_knn: dict[str, float] | None = None
         self.resumed_from: str | None = None
@@ -478,6 +476,7 @@ class _Run:
             self.skipped_epoch = int(mine.get("skipped_epoch", 0))
             self.bad_files = set(mine.get("bad_files") or [])
         self.last_knn = ckpt.get("knn")
+        self.epoch_losses = [float(v) for v in ckpt.get("epoch_losses") or []]
         self.epoch = int(ckpt["epoch"])
         self.epoch_step = int(ckpt.get("epoch_step", 0))
         self.iteration = int(ckpt["iteration"])
@@ -492,6 +491,7 @@ class _Run:
                             "or data): epoch %d restarts from its first step", self.epoch)
             self.epoch_step = 0
             self.iteration = self.epoch * self.iters_per_epoch
+            self.epoch_losses = []
         rngs = ckpt.get("rng") or []
         if same_layout and ctx.rank < len(rngs):
             restore_rng_state(rngs[ctx.rank])
@@ -581,6 +581,7 @@ class _Run:
             "history": self.history,
             "monitor": self.monitor.state_dict(),
             "knn": self.last_knn,
+            "epoch_losses": list(self.epoch_losses) if epoch_step else [],
             "dinofeat": run_metadata(self.cfg, self.name),
         }
 
@@ -695,11 +696,12 @@ class _Run:
         self.sampler.set_start(start_step * accum * bs)
         if start_step == 0:
             self.skipped_epoch = 0
+            self.epoch_losses = []
         data_iter = iter(self.loader)
         images_per_step = self.total_batch
         t_epoch = t_window = time.perf_counter()
         window_steps = 0
-        losses: list[float] = []
+        losses = self.epoch_losses
         steps = range(start_step, ipe)
         bar = None
         if self.is_main:
@@ -743,8 +745,10 @@ class _Run:
                 bar.close()
             del data_iter
         elapsed = time.perf_counter() - t_epoch
+        done_here = ipe - start_step
         return {"loss_sum": sum(losses), "steps": len(losses), "time": elapsed,
-                "images_per_s": len(losses) * images_per_step / max(elapsed, 1e-9)}
+                "resumed_at_step": start_step,
+                "images_per_s": done_here * images_per_step / max(elapsed, 1e-9)}
 
     def end_epoch(self, epoch: int, stats: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
@@ -777,8 +781,8 @@ class _Run:
                    "epoch_time_s": stats["time"], "images_per_s": stats["images_per_s"],
                    "skipped_images": skipped_epoch, "skipped_total": skipped_total,
                    "time": time.time(), **self._memory(), **judged, **(knn or {})}
-        if stats["steps"] < self.iters_per_epoch:
-            summary["resumed_at_step"] = self.iters_per_epoch - stats["steps"]
+        if stats["resumed_at_step"]:
+            summary["resumed_at_step"] = stats["resumed_at_step"]
         self.history.append({k: v for k, v in summary.items() if k != "type"})
         self.jlog.write(summary)
         self.tb.write(summary, epoch, "epoch")
@@ -820,6 +824,15 @@ class _Run:
             if closer is not None:
                 closer.close()
         D.cleanup(self.ctx)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
 
 
 def _plain(v: Any) -> Any:
