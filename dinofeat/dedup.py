@@ -322,6 +322,11 @@ def whitening_id(white: Any) -> str:
     return f"{white.in_dim}->{white.dim}:{h.hexdigest()[:12]}"
 
 
+def _feature_dim(model: Any, pool: str) -> int:
+    from .embedding import feature_dim
+    return feature_dim(model, pool)
+
+
 def load_whitening(whitening: Any):
     """A :class:`dinofeat.eval.copydetect.Whitening` from a file path (or the object)."""
     if whitening is None or hasattr(whitening, "apply"):
@@ -353,10 +358,18 @@ def dedup_folder(images: Any, model: Any, threshold: float = DEFAULT_THRESHOLD, 
     info = embedding_identity(model, pool=pool, **embed_kw)
     if white is not None:
         info["whitening"] = whitening_id(white)
-        want = white.info.get("weights_hash") if isinstance(white.info, dict) else None
+        winfo = white.info if isinstance(white.info, dict) else {}
+        want = (winfo.get("model") or {}).get("weights_hash") or winfo.get("weights_hash")
         if want and want != info.get("weights_hash"):
             raise ValueError(f"the whitening was learnt on features of weights {want}, but "
                              f"the model's weights are {info.get('weights_hash')}")
+        if winfo.get("pool") not in (None, pool):
+            raise ValueError(f"the whitening was learnt on pool={winfo['pool']!r} features, "
+                             f"not pool={pool!r}")
+        if white.in_dim != _feature_dim(model, pool):
+            raise ValueError(f"the whitening takes {white.in_dim}-d features; "
+                             f"{model.name} with pool={pool!r} gives "
+                             f"{_feature_dim(model, pool)}")
     stream = model.iter_embed(files, pool=pool, normalize=white is None,
                               batch_size=batch_size, num_workers=num_workers,
                               progress=progress, skip_unreadable=True, **embed_kw)

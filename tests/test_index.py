@@ -23,6 +23,18 @@ except ImportError:  # pragma: no cover
     given = None
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch/faiss thread: the test machine's two cores are shared by several test
+    runs, and spinning OpenMP threads made small ops ~25x slower there."""
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -379,3 +391,162 @@ def test_gpu_search_matches_cpu():  # pragma: no cover - no GPU here
     cpu.add(x)
     gpu.add(x)
     np.testing.assert_array_equal(cpu.search(x[:20], 5)[1], gpu.search(x[:20], 5)[1])
+
+
+# ------------------------------------------------------------------ from images
+def _tiny_model(seed: int = 0, size: int = 32):
+    from dinofeat.backbones import build_backbone
+    from dinofeat.model import DinoModel
+    from dinofeat.zoo import Preprocessing
+    torch.manual_seed(seed)
+    return DinoModel(build_backbone("vit_tiny16", img_size=size), name=f"tiny{seed}",
+                     preprocessing=Preprocessing(resize_size=size, crop_size=size)).eval()
+
+
+def _write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        sub = folder / ("cats" if i % 2 else "dogs")
+        sub.mkdir(parents=True, exist_ok=True)
+        arr = (rng.random((40, 48, 3)) * 255).astype(np.uint8)
+        arr[: 10 + i] = rng.integers(0, 255, 3)
+        p = sub / f"img{i:03d}.png"
+        Image.fromarray(arr).save(p)
+        out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    _write_images(root, 14)
+    (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+def test_from_images_add_is_idempotent_and_checks_model(photo_dir, tmp_path):
+    model = _tiny_model()
+    out = tmp_path / "photos.idx"
+    index = KNNIndex.from_images(photo_dir, model, out, labels="folder", num_workers=0,
+                                 batch_size=4)
+    assert len(index) == 14 and index.classes == ["cats", "dogs"]
+    assert index.build_state["complete"] and len(index.build_state["unreadable"]) == 1
+    assert index.model_info["weights_hash"] == model.weights_hash
+    assert index.model_info["pooling"] == "cls"
+    # the vectors are the model's embeddings of the files, under the user's ids
+    feats, keys = model.embed(photo_dir, return_keys=True, num_workers=0)
+    recs = index.lookup(index.ids)
+    assert [r["path"] for r in recs] == [os.path.abspath(k) for k in keys]
+    np.testing.assert_allclose(index._reconstruct(index.ids), feats.numpy(), atol=1e-5)
+    # adding the same folder again (plus a byte-identical copy) adds nothing
+    (photo_dir / "copy.png").write_bytes((photo_dir / "cats" / "img001.png").read_bytes())
+    try:
+        again = KNNIndex.load(out)
+        report = again.add_images(photo_dir, model, labels="folder", num_workers=0)
+        assert report.added == 0 and report.already_indexed == 15
+        assert len(report.unreadable) == 1 and len(again) == 14
+    finally:
+        (photo_dir / "copy.png").unlink()
+    # a query image finds itself; another model's features are refused
+    scores, ids, qkeys = again.search_images(photo_dir / "cats" / "img003.png", model, k=2)
+    assert again.lookup(ids[0])[0]["path"].endswith("img003.png") and scores[0, 0] > 0.9999
+    with pytest.raises(IncompatibleFeaturesError, match="weights_hash"):
+        again.search_images(photo_dir / "cats" / "img003.png", _tiny_model(seed=1))
+    with pytest.raises(IncompatibleFeaturesError, match="pooling"):
+        again.add_images(photo_dir, model, pool="cls+gem", labels="folder")
+    with pytest.raises(IncompatibleFeaturesError, match="weights_hash"):
+        again.search(feats[:1].numpy(), 2, model_info=_tiny_model(seed=1))
+
+
+def test_interrupted_build_resumes(photo_dir, tmp_path, monkeypatch):
+    model = _tiny_model()
+    out = tmp_path / "resume.idx"
+    calls = {"n": 0}
+    real_add = KNNIndex.add
+
+    def crashing_add(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("power cut")
+        return real_add(self, *a, **kw)
+
+    monkeypatch.setattr(KNNIndex, "add", crashing_add)
+    with pytest.raises(KeyboardInterrupt):
+        KNNIndex.from_images(photo_dir, model, out, batch_size=4, checkpoint_every=4,
+                             num_workers=0)
+    monkeypatch.setattr(KNNIndex, "add", real_add)
+    partial = KNNIndex.load(out)
+    done = len(partial)  # the batches saved before the crash (every >= 4 images)
+    assert 4 <= done < 14 and partial.build_state["complete"] is False
+    resumed = KNNIndex.from_images(photo_dir, model, out, batch_size=4, num_workers=0)
+    assert len(resumed) == 14 and resumed.build_state["complete"]
+    assert f"added {14 - done} images ({done} already indexed" in \
+        resumed.build_state["last_add"]
+    whole = KNNIndex.from_images(photo_dir, model, batch_size=4, num_workers=0)
+    assert resumed.paths() == whole.paths() and resumed.ids.tolist() == whole.ids.tolist()
+    np.testing.assert_allclose(resumed._reconstruct(resumed.ids),
+                               whole._reconstruct(whole.ids), atol=1e-6)
+
+
+def _cli(*argv) -> int:
+    from dinofeat.cli import main
+    return main([str(a) for a in argv])
+
+
+def test_cli_build_info_search_add(photo_dir, tmp_path, capsys):
+    from dinofeat.model import save_safetensors
+    weights = save_safetensors(_tiny_model(), tmp_path / "tiny.safetensors")
+    out = tmp_path / "cli.idx"
+    assert _cli("index", "build", photo_dir, "--weights", weights, "--out", out,
+                "--num-workers", 0, "--no-progress") == 0
+    text = capsys.readouterr().out
+    assert "added 14 images" in text and "1 unreadable" in text and "broken.jpg" in text
+    assert _cli("index", "info", out) == 0
+    text = capsys.readouterr().out
+    assert "14" in text and "192-d, cosine, faiss Flat" in text and "776 bytes" in text
+    query = photo_dir / "dogs" / "img004.png"
+    assert _cli("search", out, query, "-k", 3, "--json") == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["results"][0]["path"] == os.path.abspath(query)
+    assert res["results"][0]["score"] > 0.9999 and len(res["results"]) == 3
+    assert _cli("index", "add", out, photo_dir, "--num-workers", 0, "--no-progress") == 0
+    assert "added 0 images (14 already indexed" in capsys.readouterr().out
+    # another model's weights are refused, in one line
+    other = save_safetensors(_tiny_model(seed=3), tmp_path / "other.safetensors")
+    assert _cli("search", out, query, "--weights", other) == 2
+    err = capsys.readouterr().err
+    assert "not the one this index was built with" in err and len(err.strip().splitlines()) == 1
+    assert _cli("search", tmp_path / "nope.idx", query) == 2
+    assert "no such index" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_build_the_same_index(photo_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m dinofeat index build` (gloo, CPU) gives the index
+    one process builds: same items in the same order, same vectors."""
+    import subprocess
+    import sys
+    from dinofeat.model import save_safetensors
+    weights = save_safetensors(_tiny_model(), tmp_path / "tiny.safetensors")
+    out = tmp_path / "dist.idx"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", "-m", "dinofeat", "index", "build", str(photo_dir), "--weights", str(weights),
+         "--out", str(out), "--num-workers", "0", "--shard-size", "3", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "added 14 images" in proc.stdout
+    assert not Path(str(out) + ".shards").exists()  # cleaned up
+    dist = KNNIndex.load(out)
+    single = KNNIndex.from_images(photo_dir, dinofeat_load(weights), num_workers=0)
+    assert dist.paths() == single.paths() and dist.ids.tolist() == single.ids.tolist()
+    assert dist.hashes == single.hashes and dist.model_info == single.model_info
+    np.testing.assert_allclose(dist._reconstruct(dist.ids), single._reconstruct(single.ids),
+                               atol=1e-5)
+
+
+def dinofeat_load(path):
+    from dinofeat.model import load
+    return load(path, device="cpu")
