@@ -92,6 +92,9 @@ def linear_features(model, x: torch.Tensor, n_last_blocks: int = 1, avgpool: boo
             raise ValueError(f"{getattr(model, 'name', 'this model')} is not a ViT: linear "
                              "features are its pooled output (n_last_blocks=1, no avgpool)")
         return model(x)
+    depth = getattr(getattr(model, "backbone", None), "depth", None)
+    if depth is not None and n_last_blocks > depth:
+        raise ValueError(f"n_last_blocks={n_last_blocks} but the model has {depth} blocks")
     layout = layout or _layout(n_last_blocks, avgpool)
     tokens = model.intermediate_tokens(x, n_last_blocks, norm=True)
     cls = torch.cat([t[:, 0] for t in tokens], dim=-1)
@@ -547,7 +550,7 @@ def evaluate_linear(model, probe: LinearProbe, val, *, batch_size: int = 64,
     probe = probe.to(model.device)
     x, y, skipped = _image_features(
         model, val.paths, labels, ImageTransform(model.preprocessing, model.patch_size),
-        probe.features, batch_size=batch_size, num_workers=num_workers,
+        lambda x: probe.features(model, x), batch_size=batch_size, num_workers=num_workers,
         desc="val features", progress=progress)
     acc = _accuracy(probe(x), y)
     return {"task": "linear", "model": model.describe(), "head": probe.describe() | {

@@ -210,6 +210,7 @@ _SAFE_BUILTINS = frozenset({"set", "frozenset", "list", "dict", "tuple", "bytear
 _SAFE_GLOBALS = frozenset({
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("_codecs", "encode"),
 })
@@ -226,7 +227,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str):
-        if module == "builtins" and name in _SAFE_BUILTINS:
+        # "__builtin__" is how protocol-2 pickles (and Python 2) name the builtins module.
+        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
             return super().find_class(module, name)
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
