@@ -204,7 +204,7 @@ def attention_maps(model: "DinoModel", img: Any, *, size: int | None = None,
         x = x[..., :H, :W].to(dev)
         rgb = (x[0].cpu() * std[0] + mean[0]).clamp(0, 1)
         shown = (rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    with torch.inference_mode(), _autocast(dev, precision):
+    with torch.inference_mode(), _autocast(dev, precision, model):
         cls_attn = model.last_cls_attention(x)  # [1, heads, 1 + h*w]
     h, w = H // p, W // p
     grid = cls_attn[0, :, 1:].float().reshape(-1, h, w).cpu().numpy()

@@ -151,13 +151,13 @@ def multiscale_features(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 
 @contextlib.contextmanager
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str, model=None):
+    """Autocast for ``precision`` plus the platform's fastest correct kernels
+    (:func:`dinofeat.accel.fast_inference`); global settings are restored on exit."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=PRECISIONS[precision]):
+    from .accel import fast_inference
+    with fast_inference(model, precision, device):
         yield
 
 
@@ -232,7 +232,7 @@ class EmbedStream:
                     dynamic_ncols=True, smoothing=0.1)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        with _autocast(self.device, self.precision):
+        with _autocast(self.device, self.precision, self.model):
             out = self.fn(x)
         return out.float() if out.is_floating_point() else out
 

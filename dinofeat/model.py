@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import hub
+from .accel import fast_math
 from .backbones import DinoVisionTransformer, build_backbone
 from .zoo import MODELS, ModelSpec, Preprocessing, get_spec
 
@@ -98,27 +99,35 @@ class DinoModel(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images ``[B, 3, H, W]`` -> [CLS] features ``[B, D]``."""
-        return self.backbone(x)
+        with fast_math(x.device):  # fastest fp32-exact kernels (dinofeat.accel)
+            return self.backbone(x)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images ``[B, 3, H, W]`` -> final-normed tokens ``[B, 1 + h*w, D]``
         ([CLS] first, then the patch tokens in row-major grid order)."""
         if not hasattr(self.backbone, "forward_tokens"):
             raise TypeError(f"{self.name} has no tokens (it is a ResNet)")
-        return self.backbone.forward_tokens(x)
+        with fast_math(x.device):
+            return self.backbone.forward_tokens(x)
 
     def last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention of the last block ``[B, heads, 1 + N, 1 + N]`` for normalised
         images ``[B, 3, H, W]`` (``N = (H // p) * (W // p)``)."""
-        return self._require_vit("last_self_attention").last_self_attention(x)
+        vit = self._require_vit("last_self_attention")
+        with fast_math(x.device):
+            return vit.last_self_attention(x)
 
     def last_cls_attention(self, x: torch.Tensor) -> torch.Tensor:
         """The [CLS] query row of :meth:`last_self_attention`, ``[B, heads, 1 + N]``."""
-        return self._require_vit("last_cls_attention").last_cls_attention(x)
+        vit = self._require_vit("last_cls_attention")
+        with fast_math(x.device):
+            return vit.last_cls_attention(x)
 
     def intermediate_tokens(self, x: torch.Tensor, n: int = 1, norm: bool = True):
         """Normed tokens ``[B, 1 + N, D]`` of the last ``n`` blocks (a list)."""
-        return self._require_vit("intermediate_tokens").intermediate_tokens(x, n, norm=norm)
+        vit = self._require_vit("intermediate_tokens")
+        with fast_math(x.device):
+            return vit.intermediate_tokens(x, n, norm=norm)
 
     # ------------------------------------------------- features (dinofeat.embedding)
     def iter_embed(self, images, *, pool: str = "cls", normalize: bool = True,
@@ -362,7 +371,9 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
     Args:
         name_or_path: a zoo name (``dinofeat.list_models()``), a weights file (original
             release backbone ``.pth`` or full checkpoint, dinofeat training checkpoint,
-            ``.safetensors``) or a training run folder.
+            ``.safetensors``) or a training run folder. A ``.onnx`` file written by
+            ``dinofeat export`` gives a :class:`~dinofeat.export.OnnxModel` (ONNX
+            Runtime, CPU) with the same ``embed``.
         device: where to put the model (default: CUDA if available, else CPU).
         arch: architecture for files; inferred from the tensors when omitted.
         checkpoint_key: ``"teacher"`` (default) or ``"student"`` for training checkpoints.
@@ -385,6 +396,12 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
                                f"{', '.join(MODELS)} (or a path to a weights file)")
             raise FileNotFoundError(f"no such weights file or folder: {path}")
         path = _resolve_file(path)
+        if path.suffix.lower() == ".onnx":  # an exported model: ONNX Runtime on CPU
+            from .export import load_onnx
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"{path}: ONNX models run on CPU here; load the PyTorch "
+                                 "weights for a GPU")
+            return load_onnx(path)  # type: ignore[return-value]
     ckpt = hub.read_checkpoint(path)
     meta = hub.read_dinofeat_metadata(path, ckpt)
     sd = hub.backbone_state_dict(ckpt, checkpoint_key=checkpoint_key, source=str(path))

@@ -1,0 +1,215 @@
+"""dinofeat.accel: the platform self-check, the kernels it picks, and the accuracy each
+precision is held to (fp32 fast path <= 1e-4 abs, bf16 cosine >= 0.9999 on a
+ViT-S/16-sized model), and that the user's global settings survive dinofeat calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinofeat import accel
+from dinofeat.backbones import build_backbone
+from dinofeat.model import DinoModel
+
+
+@pytest.fixture(scope="module")
+def vit_s16():
+    """A ViT-S/16 (12 blocks, dim 384, 6 heads) with the DINO release's random init and
+    two smooth 224x224 images, normalised."""
+    torch.manual_seed(0)
+    model = DinoModel(build_backbone("vit_s16"), name="vit_s16-random").eval()
+    g = torch.Generator().manual_seed(1)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 224), torch.linspace(-1, 1, 224),
+                          indexing="ij")
+    base = torch.stack([torch.sin(3 * x + c) * torch.cos(2 * y - c) for c in range(3)])
+    imgs = torch.stack([base, base.flip(-1) * 0.7]) + 0.3 * torch.randn(2, 3, 224, 224,
+                                                                        generator=g)
+    return model, imgs
+
+
+@pytest.fixture(scope="module")
+def reference(vit_s16):
+    """The plain computation of vit_s16's features: default matmul kernels, fused
+    attention, fp32."""
+    model, x = vit_s16
+    with torch.inference_mode(), accel._onednn_setting("none"), \
+            accel.attention_mode(model, fused=True):
+        return model.backbone(x)
+
+
+# ----------------------------------------------------------------- self-check
+def test_relative_error_tells_fp32_from_bf16():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 384, generator=g), torch.randn(384, 32, generator=g)
+    ref = a.double() @ b.double()
+    fp32 = accel._relative_error(a @ b, a, b, ref)
+    bf16 = accel._relative_error((a.bfloat16() @ b.bfloat16()).float(), a, b, ref)
+    assert fp32 < 1e-6 < accel.FP32_LEVEL
+    assert bf16 > 10 * accel.FP32_LEVEL  # bf16's unit roundoff is 2**-9 ~ 2e-3
+
+
+def test_self_check_on_this_machine():
+    check = accel.check_onednn_fp32()
+    if not check.available:
+        pytest.skip(check.reason)
+    assert check.default_error < accel.FP32_LEVEL
+    # the verdict follows the measured errors
+    assert check.fp32_level == (max(check.linear_error, check.bmm_error) <= accel.FP32_LEVEL)
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # restored
+
+
+def test_self_check_rejects_reduced_precision(monkeypatch):
+    """On a CPU where the oneDNN switch computes in bf16 (AMX), the check must say no and
+    fast_math must leave fp32 on the default kernels."""
+    real = accel._matmul_errors
+
+    def errors():
+        if torch.backends.mkldnn.matmul.fp32_precision == "bf16":
+            return 3e-3, 2e-3  # what bf16 arithmetic gives
+        return real()
+
+    monkeypatch.setattr(accel, "_matmul_errors", errors)
+    if not accel._onednn_switch_exists():
+        pytest.skip("no oneDNN switch in this PyTorch")
+    check = accel.check_onednn_fp32()
+    assert check.available and not check.fp32_level and "reduced precision" in check.reason
+    accel.onednn_fp32_available.cache_clear()
+    try:
+        assert accel.onednn_fp32_available() is False
+        with accel.fast_math("cpu"):
+            assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    finally:
+        accel.onednn_fp32_available.cache_clear()
+
+
+def test_fast_math_restores_user_setting():
+    if not accel._onednn_switch_exists():
+        pytest.skip("no oneDNN switch in this PyTorch")
+    old = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+        with accel.fast_math("cpu"):
+            inside = torch.backends.mkldnn.matmul.fp32_precision
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert inside == ("bf16" if accel.onednn_fp32_available() else "ieee")
+        with pytest.raises(RuntimeError, match="boom"), accel.fast_math("cpu"):
+            raise RuntimeError("boom")
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        with accel.fast_math("cuda"):  # GPUs: no change (no TF32 for fp32)
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = old
+
+
+def test_bad_precision():
+    with pytest.raises(ValueError, match="precision"):
+        with accel.fast_inference(None, "int8"):
+            pass
+
+
+# -------------------------------------------------------------- kernel choice
+def test_attention_mode_switches_and_restores(vit_s16):
+    model, _ = vit_s16
+    mods = accel._attention_modules(model)
+    assert len(mods) == 12
+    before = [m.fused_attn for m in mods]
+    with accel.attention_mode(model, fused=False):
+        assert not any(m.fused_attn for m in mods)
+    assert [m.fused_attn for m in mods] == before
+
+
+def test_fast_inference_picks_attention_per_platform(vit_s16):
+    model, _ = vit_s16
+    mods = accel._attention_modules(model)
+    assert accel.uses_explicit_attention("cpu", "bf16")
+    assert not accel.uses_explicit_attention("cpu", "fp32")
+    assert not accel.uses_explicit_attention("cuda", "fp16")
+    with accel.fast_inference(model, "bf16", "cpu"):
+        assert not any(m.fused_attn for m in mods)
+        assert torch.is_autocast_enabled("cpu")
+    with accel.fast_inference(model, "fp32", "cpu"):
+        assert all(m.fused_attn for m in mods)
+        assert not torch.is_autocast_enabled("cpu")
+    assert all(m.fused_attn for m in mods)
+
+
+def test_explicit_attention_equals_fused_in_fp32(vit_s16):
+    model, x = vit_s16
+    x = x[:1, :, :64, :64]
+    with torch.inference_mode():
+        fused = model.backbone(x)
+        with accel.attention_mode(model, fused=False):
+            explicit = model.backbone(x)
+    assert (fused - explicit).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------- accuracy
+def test_fp32_fast_path_within_1e4(vit_s16, reference):
+    model, x = vit_s16
+    ref = reference
+    with torch.inference_mode(), accel.fast_inference(model, "fp32"):
+        fast = model.backbone(x)
+    tol = accel.FEATURE_TOLERANCES["fp32"][1]
+    assert (fast - ref).abs().max() <= tol
+    with torch.inference_mode():  # DinoModel's own forward runs the fast path too
+        assert (model(x) - ref).abs().max() <= tol
+
+
+def test_bf16_cosine_at_least_09999(vit_s16, reference):
+    model, x = vit_s16
+    ref = reference
+    with torch.inference_mode(), accel.fast_inference(model, "bf16"):
+        fast = model.backbone(x).float()
+    cos = F.cosine_similarity(fast, ref, dim=-1)
+    assert cos.min() >= accel.FEATURE_TOLERANCES["bf16"][1], cos
+    assert (fast - ref).abs().max() > 1e-4  # really computed in bf16
+
+
+def test_embed_runs_fast_path_and_restores(vit_s16, reference):
+    model, x = vit_s16
+    ref = F.normalize(reference, dim=-1)
+    old = torch.backends.mkldnn.matmul.fp32_precision
+    feats = model.embed(x, precision="bf16", batch_size=2)
+    assert torch.backends.mkldnn.matmul.fp32_precision == old
+    assert all(m.fused_attn for m in accel._attention_modules(model))
+    assert F.cosine_similarity(feats, ref, dim=-1).min() >= 0.9999
+
+
+def test_configure_cpu_and_report():
+    old = torch.backends.mkldnn.matmul.fp32_precision
+    threads = torch.get_num_threads()
+    try:
+        report = accel.configure_cpu(num_threads=threads)
+        assert report["threads"] == threads
+        assert set(report["onednn_fp32"]) >= {"available", "fp32_level", "reason"}
+        expected = "bf16" if accel.onednn_fp32_available() else old
+        assert torch.backends.mkldnn.matmul.fp32_precision == expected
+        with pytest.raises(ValueError):
+            accel.configure_cpu(num_threads=0)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = old
+        torch.set_num_threads(threads)
+
+
+def test_compile_model_keeps_state_dict():
+    torch.manual_seed(0)
+    model = DinoModel(build_backbone("vit_tiny16", img_size=32), name="t").eval()
+    keys = list(model.state_dict())
+    accel.compile_model(model)
+    assert list(model.state_dict()) == keys
+    assert hasattr(model.backbone.forward_tokens, "_torchdynamo_orig_callable")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_on_gpu(vit_s16, reference):  # pragma: no cover - no GPU in CI
+    model, x = vit_s16
+    ref = reference
+    model.cuda()
+    try:
+        with torch.inference_mode(), accel.fast_inference(model, "fp16"):
+            fast = model.backbone(x.cuda()).float().cpu()
+    finally:
+        model.cpu()
+    assert F.cosine_similarity(fast, ref, dim=-1).min() >= 0.9999
