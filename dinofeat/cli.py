@@ -550,7 +550,8 @@ def _cmd_eval_linear(args: argparse.Namespace) -> int:
                                 n_last_blocks=args.n_last_blocks,
                                 avgpool=True if args.avgpool else None)
         res = evaluate_linear(model, head, val, batch_size=args.batch_size,
-                              num_workers=args.num_workers, progress=args.progress)
+                              num_workers=args.num_workers, progress=args.progress,
+                              precision=args.precision)
         return _eval_finish(args, res, str(Path(args.output) / "results.json"))
     if not args.train:
         raise UserError("--train is needed (or --evaluate HEAD to score an existing head)")
@@ -561,7 +562,7 @@ def _cmd_eval_linear(args: argparse.Namespace) -> int:
     cfg = LinearProbeConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             n_last_blocks=n, avgpool=avg, val_freq=args.val_freq,
                             precompute=args.precompute, num_workers=args.num_workers,
-                            seed=args.seed)
+                            seed=args.seed, precision=args.precision)
     train = image_folder(args.train)
     if val is not None:
         val = image_folder(args.val, classes=train.classes)
@@ -590,7 +591,7 @@ def _cmd_eval_copydetect(args: argparse.Namespace) -> int:
                               centered=args.centered_whitening,
                               save_whitening=args.save_whitening, topk=args.topk,
                               batch_size=args.batch_size, num_workers=args.num_workers,
-                              progress=args.progress)
+                              precision=args.precision, progress=args.progress)
     if args.save_whitening and res["whitening"] and not args.whitening:
         print(f"whitening saved to {args.save_whitening}")
     return _eval_finish(args, res, "copydetect_results.json")
@@ -604,7 +605,8 @@ def _cmd_eval_davis(args: argparse.Namespace) -> int:
     res = evaluate_davis(model, args.data_root, args.output, sequences=args.sequences,
                          split=args.split, n_last_frames=args.n_last_frames, topk=args.topk,
                          temperature=args.temperature, radius=args.radius,
-                         short_side=args.short_side, progress=args.progress)
+                         short_side=args.short_side, precision=args.precision,
+                         progress=args.progress)
     print(f"masks written under {args.output}/<video>/")
     return _eval_finish(args, res, str(Path(args.output) / "results.json"))
 

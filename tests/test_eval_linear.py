@@ -219,3 +219,18 @@ def test_cli_linear_train_then_evaluate(tmp_path, capsys):
     ev = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert ev["final"]["acc1"] == pytest.approx(res["final"]["acc1"])
     assert "top-1" in capsys.readouterr().out
+
+
+def test_release_head_evaluated_by_class_order(tmp_path):
+    from dinofeat.eval import evaluate_linear
+    model = _tiny_model(depth=2)
+    torch.manual_seed(2)
+    torch.save({"state_dict": {"module.linear.weight": torch.randn(3, 2 * 192),
+                               "module.linear.bias": torch.zeros(3)}}, tmp_path / "h.pth")
+    head = model.attach_classifier(tmp_path / "h.pth")
+    _tree(tmp_path / "val", 3, 1)  # classes "dark", "light" -> head classes 0 and 1
+    val = image_folder(tmp_path / "val")
+    res = evaluate_linear(model, head, val, num_workers=0, progress=False)
+    top1 = [t[0][0] for t in model.classify(val.paths, k=1, num_workers=0)]
+    want = 100 * np.mean([int(p) == y for p, y in zip(top1, val.labels)])
+    assert res["n_val"] == 6 and res["final"]["acc1"] == pytest.approx(want)

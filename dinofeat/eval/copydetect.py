@@ -248,7 +248,8 @@ def evaluate_copydetect(model, data_root: str | os.PathLike, *, imsize: int = 22
                         whitening_dim: int | None = None, centered: bool = False,
                         save_whitening: str | os.PathLike | None = None, topk: int = 20,
                         match_prefix: int = 4, batch_size: int = 32,
-                        num_workers: int | None = None, progress: bool = True) -> dict:
+                        num_workers: int | None = None, precision: str = "fp32",
+                        progress: bool = True) -> dict:
     """Copydays copy detection (see the module docstring).
 
     Args:
@@ -269,7 +270,8 @@ def evaluate_copydetect(model, data_root: str | os.PathLike, *, imsize: int = 22
     tf = square_resize(imsize)
 
     def feature_fn(x):
-        return model.embed(x, pool="cls+gem", normalize=False, progress=False)
+        return model.embed(x, pool="cls+gem", normalize=False, progress=False,
+                           precision=precision)
 
     def feats_of(paths, desc):
         f, kept, skipped = extract_with_transform(model, paths, tf, feature_fn,

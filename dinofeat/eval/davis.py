@@ -410,7 +410,7 @@ def evaluate_davis(model, data_root: str | os.PathLike, output_dir: str | os.Pat
                    sequences: Sequence[str] | None = None, split: str = "val",
                    resolution: str = "480p", n_last_frames: int = 7, topk: int = 5,
                    temperature: float = 0.1, radius: int = 12, short_side: int = 480,
-                   progress: bool = True) -> dict:
+                   precision: str = "fp32", progress: bool = True) -> dict:
     """Segment every video of a DAVIS split with ``model``'s output patch features,
     write the masks under ``output_dir/<video>/``, and score them when the ground truth
     of every frame is present (the val split). Returns a JSON-able dict with J, F and J&F
@@ -423,7 +423,7 @@ def evaluate_davis(model, data_root: str | os.PathLike, output_dir: str | os.Pat
     device = model.device
 
     def patch_features(x: torch.Tensor) -> torch.Tensor:
-        return model.patch_features(x, progress=False).to(device)
+        return model.patch_features(x, progress=False, precision=precision).to(device)
 
     per_video, all_j, all_f = {}, [], []
     t0 = time.time()

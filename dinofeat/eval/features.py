@@ -24,11 +24,23 @@ import torch
 from ..utils import atomic_path, get_logger
 
 __all__ = ["embed_images", "embed_labeled", "cached_embed", "feature_cache_key",
-           "extract_with_transform", "default_cache_dir"]
+           "extract_with_transform", "default_cache_dir", "autocast"]
 
 log = get_logger(__name__)
 
 CACHE_FORMAT = "dinofeat-eval-features/1"
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """A context running the model in ``precision`` ("fp32": as is; "bf16"/"fp16":
+    ``torch.autocast`` on ``device``)."""
+    import contextlib
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in dtypes:
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtypes[precision])
 
 
 def default_cache_dir() -> Path:
@@ -127,10 +139,12 @@ def cached_embed(model, paths: Sequence[Path], labels: Sequence[int], root: str 
 def extract_with_transform(model, paths: Sequence[Path], transform: Callable | None,
                            feature_fn: Callable[[torch.Tensor], torch.Tensor], *,
                            batch_size: int = 64, num_workers: int | None = None,
-                           desc: str = "features", progress: bool = True
+                           desc: str = "features", progress: bool = True,
+                           precision: str = "fp32"
                            ) -> tuple[torch.Tensor, list[int], list[str]]:
     """Decode image files, apply ``transform`` (on ``uint8 [3, H, W]``), normalise with
-    the model's mean/std on its device and run ``feature_fn`` under ``no_grad``.
+    the model's mean/std on its device and run ``feature_fn`` under ``no_grad`` (and
+    :func:`autocast` for ``precision`` bf16/fp16).
 
     Returns ``(feats [N', D] float32 on CPU, kept positions, skipped "path: reason")``;
     images of different sizes after ``transform`` are run in separate groups."""
@@ -149,7 +163,7 @@ def extract_with_transform(model, paths: Sequence[Path], transform: Callable | N
         skipped.extend(f"{paths[pos]}: {reason}" for pos, reason in batch.failed)
         for positions, imgs in batch.groups:
             x = normalize_batch(imgs, pp.mean, pp.std, device=model.device)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(model.device, precision):
                 f = feature_fn(x).float().cpu()
             rows.update(zip(positions, f))
     if skipped:

@@ -292,6 +292,7 @@ class LinearProbeConfig:
     precompute: bool = False
     num_workers: int | None = None
     seed: int = 0
+    precision: str = "fp32"  # of the frozen backbone's forward pass (the head trains in fp32)
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / 256.0
@@ -378,12 +379,13 @@ def _train_transform(preprocessing) -> Callable:
 
 def _image_features(model, paths: Sequence[Path], labels: Sequence[int], transform,
                     feature_fn: Callable, *, batch_size: int, num_workers: int | None,
-                    desc: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                    desc: str, progress: bool, precision: str = "fp32"
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``(feature_fn(x) [N', D], labels [N'], skipped)`` for the readable ``paths``."""
     from .features import extract_with_transform
     feats, kept, skipped = extract_with_transform(
         model, paths, transform, feature_fn, batch_size=batch_size, num_workers=num_workers,
-        desc=desc, progress=progress)
+        desc=desc, progress=progress, precision=precision)
     return feats, torch.tensor([labels[i] for i in kept], dtype=torch.long), skipped
 
 
@@ -419,13 +421,15 @@ def train_linear_probe(model, train, val=None, *, config: LinearProbeConfig | No
     if val is not None:
         val_x, val_y, skipped["val"] = _image_features(
             model, val.paths, val.labels, eval_tf, feature_fn, batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers, desc="val features", progress=progress)
+            num_workers=cfg.num_workers, desc="val features", progress=progress,
+            precision=cfg.precision)
     out = Path(output_dir) if output_dir is not None else None
     t0 = time.time()
     if cfg.precompute:
         tr_x, tr_y, skipped["train"] = _image_features(
             model, train.paths, train.labels, eval_tf, feature_fn, batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers, desc="train features", progress=progress)
+            num_workers=cfg.num_workers, desc="train features", progress=progress,
+            precision=cfg.precision)
         clf, history = train_linear_on_features(tr_x, tr_y, num_classes, config=cfg,
                                                 val_feats=val_x, val_labels=val_y,
                                                 device=device, progress=progress)
@@ -508,6 +512,7 @@ def train_linear_probe(model, train, val=None, *, config: LinearProbeConfig | No
 def _train_epoch(model, clf, opt, paths, labels, transform, feature_fn, cfg, progress, epoch,
                  stats: dict) -> list[str]:
     from ..images import ImageSource, image_loader, normalize_batch
+    from .features import autocast
     pp = model.preprocessing
     sources = [ImageSource(Path(p), Path(p)) for p in paths]
     loader = image_loader(sources, transform, batch_size=cfg.batch_size,
@@ -522,7 +527,7 @@ def _train_epoch(model, clf, opt, paths, labels, transform, feature_fn, cfg, pro
         skipped.extend(f"{paths[pos]}: {reason}" for pos, reason in batch.failed)
         for positions, imgs in batch.groups:
             x = normalize_batch(imgs, pp.mean, pp.std, device=model.device)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(model.device, cfg.precision):
                 feats = feature_fn(x).float()
             y = torch.tensor([labels[i] for i in positions], device=model.device)
             loss = F.cross_entropy(clf(feats), y)
@@ -537,21 +542,29 @@ def _train_epoch(model, clf, opt, paths, labels, transform, feature_fn, cfg, pro
 
 @torch.no_grad()
 def evaluate_linear(model, probe: LinearProbe, val, *, batch_size: int = 64,
-                    num_workers: int | None = None, progress: bool = True) -> dict:
+                    num_workers: int | None = None, progress: bool = True,
+                    precision: str = "fp32") -> dict:
     """Top-1/top-5 of a trained or released head on the labelled images ``val`` (class
     names of ``val`` are matched to the head's by name)."""
     from ..images import ImageTransform
     probe.check_model(model)
     index = {c: i for i, c in enumerate(probe.class_names)}
     missing = [c for c in val.classes if c not in index]
-    if missing:
+    numbered = probe.class_names == [str(i) for i in range(len(probe.class_names))]
+    if missing and numbered and len(val.classes) <= len(probe.class_names):
+        # A head without class names (the release's): its class i is the i-th sorted
+        # class folder, as torchvision's ImageFolder numbered them when it was trained.
+        log.info("head has no class names: matching the %d class folders by sorted order",
+                 len(val.classes))
+        index = {c: i for i, c in enumerate(val.classes)}
+    elif missing:
         raise ValueError(f"validation classes not known to the head: {', '.join(missing[:5])}")
     labels = [index[val.classes[lab]] for lab in val.labels]
     probe = probe.to(model.device)
     x, y, skipped = _image_features(
         model, val.paths, labels, ImageTransform(model.preprocessing, model.patch_size),
         lambda x: probe.features(model, x), batch_size=batch_size, num_workers=num_workers,
-        desc="val features", progress=progress)
+        desc="val features", progress=progress, precision=precision)
     acc = _accuracy(probe(x), y)
     return {"task": "linear", "model": model.describe(), "head": probe.describe() | {
         "class_names": None}, "n_val": len(y), "skipped": len(skipped), "final": acc}
