@@ -823,3 +823,22 @@ def test_centre_and_sinkhorn_are_global_across_processes(tmp_path):
         torch.testing.assert_close(r["center"], expected_center)
     torch.testing.assert_close(torch.cat([r["sinkhorn"] for r in res]),
                                sinkhorn_knopp(everything * 2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_adamw_and_fp16_loss():
+    cfg = TrainConfig()
+    net = _head_net().cuda()
+    opt = build_optimizer(cfg, param_groups(net))
+    assert opt.defaults.get("fused")
+    student, teacher = random_outputs(3, 4, 16, seed=10)
+    loss_fn = DINOLoss(16, 3, 0.04, 0.04, 0, 10).cuda()
+    ref = reference_dino_loss(student.half().float(), teacher.half().float(),
+                              torch.zeros(1, 16), 3, 0.1, 0.04)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = loss_fn(student.cuda().half(), teacher.cuda().half(), 0)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref, rel=1e-5)
+    net(torch.randn(2, 3, 4, 4, device="cuda")).sum().backward()
+    clip_gradients(net, 0.01)
+    assert all(p.grad.norm() <= 0.01 + 1e-6 for p in net.parameters() if p.grad is not None)
