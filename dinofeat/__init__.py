@@ -15,10 +15,11 @@ from .model import DinoModel, load
 from .shortcuts import attention_maps, embed
 from .zoo import list_models
 from . import train  # the training package; callable: dinofeat.train(config, **overrides)
+from .train.config import TrainConfig
 from . import eval  # the paper's evaluations: dinofeat.eval.knn_classify, compute_map...
 
 __version__ = "0.1.0"
 
 __all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__",
            "embed", "attention_maps", "AttentionMaps", "open_image", "list_images",
-           "ImageReadError", "train", "eval"]
+           "ImageReadError", "train", "TrainConfig", "eval"]
