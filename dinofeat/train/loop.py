@@ -68,8 +68,8 @@ CONFIG_NAME = "config.json"
 
 #: Options that fix the networks' shapes: a checkpoint made with other values cannot be
 #: resumed.
-_SHAPE_FIELDS = ("arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head",
-                 "head_layers", "hidden_dim", "bottleneck_dim", "predictor", "optimizer")
+_SHAPE_FIELDS = ("out_dim", "norm_last_layer", "use_bn_in_head", "head_layers", "hidden_dim",
+                 "bottleneck_dim", "predictor", "optimizer")
 #: Options that fix where in the data a mid-epoch checkpoint is.
 _DATA_FIELDS = ("batch_size_per_gpu", "grad_accum_steps", "seed", "data")
 _MAX_BAD_FILES_KEPT = 10_000
@@ -457,6 +457,13 @@ class _Run:
         old = dict(ckpt.get("config") or {})
         bad = [f"{k}: {old.get(k)!r} in the checkpoint, {getattr(cfg, k)!r} now"
                for k in _SHAPE_FIELDS if k in old and old[k] != _plain(getattr(cfg, k))]
+        try:
+            old_arch = canonical_arch(TrainConfig(arch=old["arch"],
+                                                  patch_size=old.get("patch_size", 16)))
+        except (KeyError, ValueError, TypeError):
+            old_arch = None
+        if old_arch is not None and old_arch != canonical_arch(cfg):
+            bad.insert(0, f"arch: {old_arch} in the checkpoint, {canonical_arch(cfg)} now")
         if bad:
             raise ValueError(f"{path} was made with different networks ({'; '.join(bad)}); "
                              "use the same options, another --output, or --no-resume")
