@@ -14,7 +14,8 @@ features too.
 Memory stays bounded on CPU and GPU whatever the sizes: test rows are processed
 ``chunk_size`` at a time, and training features ``train_chunk_size`` at a time with a
 running top-k merge, so at most ``chunk_size x train_chunk_size`` similarities exist at
-once. Everything runs on the device of ``test_feats`` (CUDA tensors stay on the GPU).
+once. Everything runs on the device of ``test_feats`` (CUDA tensors stay on the GPU), where an
+L2-normalised copy of the training features is kept during the call.
 """
 
 from __future__ import annotations
@@ -132,18 +133,20 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor,
     elif labels.numel() and int(labels.max()) >= num_classes:
         raise ValueError(f"train_labels contains class {int(labels.max())} but "
                          f"num_classes={num_classes}")
-    device = test_feats.device
-    labels = labels.to(device)
-    scores = torch.zeros(test_feats.shape[0], num_classes, device=device)
     if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
-        return scores
-    for q0 in range(0, test_feats.shape[0], chunk_size):
-        sims, idx = knn_topk(train_feats, test_feats[q0:q0 + chunk_size], k,
-                             chunk_size=chunk_size, train_chunk_size=train_chunk_size,
-                             normalize=normalize)
-        weights = (sims / T).exp()
-        scores[q0:q0 + sims.shape[0]].scatter_add_(1, labels[idx], weights)
-    return scores
+        return torch.zeros(test_feats.shape[0], num_classes, device=test_feats.device)
+    # Neighbours of every test row (the training features are prepared once), then the
+    # votes; sims/idx are only [N_test, k].
+    sims, idx = knn_topk(train_feats, test_feats, k, chunk_size=chunk_size,
+                         train_chunk_size=train_chunk_size, normalize=normalize)
+    return _vote(sims, idx, labels, T, num_classes)
+
+
+def _vote(sims: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor, T: float,
+          num_classes: int) -> torch.Tensor:
+    """Class scores ``[N, C]`` from the neighbours' similarities and indices ``[N, k]``."""
+    scores = torch.zeros(sims.shape[0], num_classes, device=sims.device)
+    return scores.scatter_add_(1, labels.to(sims.device)[idx], (sims / T).exp())
 
 
 def knn_accuracy(scores: torch.Tensor, labels: torch.Tensor,
@@ -189,10 +192,13 @@ def evaluate_knn(model, train_dir, val_dir, *, ks: Sequence[int] = (10, 20, 100,
                                                 cache_dir=cache_dir, **kw)
     va_x, va_y, va_skip, va_file = cached_embed(model, val.paths, val.labels, val.root,
                                                 cache_dir=cache_dir, **kw)
+    if T <= 0 or not ks or min(ks) < 1:
+        raise ValueError(f"need T > 0 and every k >= 1, got T={T}, ks={list(ks)}")
+    # The neighbours of the largest k once; each k uses its first k columns (sorted).
+    sims, idx = knn_topk(tr_x, va_x, max(int(k) for k in ks), chunk_size=chunk_size)
     rows = []
     for k in ks:
-        scores = knn_classify(tr_x, tr_y, va_x, k=int(k), T=T, num_classes=train.num_classes,
-                              chunk_size=chunk_size)
+        scores = _vote(sims[:, :int(k)], idx[:, :int(k)], tr_y, T, train.num_classes)
         acc = knn_accuracy(scores, va_y, topk=(1, 5))
         rows.append({"k": int(k), "top1": acc[1], "top5": acc[5]})
     return {
