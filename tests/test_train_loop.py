@@ -334,8 +334,10 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 def test_teacher_switches_at_the_right_boundaries(image_dir, tmp_path, mode):
     rec = Recorder()
     with pytest.warns(UserWarning) if mode == "prev_iter" else _nothing():
-        train(tiny_config(image_dir, tmp_path / "run", teacher=mode, max_iters_per_epoch=2),
-              callbacks=[rec])
+        train(tiny_config(image_dir, tmp_path / "run", teacher=mode, max_iters_per_epoch=2,
+                          saveckp_freq=1), callbacks=[rec])
+    assert (tmp_path / "run" / "checkpoint0001.pth").is_file()  # numbered copies
+    assert load_checkpoint(tmp_path / "run" / "checkpoint0002.pth")["epoch"] == 2
     st = rec.steps
     assert [(s["epoch"], s["step"]) for s in st] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in WATCHED)  # noqa: E731
@@ -416,11 +418,14 @@ def test_continue_from_an_original_release_checkpoint(image_dir, tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     from dinofeat.train.optim import build_optimizer, param_groups
     opt = build_optimizer(cfg, param_groups(student))
+    opt_state = opt.state_dict()
+    for g in opt_state["param_groups"]:  # the release's groups: no dinofeat flags
+        g.pop("decay")
     center = torch.randn(1, cfg.out_dim)
     release = {  # the original layout: DDP-prefixed student, argparse args, dino_loss dict
         "student": {f"module.{k}": v for k, v in student.state_dict().items()},
         "teacher": teacher.state_dict(),
-        "optimizer": opt.state_dict(), "epoch": 1,
+        "optimizer": opt_state, "epoch": 1,
         "args": argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=64,
                                    norm_last_layer=True, use_bn_in_head=False),
         "dino_loss": {"center": center}, "fp16_scaler": None,
@@ -435,6 +440,7 @@ def test_continue_from_an_original_release_checkpoint(image_dir, tmp_path):
     assert [h["epoch"] for h in res.history] == [1] and res.iteration == 4
     first = rec.steps[0]
     assert first["iteration"] == 2  # epoch 1 of 2 steps per epoch
+    assert first["groups"][0][1] > 0.04 and first["groups"][1][1] == 0.0  # no decay on norms
     m = json.loads((res.run_dir / "log.jsonl").read_text().splitlines()[1])["momentum"]
     t0 = dict(teacher.named_parameters())
     for k in WATCHED:  # the release teacher, moved by one EMA step

@@ -469,7 +469,7 @@ class _Run:
                              "use the same options, another --output, or --no-resume")
         load_network_state(self.student, ckpt["student"], f"{path} (student)")
         load_network_state(self.teacher, ckpt["teacher"], f"{path} (teacher)")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_optimizer_state(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.dino_loss.load_state_dict(ckpt.get("dino_loss") or {}, strict=False)
@@ -513,6 +513,17 @@ class _Run:
                      self.epoch, self.epoch_step, self.iters_per_epoch, self.iteration,
                      f" (options changed: {', '.join(changed)})" if changed else "")
 
+    def _load_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """``optimizer.load_state_dict`` keeping our group flags (``decay``,
+        ``lars_exclude``): saved groups replace ours whole, and the release's groups do
+        not have them (its second group would then get weight decay)."""
+        flags = [{k: g[k] for k in ("decay", "lars_exclude") if k in g}
+                 for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state)
+        for g, f in zip(self.optimizer.param_groups, flags):
+            for k, v in f.items():
+                g.setdefault(k, v)
+
     def _resume_release(self, path: Path) -> None:
         cfg = self.cfg
         expected = set(D.unwrap(self.student).state_dict())
@@ -540,7 +551,7 @@ class _Run:
         load_network_state(self.teacher, rel["teacher"], f"{path} (teacher)")
         if rel["optimizer"] is not None:
             try:
-                self.optimizer.load_state_dict(rel["optimizer"])
+                self._load_optimizer_state(rel["optimizer"])
             except (ValueError, KeyError, RuntimeError) as e:
                 log.warning("%s: optimizer state does not fit (%s); starting the optimizer "
                             "afresh", path, e)
