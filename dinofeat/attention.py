@@ -142,7 +142,7 @@ class AttentionMaps:
         return written
 
 
-def _single_image(model: "DinoModel", img: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _single_image(img: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(uint8 [3, H, W], None)`` for an image, ``(None, float [1, 3, H, W])`` for a
     normalised tensor."""
     resolved = _images.resolve_images(img)
@@ -175,7 +175,7 @@ def attention_maps(model: "DinoModel", img: Any, *, size: int | None = None,
     dev = torch.device(device) if device is not None else model.device
     if model.device != dev:
         model.to(dev)
-    u8, x = _single_image(model, img)
+    u8, x = _single_image(img)
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
     if u8 is not None:

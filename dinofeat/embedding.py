@@ -26,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import images as _images
-from .utils import default_device, get_logger
+from .utils import get_logger
 from .zoo import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
