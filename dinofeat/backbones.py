@@ -50,16 +50,23 @@ def interpolate_pos_embed(
     trained_grid: tuple[int, int],
     mode: str = "dino",
     num_prefix_tokens: int = 1,
+    square_input: bool = True,
 ) -> torch.Tensor:
     """Position embeddings ``[1, P + h0*w0, D]`` for a ``grid = (h, w)`` patch grid.
 
     Returns ``[1, P + h*w, D]`` (``P`` prefix tokens, normally the [CLS] one, are kept
     as they are). ``mode="dino"`` reproduces the original implementation exactly,
     ``mode="timm"`` is timm's size-based resampling.
+
+    ``square_input``: whether the image had as many pixel rows as columns. The original
+    keeps the trained embeddings only for a square image with the trained grid; a
+    non-square image whose sides are not multiples of the patch can still have the
+    trained grid (224 x 232 at /16), and then the original resamples by ``(h0 + 0.1) /
+    h0`` all the same, which shifts the values slightly. ``mode="dino"`` does that too.
     """
     h, w = grid
     h0, w0 = trained_grid
-    if (h, w) == (h0, w0):
+    if (h, w) == (h0, w0) and (square_input or mode != "dino"):
         return pos_embed
     prefix, patch = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = pos_embed.shape[-1]
@@ -140,9 +147,12 @@ class DinoVisionTransformer(nn.Module):
         """Images ``[B, 3, H, W]`` -> tokens ``[B, 1 + h*w, D]`` ([CLS] first) with
         position embeddings added."""
         v = self.vit
-        x = v.patch_embed(x)  # [B, h, w, D]
+        square = x.shape[-2] == x.shape[-1]
+        p = self.patch_size  # the stride-p patch convolution ignores a remainder: drop it
+        x = v.patch_embed(x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p])  # [B, h, w, D]
         B, h, w, D = x.shape
-        pos = interpolate_pos_embed(v.pos_embed, (h, w), self.trained_grid, self.pos_embed_interp)
+        pos = interpolate_pos_embed(v.pos_embed, (h, w), self.trained_grid, self.pos_embed_interp,
+                                    square_input=square)
         x = torch.cat([v.cls_token.expand(B, -1, -1), x.reshape(B, h * w, D)], dim=1)
         return v.pos_drop(x + pos)
 
@@ -238,11 +248,16 @@ class _XCiTTrunk(nn.Module):
     def state_dict(self, *args, **kwargs):
         return self.net.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def remap_state_dict(self, state_dict) -> dict[str, torch.Tensor]:
+        """Original XCiT names (``pos_embeder.*``, fused class-attention ``qkv``) ->
+        timm's; classifier keys dropped. Idempotent on timm names."""
         from timm.models.xcit import checkpoint_filter_fn
         state_dict = checkpoint_filter_fn(dict(state_dict), self.net)
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+        return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.net.load_state_dict(self.remap_state_dict(state_dict), strict=strict,
+                                        assign=assign)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(x)

@@ -37,6 +37,7 @@ __all__ = [
     "backbone_state_dict",
     "infer_architecture",
     "sha256_file",
+    "hf_cache_dir",
     "WEIGHTS_DIR_ENV",
 ]
 
@@ -63,8 +64,40 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _env_true(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as set now; huggingface_hub's own
+    flag, read when it was imported, when neither is set."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if (flag := _env_true(name)) is not None:
+            return flag
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hf_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face hub cache folder weights are looked up in.
+
+    ``cache_dir`` when given, else ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``: the rules of
+    huggingface_hub, applied when called (huggingface_hub reads them once, at import), so
+    a program may set these variables after importing it."""
+    def expand(p: str | os.PathLike) -> Path:
+        return Path(os.path.expandvars(os.path.expanduser(os.fspath(p))))
+
+    if cache_dir is not None:
+        return expand(cache_dir)
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return expand(os.environ[name])
+    if os.environ.get("HF_HOME"):
+        return expand(os.environ["HF_HOME"]) / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return expand(xdg) / "huggingface" / "hub"
 
 
 def _from_weights_dir(spec: ModelSpec) -> Path | None:
@@ -85,8 +118,15 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
                   cache_dir: str | os.PathLike | None = None) -> Path:
     """Local path of the weights of zoo entry ``spec``, downloading them if allowed.
 
-    Raises :class:`WeightsNotFoundError` listing every place searched and the ways to
-    provide the file when no copy is reachable."""
+    Sources, in order: ``$DINOFEAT_WEIGHTS_DIR``; a file shipped in the package; the
+    Hugging Face hub copy (``spec.hf_hub_id`` at ``revision``, default
+    ``spec.hf_revision``) through huggingface_hub and its cache (:func:`hf_cache_dir`);
+    the original release URL through torch's hub cache (``$TORCH_HOME/hub/checkpoints``).
+    With ``HF_HUB_OFFLINE=1`` only what is already on disk is used.
+
+    Raises :class:`WeightsNotFoundError` naming the model, every place searched and the
+    ways to provide the file when no copy is reachable; :class:`CheckpointError` when a
+    release file's SHA-256 differs from the zoo's."""
     tried: list[str] = []
     if (p := _from_weights_dir(spec)) is not None:
         return p
@@ -96,51 +136,84 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
         if p.is_file():
             return p
         tried.append(f"packaged file {p}: missing")
+    offline = _offline()
     if spec.hf_hub_id:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.constants import HF_HUB_CACHE
         rev = revision or spec.hf_revision
+        where = hf_cache_dir(cache_dir)
         try:
             return Path(hf_hub_download(spec.hf_hub_id, "model.safetensors", revision=rev,
-                                        cache_dir=cache_dir, local_files_only=_offline()))
-        except Exception as e:  # network, offline mode, missing repo: all reported below
-            where = cache_dir or HF_HUB_CACHE
-            tried.append(f"Hugging Face hub {spec.hf_hub_id} (revision {rev}, cache {where}): "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                                        cache_dir=where, local_files_only=offline))
+        except Exception as e:  # noqa: BLE001 - network, offline mode, missing repo: reported
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            tried.append(f"Hugging Face hub {spec.hf_hub_id} (revision {rev}, cache folder "
+                         f"{where}): {type(e).__name__}: {first}")
+    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
     if spec.backbone_url:
-        ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
         target = ckpt_dir / spec.backbone_url.rsplit("/", 1)[-1]
         if target.is_file():
             _check_sha(target, spec)
             return target
-        if _offline():
-            tried.append(f"release URL {spec.backbone_url}: not in {ckpt_dir} and "
-                         "HF_HUB_OFFLINE is set")
+        if offline:
+            tried.append(f"release URL {spec.backbone_url}: not in the torch hub cache "
+                         f"{ckpt_dir}, and HF_HUB_OFFLINE is set (no download)")
         else:
             try:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(spec.backbone_url, str(target), progress=True)
-                _check_sha(target, spec)
+                # torch checks the hash on its temporary file and only then moves it in place
+                torch.hub.download_url_to_file(spec.backbone_url, str(target),
+                                               hash_prefix=spec.sha256, progress=True)
                 return target
-            except CheckpointError:
-                raise
-            except Exception as e:
-                tried.append(f"release URL {spec.backbone_url} (cache {ckpt_dir}): "
+            except RuntimeError as e:
+                if "invalid hash value" in str(e):
+                    raise CheckpointError(
+                        f"download of {spec.backbone_url} for {spec.name}: SHA-256 differs "
+                        f"from the zoo's value {spec.sha256} ({e}); nothing was saved") from None
+                tried.append(f"release URL {spec.backbone_url} (torch hub cache {ckpt_dir}): "
+                             f"{type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - no network, HTTP error: reported below
+                tried.append(f"release URL {spec.backbone_url} (torch hub cache {ckpt_dir}): "
                              f"{type(e).__name__}: {e}")
     lines = "\n  - ".join(tried)
+    release = spec.backbone_url.rsplit("/", 1)[-1] if spec.backbone_url else None
+    hf_way = (f"pre-fill the Hugging Face cache on a machine with network access "
+              f"(huggingface-cli download {spec.hf_hub_id} model.safetensors) and copy the "
+              f"cache folder to {hf_cache_dir(cache_dir)} (or point HF_HUB_CACHE/HF_HOME at "
+              "it); ") if spec.hf_hub_id else ""
+    release_way = (f"put the release file {release} into {ckpt_dir}; ") if release else ""
     raise WeightsNotFoundError(
         f"could not find weights for {spec.name!r}. Searched:\n  - {lines}\n"
         "Ways to supply them: dinofeat.load('/path/to/weights.pth' or '.safetensors'); "
-        f"put '{spec.name}.safetensors' or the release file in a folder named by "
-        f"${WEIGHTS_DIR_ENV}; or pre-fill the Hugging Face cache (HF_HOME) on a machine "
-        "with network access (huggingface-cli download "
-        f"{spec.hf_hub_id or '<repo>'}) and copy it over.")
+        f"{hf_way}{release_way}or put '{spec.name}.safetensors'"
+        f"{f' or {release}' if release else ''} in a folder and set ${WEIGHTS_DIR_ENV} to it.")
 
 
 def _check_sha(path: Path, spec: ModelSpec) -> None:
     if spec.sha256 and sha256_file(path) != spec.sha256:
         raise CheckpointError(f"{path}: SHA-256 does not match the zoo's value for "
                               f"{spec.name} ({spec.sha256}); delete it and download again")
+
+
+def _torch_load_problem(path: Path, e: Exception) -> str:
+    """One sentence saying why ``torch.load(path, weights_only=True)`` failed."""
+    msg = str(e)
+    first = msg.strip().splitlines()[0] if msg.strip() else ""
+    m = re.search(r"GLOBAL ([\w\.]+) was not an allowed global", msg) or re.search(
+        r"Unsupported global: GLOBAL ([\w\.]+)", msg)
+    if m:
+        return (f"{path}: refused to load: it needs {m.group(1)} to be unpickled, which could "
+                "run code. dinofeat only reads tensors, plain containers and "
+                "argparse.Namespace. If you trust the file, convert it to safetensors in the "
+                "program that made it.")
+    if (op := re.search(r"Unsupported operand (\d+)", msg)) is not None:
+        return (f"{path}: refused to load: pickle opcode {op.group(1)} is not allowed in a "
+                "weights-only read. The file is corrupt, or a pickle not written by "
+                "torch.save (dinofeat never unpickles arbitrary objects).")
+    if "weights only load failed" in msg.lower():
+        return (f"{path}: refused to load: it holds something other than tensors and plain "
+                f"containers ({msg.split('error:')[-1].strip().splitlines()[0][:200]}).")
+    return (f"{path}: cannot be read as a checkpoint (truncated or corrupt?): "
+            f"{type(e).__name__}: {first}")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -168,20 +241,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
-        msg = str(e)
-        m = re.search(r"GLOBAL ([\w\.]+) was not an allowed global", msg) or re.search(
-            r"Unsupported global: GLOBAL ([\w\.]+)", msg)
-        if m or "weights_only" in msg.lower() or "Unsupported operand" in msg:
-            what = m.group(1) if m else "an object that is not a tensor or plain container"
-            raise CheckpointError(
-                f"{path}: refused to load: it needs {what} to be unpickled, which could run "
-                "code. dinofeat only reads tensors, plain containers and argparse.Namespace. "
-                "If you trust the file, convert it to safetensors in the program that made it."
-            ) from None
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint (truncated or "
-                              f"corrupt?): {type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
+    except EOFError:
+        raise CheckpointError(f"{path}: the file ends early (truncated download or copy?)"
                               ) from None
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        raise CheckpointError(_torch_load_problem(path, e)) from None
     if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return dict(obj)
@@ -205,14 +269,19 @@ def backbone_state_dict(ckpt: Mapping[str, Any], checkpoint_key: str = "teacher"
     checkpoints, ``state_dict``/``model`` wrappers and safetensors. Head and classifier
     keys are dropped."""
     sd: Any = ckpt
-    if not _is_state_dict(sd):
+    if _is_state_dict(sd):
+        if checkpoint_key != "teacher":
+            raise CheckpointError(f"{source}: holds a single set of backbone weights, no "
+                                  f"{checkpoint_key!r} entry (only training checkpoints have "
+                                  "teacher and student)")
+    else:
         if checkpoint_key in sd and isinstance(sd[checkpoint_key], Mapping):
             sd = sd[checkpoint_key]
-        elif checkpoint_key not in ("teacher", "student") and checkpoint_key not in sd:
+        elif checkpoint_key != "teacher" or "student" in sd:
             raise CheckpointError(f"{source}: no entry {checkpoint_key!r}; entries: "
                                   f"{', '.join(map(str, sd))}")
         else:
-            for key in ("state_dict", "model", "teacher"):
+            for key in ("state_dict", "model"):
                 if key in sd and isinstance(sd[key], Mapping):
                     sd = sd[key]
                     break

@@ -314,11 +314,12 @@ def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
         return build_backbone(f"xcit_{size}_{facts['patch_size']}")
     if arch is not None:
         spec = MODELS[arch]
-        if (spec.embed_dim, spec.patch_size) != (facts["embed_dim"], facts["patch_size"]):
+        if (spec.embed_dim, spec.patch_size, spec.depth) != (
+                facts["embed_dim"], facts["patch_size"], facts["depth"]):
             raise hub.CheckpointError(
-                f"weights are a ViT with dim {facts['embed_dim']} and patch "
-                f"{facts['patch_size']}, but arch={arch!r} has dim {spec.embed_dim} and "
-                f"patch {spec.patch_size}")
+                f"weights are a ViT with dim {facts['embed_dim']}, patch "
+                f"{facts['patch_size']} and {facts['depth']} blocks, but arch={arch!r} has "
+                f"dim {spec.embed_dim}, patch {spec.patch_size} and {spec.depth} blocks")
     return DinoVisionTransformer(
         patch_size=facts["patch_size"], embed_dim=facts["embed_dim"], depth=facts["depth"],
         num_heads=facts["num_heads"], img_size=facts["trained_grid"] * facts["patch_size"],
@@ -326,11 +327,11 @@ def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
 
 
 def _load_strict(backbone: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    if hasattr(backbone, "remap_state_dict"):  # XCiT: original names -> timm's
+        sd = backbone.remap_state_dict(sd)
     expected = backbone.state_dict()
-    if hasattr(backbone, "net") and type(backbone).__name__ == "_XCiTTrunk":
-        backbone.load_state_dict(sd, strict=True)
-        return
-    missing = sorted(set(expected) - set(sd))
+    # BatchNorm step counters are bookkeeping, absent from some files: keep the model's
+    missing = sorted(k for k in set(expected) - set(sd) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(sd) - set(expected))
     bad_shape = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
                        for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
@@ -348,7 +349,14 @@ def _load_strict(backbone: nn.Module, sd: dict[str, torch.Tensor], source: str) 
         if not v.is_floating_point() and expected[k].is_floating_point():
             raise hub.CheckpointError(f"{source}: tensor {k} has dtype {v.dtype}, expected "
                                       "a floating-point tensor")
-    backbone.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
+    full = {k: v.to(expected[k].dtype) for k, v in sd.items()}
+    full.update({k: torch.zeros(expected[k].shape, dtype=expected[k].dtype, device="cpu")
+                 for k in set(expected) - set(sd)})
+    # assign: the backbone may have been built on the meta device (see load)
+    backbone.load_state_dict(full, strict=True, assign=True)
+    left = [n for n, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{source}: no values for {', '.join(left)} after loading")
 
 
 def _resolve_file(path: Path) -> Path:
@@ -408,7 +416,8 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
     arch = arch or (spec.name if spec else meta.get("arch"))
     interp = pos_embed_interp or (spec.pos_embed_interp if spec and spec.arch == "vit"
                                   else meta.get("pos_embed_interp", "dino"))
-    backbone = _build_for_state(sd, arch, interp)
+    with torch.device("meta"):  # shapes only: every value comes from the file, no random init
+        backbone = _build_for_state(sd, arch, interp)
     _load_strict(backbone, sd, str(path))
     if preprocessing is None and meta.get("preprocessing"):
         preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
