@@ -215,7 +215,7 @@ def plain_train_step(student: PlainDINO, teacher: PlainDINO, optimizer: torch.op
         for ps, pt in zip(student.parameters(), teacher.parameters()):
             pt.mul_(momentum).add_((1 - momentum) * ps.detach())
         center.mul_(0.9).add_(teacher_out.mean(dim=0, keepdim=True) * 0.1)
-    return float(loss)
+    return float(loss.detach())
 
 
 def vit_flops(dim: int, depth: int, patch: int, height: int, width: int) -> float:

@@ -388,7 +388,7 @@ def bench_attention(repeats: int, size: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
     from dinofeat import images as I
-    u8 = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    u8 = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     xn = I.normalize_batch(u8[None], model.preprocessing.mean, model.preprocessing.std)
 
     def plain_run():
@@ -458,7 +458,7 @@ def _train_setup(arch: str, variant: str, batch: int, locals_: int, out_dim: int
             cancel_last_layer_gradients(student, 1, 1)
             opt.step()
             ema_update(teacher, student, 0.996)
-        return float(loss)
+        return float(loss.detach())
     return step, crops
 
 
