@@ -143,6 +143,27 @@ def _onednn_setting(value: str) -> Iterator[None]:
             torch.backends.mkldnn.matmul.fp32_precision = old
 
 
+_active = {"depth": 0, "saved": None}  # nesting/threads sharing the switch (under _lock)
+
+
+@contextlib.contextmanager
+def _onednn_fast() -> Iterator[None]:
+    """The oneDNN switch on while any dinofeat call (in any thread) is inside; the value
+    found before the first one entered is put back when the last one leaves."""
+    with _lock:
+        if _active["depth"] == 0:
+            _active["saved"] = torch.backends.mkldnn.matmul.fp32_precision
+            torch.backends.mkldnn.matmul.fp32_precision = _ONEDNN_SETTING
+        _active["depth"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active["depth"] -= 1
+            if _active["depth"] == 0:
+                torch.backends.mkldnn.matmul.fp32_precision = _active["saved"]
+
+
 def check_onednn_fp32() -> MatmulCheck:
     """Whether routing fp32 matmuls to oneDNN keeps fp32 accuracy on this CPU.
 
@@ -193,7 +214,7 @@ def fast_math(device: torch.device | str = "cpu", precision: str = "fp32") -> It
                          f"{precision!r}")
     dev = torch.device(device)
     if dev.type == "cpu" and onednn_fp32_available():
-        with _onednn_setting(_ONEDNN_SETTING):
+        with _onednn_fast():
             yield
     else:
         yield

@@ -102,6 +102,42 @@ def test_fast_math_restores_user_setting():
         torch.backends.mkldnn.matmul.fp32_precision = old
 
 
+def test_fast_math_from_several_threads_restores_user_setting():
+    """Calls overlapping in two threads: the switch stays on while either is inside and
+    the user's value comes back after the last one leaves."""
+    import threading
+    if not accel.onednn_fp32_available():
+        pytest.skip("oneDNN fp32 path not used on this machine")
+    old = torch.backends.mkldnn.matmul.fp32_precision
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with accel.fast_math("cpu"):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with accel.fast_math("cpu"):
+            b_in.set()
+            a_out.wait(5)
+            seen["b_after_a_left"] = torch.backends.mkldnn.matmul.fp32_precision
+
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen["b_after_a_left"] == "bf16"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = old
+
+
 def test_bad_precision():
     with pytest.raises(ValueError, match="precision"):
         with accel.fast_inference(None, "int8"):
