@@ -93,9 +93,6 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(dict(state), tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (mkstemp makes 0600)
     return path
 
 
