@@ -69,11 +69,14 @@ LOW_DTYPE = torch.float16 if LOW == "fp16" else torch.bfloat16
 # ------------------------------------------------------------------ helpers
 def machine() -> dict[str, Any]:
     cpu = "unknown"
+    ident: list[str] = []  # cpu family, model (the name alone can be "AMD EPYC")
     flags: set[str] = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and cpu == "unknown":
                 cpu = line.split(":", 1)[1].strip()
+            if line.startswith(("cpu family", "model\t")) and len(ident) < 2:
+                ident.append(line.split(":", 1)[1].strip())
             if line.startswith("flags") and not flags:
                 flags = set(line.split(":", 1)[1].split())
     versions = {"python": platform.python_version(), "torch": torch.__version__,
@@ -81,6 +84,8 @@ def machine() -> dict[str, Any]:
     for mod in ("torchvision", "timm", "onnxruntime", "transformers", "faiss"):
         with contextlib.suppress(Exception):
             versions[mod] = __import__(mod).__version__
+    if len(ident) == 2:
+        cpu += f" (family {ident[0]}, model {ident[1]})"
     info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
             "cpu_flags": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16",
                                                             "amx_bf16", "amx_tile")),
