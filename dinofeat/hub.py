@@ -177,7 +177,7 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
     lines = "\n  - ".join(tried)
     release = spec.backbone_url.rsplit("/", 1)[-1] if spec.backbone_url else None
     hf_way = (f"pre-fill the Hugging Face cache on a machine with network access "
-              f"(huggingface-cli download {spec.hf_hub_id} model.safetensors) and copy the "
+              f"(hf download {spec.hf_hub_id} model.safetensors) and copy the "
               f"cache folder to {hf_cache_dir(cache_dir)} (or point HF_HUB_CACHE/HF_HOME at "
               "it); ") if spec.hf_hub_id else ""
     release_way = (f"put the release file {release} into {ckpt_dir}; ") if release else ""

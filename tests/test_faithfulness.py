@@ -226,7 +226,8 @@ def test_reference_detects_size_based_resampling(tmp_path):
     as_timm = dinofeat.load(path, device="cpu", pos_embed_interp="timm")
     with torch.no_grad():
         x224, x_big = _image(1, 224, 224), _image(1, 320, 480)
-        assert _max_diff(peer.forward_features(x224)[:, 0], reference_forward(sd, x224, 3)[0]) <= TOL
+        ref224 = reference_forward(sd, x224, 3)[0]
+        assert _max_diff(peer.forward_features(x224)[:, 0], ref224) <= TOL
         timm_big = peer.forward_features(x_big)[:, 0]
         assert _max_diff(timm_big, reference_forward(sd, x_big, 3)[0]) > 100 * TOL
         assert _max_diff(timm_big, reference_forward(sd, x_big, 3, resize="size")[0]) <= TOL
@@ -316,7 +317,8 @@ def measure(archs=("vit_s16", "vit_s8"), sizes=((224, 224), (480, 640))) -> list
                 r64_cls, r64_attn = reference_forward(sd64, x.double(), heads)
                 e64_cls, e64_attn = reference_forward(sd64, x.double(), heads, eps=1e-12)
                 _, timm_attn = reference_forward(sd, x, heads, resize="size")
-                row.update(dinofeat_cls=_max_diff(cls, ref_cls), dinofeat_attn=_max_diff(attn, ref_attn),
+                row.update(dinofeat_cls=_max_diff(cls, ref_cls),
+                           dinofeat_attn=_max_diff(attn, ref_attn),
                            dinofeat_cls64=_max_diff(cls.double(), r64_cls),
                            dinofeat_attn64=_max_diff(attn.double(), r64_attn),
                            timm_cls=_max_diff(timm_cls, ref_cls),
