@@ -35,7 +35,7 @@ from .zoo import Preprocessing
 __all__ = ["Recipe", "RECIPES", "fashion_mnist_stats", "fashion_mnist_preprocessing",
            "recipe_config", "export_training_images", "to_pil", "knn_evaluation",
            "silhouette_jaccard", "random_weights_model", "neighbour_grid",
-           "attention_picture", "DemoResult", "run_demo", "set_threads"]
+           "attention_picture", "DemoResult", "demo_split", "run_demo", "set_threads"]
 
 log = get_logger("dinofeat.demo")
 
@@ -105,8 +105,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 def fashion_mnist_stats(images: np.ndarray) -> tuple[float, float]:
     """``(mean, std)`` of the pixels of ``images`` (uint8) on the 0..1 scale, rounded to 4
     decimals (the training set gives 0.2860 and 0.3530)."""
-    x = np.asarray(images, dtype=np.float64) / 255.0
-    return round(float(x.mean()), 4), round(float(x.std()), 4)
+    flat = np.asarray(images, dtype=np.uint8).reshape(-1)
+    counts = sum(np.bincount(flat[i:i + 2 ** 22], minlength=256)  # in chunks: bounded memory
+                 for i in range(0, len(flat), 2 ** 22))
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    n = counts.sum()
+    mean = float((counts * levels).sum() / n)
+    var = float((counts * (levels - mean) ** 2).sum() / n)
+    return round(mean, 4), round(math.sqrt(var), 4)
 
 
 def fashion_mnist_preprocessing(mean: float, std: float, size: int = 28) -> Preprocessing:
@@ -351,15 +357,29 @@ def _accuracy(index, model, images: np.ndarray, labels: np.ndarray, progress: bo
     return 100.0 * float((pred == labels).mean()), feats
 
 
+def demo_split(n_train: int, n_test: int, train_images: int, bank: int, test: int,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted indices ``(pretraining photos, memory-bank photos, test photos)`` of the demo:
+    the first ``train_images`` and the first ``bank`` of one random permutation of the
+    training set (the bank is labelled, the pretraining set is not; they overlap as a
+    user's collection would), and ``test`` random test photos."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_train)
+    return (np.sort(order[:min(train_images, n_train)]), np.sort(order[:min(bank, n_train)]),
+            np.sort(rng.permutation(n_test)[:min(test, n_test)]))
+
+
 def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None = None,
              train_images: int = 6000, bank: int = 5000, test: int = 1000, queries: int = 6,
-             neighbours: int = 8, threads: int | None = None, seed: int = 0,
+             neighbours: int = 8, batch: int | None = None, threads: int | None = None,
+             seed: int = 0,
              data_root: str | os.PathLike | None = None, progress: bool = True,
              echo: Callable[[str], Any] = print) -> DemoResult:
     """The offline demo, end to end on Fashion-MNIST (a few minutes on a 2-core CPU).
 
     1. export ``train_images`` training photos (no labels) and pretrain a small ViT on them
-       with DINO (recipe ``"demo"``, ``steps`` optimiser steps of 64 images);
+       with DINO (recipe ``"demo"``: ``steps`` optimiser steps of ``batch`` images, by
+       default 40 x 64);
     2. embed ``bank`` labelled training photos into a :class:`~dinofeat.KNNIndex` and
        classify ``test`` test photos by DINO's k-NN vote, next to the same network with
        random weights;
@@ -379,14 +399,16 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_threads(threads)
     recipe = RECIPES["demo"]
     if steps is not None:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         chunks = min(recipe.chunks, steps)
         recipe = dataclasses.replace(recipe, steps=steps - steps % chunks, chunks=chunks)
+    if batch is not None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        recipe = dataclasses.replace(recipe, batch=batch)
     for name, v in (("train_images", train_images), ("bank", bank), ("test", test)):
         if v < 1:
             raise ValueError(f"{name} must be at least 1, got {v}")
@@ -395,14 +417,13 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
                          f"({recipe.batch})")
     if not 1 <= queries <= test or neighbours < 1:
         raise ValueError("queries must lie in [1, test] and neighbours be at least 1")
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads(threads)
 
     x_train, y_train = load_fashion_mnist("train", data_root)
     x_test, y_test = load_fashion_mnist("test", data_root)
-    rng = np.random.default_rng(seed)
-    train_idx = rng.permutation(len(x_train))
-    pretrain = np.sort(train_idx[:min(train_images, len(x_train))])
-    bank_idx = np.sort(train_idx[:min(bank, len(x_train))])
-    test_idx = np.sort(rng.permutation(len(x_test))[:min(test, len(x_test))])
+    pretrain, bank_idx, test_idx = demo_split(len(x_train), len(x_test), train_images, bank,
+                                              test, seed)
     mean, std = fashion_mnist_stats(x_train)
     prep = fashion_mnist_preprocessing(mean, std)
 
