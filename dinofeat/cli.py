@@ -844,7 +844,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _paths_safe_output() -> None:
+    """File names that are not UTF-8 (kept by Python as lone surrogates) are printed as
+    their original bytes, as ls and find do, instead of failing with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and stream in (sys.__stdout__, sys.__stderr__) and \
+                hasattr(stream, "reconfigure") and stream.errors == "strict":
+            stream.reconfigure(errors="surrogateescape")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _paths_safe_output()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -208,8 +208,8 @@ class DedupResult:
                 for m, (p, s, (wd, ht), b) in enumerate(zip(g.paths, g.similarity, g.sizes,
                                                             g.file_bytes)):
                     w.writerow([n, int(m == 0), p, f"{s:.6f}", wd, ht, b])
-            with atomic_path(path) as tmp:
-                tmp.write_text(buf.getvalue(), encoding="utf-8")
+            with atomic_path(path) as tmp:  # names that are not UTF-8 keep their bytes
+                tmp.write_text(buf.getvalue(), encoding="utf-8", errors="surrogateescape")
         else:
             atomic_write_json(path, self.as_dict())
         return path
@@ -248,8 +248,9 @@ class DedupResult:
                 f"<li>{html.escape(p)}: {html.escape(r)}</li>" for p, r in self.unreadable)
                 + "</ul>")
         parts.append("</body></html>")
-        with atomic_path(path) as tmp:
-            tmp.write_text("\n".join(parts), encoding="utf-8")
+        with atomic_path(path) as tmp:  # a name that is not UTF-8 shows U+FFFD for its bytes
+            tmp.write_bytes("\n".join(parts).encode("utf-8", "surrogateescape").decode(
+                "utf-8", "replace").encode("utf-8"))
         return path
 
 

@@ -170,8 +170,8 @@ class EmbedStream:
     ``keys``. Unreadable images are left out of the batches: with ``skip_unreadable`` they
     are collected in :attr:`skipped` (a list of
     :class:`~dinofeat.images.SkippedImage`, filled as the stream advances) and logged
-    (the first one by name, a count at the end); otherwise the first one raises
-    :class:`~dinofeat.images.ImageReadError` naming it.
+    (each file named once, as it is met, and a count at the end); otherwise the first one
+    raises :class:`~dinofeat.images.ImageReadError` naming it.
 
     ``fn`` maps a normalised batch ``[B, 3, H, W]`` on ``device`` to ``[B, ...]``; images
     of different sizes ("whole" preprocessing) go through it in same-size groups, and
@@ -255,11 +255,8 @@ class EmbedStream:
                     yield from self._iter_loader(bar, fmt)
         finally:
             bar.close()
-        if self.skipped and not self.quiet:
-            shown = "; ".join(str(s) for s in self.skipped[:5])
-            more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
-            log.warning("skipped %d unreadable image(s) of %d: %s%s", len(self.skipped),
-                        len(self), shown, more)
+        if self.skipped and not self.quiet:  # each file was named once as it was met
+            log.warning("skipped %d unreadable image(s) of %d", len(self.skipped), len(self))
 
     def _iter_tensor(self, bar, fmt):
         t = self.resolved.tensor
@@ -281,9 +278,8 @@ class EmbedStream:
                 src = sources[pos]
                 if not self.skip_unreadable:
                     raise _images.ImageReadError(src.name, reason)
-                if not self.skipped and not self.quiet:
-                    log.warning("skipping unreadable image %s: %s (further ones are counted)",
-                                src.name, reason)
+                if not self.quiet:
+                    log.warning("skipping unreadable image %s: %s", src.name, reason)
                 self.skipped.append(_images.SkippedImage(self.start + pos, src.key, reason))
             outs: dict[int, torch.Tensor] = {}
             for positions, imgs in batch.groups:

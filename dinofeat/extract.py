@@ -196,7 +196,9 @@ def _run_config(model: "DinoModel", paths: Sequence[Path], shard_size: int,
     embed["preprocessing"] = pre.to_dict()
     embed["dim"] = feature_dim(model, embed["pool"] or "cls", embed["n_last_blocks"] or 1,
                                bool(embed["avgpool"]))
-    digest = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
+    # surrogateescape: file names that are not UTF-8 hash as their bytes
+    digest = hashlib.sha256("\n".join(map(str, paths)).encode("utf-8", "surrogateescape")
+                            ).hexdigest()
     return {"format": _FORMAT, "model": model.describe(), "embed": embed,
             "num_images": len(paths), "paths_sha256": digest, "shard_size": shard_size}
 
@@ -299,10 +301,8 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
                 bar.update(now - done)
                 done = now
             bar.update((hi - lo) - done)
-            if stream.skipped and not skipped_total:
-                first = stream.skipped[0]
-                log.warning("skipping unreadable image %s: %s (further ones are counted)",
-                            first.key, first.reason)
+            for s in stream.skipped:  # each unreadable file named once in the log
+                log.warning("skipping unreadable image %s: %s", s.key, s.reason)
             skipped_total += len(stream.skipped)
             feats = torch.cat(chunks) if chunks else torch.zeros(0, config["embed"]["dim"])
             info = {"config_id": cid, "range": [lo, hi], "paths": keys,

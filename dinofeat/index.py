@@ -1050,6 +1050,7 @@ class KNNIndex:
         for f, st, digest, err in _hash_files(files, known, progress, hash_threads):
             if err is not None:
                 plan.unreadable.append((f, err))
+                _log.warning("skipping unreadable image %s: %s", f, err)
             elif digest in self._hash_set:
                 plan.already_indexed.append(f)
             elif digest in seen:

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..images import ImageReadError, list_images, open_image, read_image
 
 __all__ = ["resolve_image_list", "labelled_image_folder", "TrainImages", "LabelledImages",
-           "ResumableDistributedSampler", "sample_seed", "collate_crops", "build_train_loader",
-           "MAX_REPLACEMENT_TRIES"]
+           "ResumableDistributedSampler", "sample_seed", "collate_crops", "BatchFailures",
+           "build_train_loader", "MAX_REPLACEMENT_TRIES"]
 
 #: How many following images :class:`TrainImages` tries before giving up on a sample.
 MAX_REPLACEMENT_TRIES = 64
@@ -215,12 +215,23 @@ class ResumableDistributedSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+class BatchFailures(list):
+    """The ``"path: reason"`` of every unreadable file met while making a batch (a file
+    tried as a replacement is listed too), and ``replaced``: how many samples of the batch
+    had an unreadable image of their own. A sample's file is visited once per epoch, so
+    summing ``replaced`` counts each unreadable file once, whatever else was tried."""
+
+    replaced: int = 0
+
+
 def collate_crops(batch: list[tuple[list[torch.Tensor], list[str]]]
-                  ) -> tuple[list[torch.Tensor], list[str]]:
+                  ) -> tuple[list[torch.Tensor], BatchFailures]:
     """``[(crops, failures)] * B`` -> ``(crops stacked per view [B, 3, h, w], failures)``."""
     n_views = len(batch[0][0])
     crops = [torch.stack([item[0][v] for item in batch]) for v in range(n_views)]
-    failures = [f for item in batch for f in item[1]]
+    failures = BatchFailures(f for item in batch for f in item[1])
+    # a sample has failures only when its own image was unreadable (the first listed)
+    failures.replaced = sum(1 for item in batch if item[1])
     return crops, failures
 
 

@@ -612,9 +612,12 @@ class _Run:
 
     # .............................................................. one step
     def _note_failures(self, failures: list[str]) -> None:
+        # count samples whose own image was unreadable (BatchFailures.replaced), not every
+        # failed replacement try: a run of N bad files in a row counts N, not N(N+1)/2
+        replaced = getattr(failures, "replaced", len(failures))
+        self.skipped_epoch += replaced
+        self.skipped_total += replaced
         for f in failures:
-            self.skipped_epoch += 1
-            self.skipped_total += 1
             if f not in self.bad_files:
                 self.bad_files.add(f)
                 if self.is_main:
