@@ -80,6 +80,7 @@ class ModelSpec:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     local_file: str | None = None  # weights shipped inside the package (dinofeat/weights/)
     description: str = ""
+    dataset: str = "ImageNet-1k"  # where knn_top1 / linear_top1 were measured
 
     @property
     def num_patch_tokens_224(self) -> int | None:
@@ -180,7 +181,8 @@ def get_spec(name: str) -> ModelSpec:
 
 def list_models(as_dicts: bool = False):
     """Names of the zoo models (or, with ``as_dicts=True``, one dict per model with
-    name, arch, dim, patch size, params and the published ImageNet k-NN/linear top-1)."""
+    name, arch, dim, patch size, params, the k-NN/linear top-1 and the ``dataset`` they
+    were measured on: ImageNet-1k for the published models)."""
     if not as_dicts:
         return list(MODELS)
     return [
@@ -194,6 +196,7 @@ def list_models(as_dicts: bool = False):
             linear_top1=s.linear_top1,
             hf_hub_id=s.hf_hub_id,
             description=s.description,
+            dataset=s.dataset,
         )
         for s in MODELS.values()
     ]
@@ -201,7 +204,8 @@ def list_models(as_dicts: bool = False):
 
 def format_table() -> str:
     """The zoo as a plain-text table (what ``dinofeat models`` prints)."""
-    head = ("name", "arch", "dim", "patch", "params", "k-NN", "linear", "weights")
+    head = ("name", "arch", "dim", "patch", "params", "k-NN", "linear", "weights",
+            "top-1 on")
     rows = [head]
     for s in MODELS.values():
         src = s.hf_hub_id or ("package" if s.local_file else "release .pth")
@@ -209,7 +213,7 @@ def format_table() -> str:
             s.name, s.arch, str(s.embed_dim), str(s.patch_size or "-"), f"{s.params_m}M",
             f"{s.knn_top1:.1f}" if s.knn_top1 is not None else "-",
             f"{s.linear_top1:.1f}" if s.linear_top1 is not None else "-",
-            src,
+            src, s.dataset,
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
