@@ -67,16 +67,19 @@ class TrainConfig:
                                  "1: more stable; the release recommends it for ViT-B and "
                                  "turning it off for ViT-S (better but less stable)")
     use_bn_in_head: bool = _opt(False, "BatchNorm in the hidden layers of the projection head "
-                                "(off for ViTs; the release's ResNet-50 run used it)")
+                                "(off for ViTs: the paper keeps its ViT systems entirely "
+                                "BatchNorm-free; the release's ResNet-50 run used it)")
     head_layers: int = _opt(3, "number of linear layers in the head MLP before the "
-                            "bottleneck (3: in -> 2048 -> 2048 -> 256)")
+                            "bottleneck (3: in -> 2048 -> 2048 -> 256); the paper: without "
+                            "the L2 bottleneck, 3-4 layer heads collapse")
     hidden_dim: int = _opt(2048, "width of the head's hidden layers")
     bottleneck_dim: int = _opt(256, "dimension of the head's bottleneck before the "
                                "weight-normalised last layer")
     l2_bottleneck: bool = _opt(True, "L2-normalise the bottleneck before the last layer; the "
                                "paper finds 3-4 layer heads collapse without it")
     predictor: bool = _opt(False, "BYOL-style predictor MLP on the student output (ablation; "
-                           "the paper finds DINO works best without one)")
+                           "the paper finds DINO works best without one: 71.8% vs 72.8% "
+                           "k-NN)")
     drop_path_rate: float = _opt(0.1, "stochastic depth rate of the student backbone "
                                  "(the teacher has none)")
 
@@ -85,12 +88,14 @@ class TrainConfig:
                                    "with a cosine; small batches want a higher start "
                                    "(release: 0.9995 at batch 256)")
     teacher: str = _opt("momentum", "teacher type: momentum (EMA of the student), "
-                        "prev_epoch (student of the previous epoch), prev_iter (student of "
-                        "the previous iteration: collapses per the paper, 0.1% k-NN)")
+                        "prev_epoch (student of the previous epoch: works, 66.6% vs "
+                        "72.8% k-NN in the paper), prev_iter (student of the previous "
+                        "iteration: collapses per the paper, 0.1% k-NN)")
     warmup_teacher_temp: float = _opt(0.04, "teacher temperature at the start of its linear "
                                       "warm-up")
     teacher_temp: float = _opt(0.04, "teacher temperature after the warm-up; above 0.07 "
-                               "training is unstable per the paper")
+                               "training is unstable per the paper (0.08 constant "
+                               "collapses; a warm-up 0.04 -> 0.07 works best)")
     warmup_teacher_temp_epochs: int = _opt(0, "epochs of linear teacher-temperature warm-up "
                                            "(30 in the release's longer recipes)")
     student_temp: float = _opt(0.1, "student softmax temperature")
@@ -99,12 +104,15 @@ class TrainConfig:
                          "without sharpening collapses to the uniform distribution)")
     collapse: str = _opt("center", "collapse avoidance: center (DINO's running centre), "
                          "batch_softmax (teacher softmax normalised over the batch), sinkhorn "
-                         "(Sinkhorn-Knopp normalisation as in SwAV), none (collapses)")
+                         "(Sinkhorn-Knopp normalisation as in SwAV; the paper: as good as "
+                         "centering with a momentum teacher, 72.2% vs 72.8% k-NN), none "
+                         "(sharpening alone: collapses to one prototype)")
     center_momentum: float = _opt(0.9, "momentum m of the centre update C <- m C + (1-m) "
                                   "mean(teacher); 0.999 collapses per the paper")
     sinkhorn_iters: int = _opt(3, "Sinkhorn-Knopp iterations for --collapse sinkhorn")
     loss: str = _opt("ce", "ce: cross-entropy between teacher and student distributions "
-                     "(DINO); mse: mean squared error between L2-normalised outputs (ablation)")
+                     "(DINO); mse: mean squared error between L2-normalised outputs "
+                     "(ablation; the paper: 52.6% vs 72.8% k-NN)")
 
     # ------------------------------------------------------- optimisation
     optimizer: str = _opt("adamw", "adamw (ViTs), sgd (momentum 0.9) or lars (ResNet recipes)")
@@ -138,7 +146,8 @@ class TrainConfig:
         (0.4, 1.0), "area scale range of the 2 global crops; without multi-crop the "
                     "release recommends (0.14, 1)")
     local_crops_number: int = _opt(8, "number of small local crops per image; 0 disables "
-                                   "multi-crop (paper's best: 10)")
+                                   "multi-crop (the paper: 67.9% k-NN without vs 72.8% "
+                                   "with; best: 10)")
     local_crops_scale: tuple[float, float] = _opt((0.05, 0.4), "area scale range of the "
                                                   "local crops")
     global_crop_size: int = _opt(224, "side of the global crops in pixels")
@@ -238,7 +247,7 @@ class TrainConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object of training options")

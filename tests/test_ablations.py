@@ -1,0 +1,299 @@
+"""The paper's ablation switches: reachable from the CLI with the paper's finding, documented,
+mathematically what they say; the ablation benchmark's grid, verdicts and outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinofeat.train.config import TrainConfig
+from dinofeat.train.head import DINOHead
+from dinofeat.train.loss import DINOLoss
+from dinofeat.train.monitor import CollapseMonitor, teacher_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import ablations as ab  # noqa: E402
+
+#: switch -> a fragment of the paper's finding its --help must carry
+FINDINGS = {
+    "--collapse": "72.2%",              # Sinkhorn-Knopp vs centering
+    "--sharpen": "uniform",             # centering alone: uniform collapse
+    "--teacher-temp": "0.08",           # 0.08 constant collapses
+    "--center-momentum": "0.999",       # collapses
+    "--teacher": "0.1%",                # previous iteration: 0.1% k-NN
+    "--momentum-teacher": "0.9995",     # small batches want a higher momentum
+    "--loss": "52.6%",                  # MSE
+    "--predictor": "71.8%",
+    "--use-bn-in-head": "BatchNorm-free",
+    "--head-layers": "collapse",
+    "--l2-bottleneck": "collapse",
+    "--out-dim": "65536",
+    "--local-crops-number": "67.9%",    # no multi-crop
+    "--global-crops-scale": "(0.14, 1)",
+    "--local-crops-scale": "local crops",
+    "--sinkhorn-iters": "Sinkhorn",
+}
+
+
+@pytest.fixture(scope="module")
+def train_help() -> str:
+    """What `dinofeat train --help` prints (the real CLI parser, in this process)."""
+    import contextlib
+    import io
+
+    from dinofeat.cli import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    return out.getvalue()
+
+
+def _help_of(help_text: str, option: str) -> str:
+    """The help entry of ``option``, its lines joined."""
+    for entry in re.split(r"\n(?=  -)", help_text):
+        first = entry.strip().split("\n")[0]
+        if re.match(rf"{re.escape(option)}(\s|,|$)", first):
+            return " ".join(entry.split())
+    raise AssertionError(f"{option} is not in `dinofeat train --help`")
+
+
+@pytest.mark.parametrize("option", sorted(FINDINGS))
+def test_every_ablation_switch_is_in_train_help_with_the_paper_finding(train_help, option):
+    assert FINDINGS[option] in _help_of(train_help, option)
+
+
+def test_switch_values_are_the_documented_choices(train_help):
+    assert "{center,batch_softmax,sinkhorn,none}" in _help_of(train_help, "--collapse")
+    assert "{momentum,prev_epoch,prev_iter}" in _help_of(train_help, "--teacher")
+    assert "{ce,mse}" in _help_of(train_help, "--loss")
+    for flag in ("--no-sharpen", "--no-l2-bottleneck", "--predictor", "--use-bn-in-head"):
+        assert flag in train_help
+
+
+def test_training_doc_has_the_ablation_table():
+    text = (ROOT / "docs" / "training.md").read_text()
+    assert "## Ablation switches" in text
+    section = text.split("## Ablation switches", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `--")]
+    documented = " ".join(r.split("|")[1] for r in rows)
+    for option in ("--collapse", "--sharpen", "--teacher-temp", "--center-momentum",
+                   "--teacher", "--loss", "--predictor", "--use-bn-in-head", "--head-layers",
+                   "--l2-bottleneck", "--out-dim", "--local-crops-number"):
+        assert f"`{option}`" in documented, option
+    for row in rows:  # three columns: switch, values, finding (non-empty)
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        assert len(cells) == 3 and all(cells), row
+
+
+# ------------------------------------------------------------------ switch mathematics
+def test_head_without_l2_bottleneck_feeds_the_raw_mlp_output():
+    torch.manual_seed(0)
+    x = torch.randn(6, 12) * 5
+    on = DINOHead(12, 20, nlayers=3, hidden_dim=16, bottleneck_dim=8)
+    off = DINOHead(12, 20, nlayers=3, hidden_dim=16, bottleneck_dim=8, l2_bottleneck=False)
+    off.load_state_dict(on.state_dict())
+    z = on.mlp(x)
+    torch.testing.assert_close(off.bottleneck(x), z)
+    torch.testing.assert_close(on.bottleneck(x), z / z.norm(dim=1, keepdim=True))
+    v = on.last_layer.weight_v.detach()
+    w = v / v.norm(dim=1, keepdim=True)            # norm_last_layer: unit rows
+    torch.testing.assert_close(off(x), z @ w.T)
+    # with the bottleneck every logit is a cosine; without it the scale follows the input
+    assert on(x).abs().max() <= 1 + 1e-5
+    assert off(x * 1000).abs().max() > 1
+
+
+def test_no_sharpen_teacher_is_the_student_temperature_softmax_of_centred_outputs():
+    torch.manual_seed(1)
+    k, b = 16, 4
+    loss = DINOLoss(k, 2, 0.04, 0.04, 0, 10, student_temp=0.1, sharpen=False)
+    c = torch.randn(1, k) * 0.3
+    loss.center.copy_(c)
+    t = torch.randn(2 * b, k)
+    torch.testing.assert_close(loss.teacher_distribution(t, 0), torch.softmax((t - c) / 0.1, -1))
+    sharp = DINOLoss(k, 2, 0.04, 0.04, 0, 10, student_temp=0.1)
+    sharp.center.copy_(c)
+    ent = lambda p: float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())  # noqa: E731
+    assert ent(sharp.teacher_distribution(t, 0)) < ent(loss.teacher_distribution(t, 0))
+
+
+def test_sharpening_alone_drives_the_batch_to_one_prototype_and_centering_alone_to_uniform():
+    """The two collapse modes of the paper (section 5.3), on the loss's own teacher
+    distribution: a teacher whose outputs share a dominant dimension gives every image the
+    same one-hot target without centering; centring removes it, and without sharpening the
+    remaining small differences give a nearly uniform target."""
+    torch.manual_seed(2)
+    k, b = 64, 32
+    t = torch.randn(2 * b, k) * 0.01
+    t[:, 5] += 1.0                                  # a dimension that dominates every image
+    none = DINOLoss(k, 2, 0.04, 0.04, 0, 10, collapse="none")
+    p = none.teacher_distribution(t, 0)
+    assert float(p[:, 5].min()) > 0.99                  # one prototype for everyone
+    center = DINOLoss(k, 2, 0.04, 0.04, 0, 10, sharpen=False)
+    center.center.copy_(t.mean(0, keepdim=True))
+    q = center.teacher_distribution(t, 0)
+    ent = float(-(q * q.log()).sum(-1).mean())
+    assert ent > 0.99 * math.log(k)                     # uniform
+    mon = CollapseMonitor(k)
+    mon.update(teacher_stats(t, None, 0.04))
+    assert "single-prototype" in mon.end_epoch()["collapse_reason"]
+    mon.update(teacher_stats(t, center.center, 0.1))
+    assert "uniform" in mon.end_epoch()["collapse_reason"]
+
+
+# ------------------------------------------------------------------ the benchmark grid
+def _cfg(a: ab.Ablation, tmp_path) -> TrainConfig:
+    return ab.run_config(a, steps=20, chunks=4, data=tmp_path, output_dir=tmp_path / "o",
+                         mean=0.3, std=0.35)
+
+
+def test_grid_runs_change_only_their_switch(tmp_path):
+    base = _cfg(ab.GRID_BY_NAME["dino"], tmp_path).to_dict()
+    assert base["arch"] == "vit_mini7" and base["patch_size"] == 7 and base["hidden_dim"] == 512
+    assert base["max_iters_per_epoch"] == 5 and base["epochs"] == 4
+    # DINO's own collapse avoidance in the reference run
+    assert (base["teacher"], base["collapse"], base["sharpen"], base["loss"]) == \
+        ("momentum", "center", True, "ce")
+    names = [a.name for a in ab.GRID]
+    assert len(set(names)) == len(names)
+    for a in ab.GRID:
+        assert a.expect in ("works", "collapses")
+        d = _cfg(a, tmp_path).to_dict()
+        changed = {k for k in d if d[k] != base[k]}
+        want = {k for k, v in a.options.items()
+                if (list(v) if isinstance(v, tuple) else v) != base[k]}
+        assert changed == want, a.name
+    core = [a.name for a in ab.GRID if not a.extended]
+    assert {"no_momentum", "teacher_temp_0.08", "center_momentum_0.999", "centering_only",
+            "sharpening_only", "no_multicrop", "dino"} <= set(core)
+
+
+def test_config_key_ignores_paths_and_sees_options(tmp_path):
+    a = ab.GRID_BY_NAME["dino"]
+    k1 = ab.config_key(_cfg(a, tmp_path))
+    k2 = ab.config_key(ab.run_config(a, steps=20, chunks=4, data=tmp_path / "x",
+                                     output_dir=tmp_path / "y", mean=0.3, std=0.35))
+    k3 = ab.config_key(_cfg(ab.GRID_BY_NAME["sharpening_only"], tmp_path))
+    assert k1 == k2 != k3
+
+
+def _fake_result(name: str, top1: float, flagged: bool, n_steps: int = 4) -> dict:
+    a = ab.GRID_BY_NAME[name]
+    it = list(range(0, 5 * n_steps, 5))
+    return {"name": name, "switch": a.switch, "options": a.options, "expect": a.expect,
+            "paper": a.paper, "knn": {"top1": top1, "top5": min(100.0, top1 + 20)},
+            "train_seconds": 60.0,
+            "monitor": {"collapsed": flagged, "reason": "uniform collapse: x" if flagged
+                        else None, "first_flagged_chunk": 1 if flagged else None,
+                        "flagged_chunks": [1] if flagged else []},
+            "chunks_summary": [{"epoch": 0, "entropy_frac": 0.8, "batch_entropy_frac": 0.9,
+                                "collapsed": False},
+                               {"epoch": 1, "entropy_frac": 1.0 if flagged else 0.8,
+                                "batch_entropy_frac": 0.9, "collapsed": flagged}],
+            "curves": {"iteration": it, "loss": [1.0] * n_steps,
+                       "entropy_frac": list(np.linspace(0.8, 1.0 if flagged else 0.7, n_steps)),
+                       "batch_entropy_frac": [0.9] * n_steps, "teacher_std": [0.1] * n_steps},
+            "config": {"batch_size_per_gpu": 64}}
+
+
+def _fake_grid(**override) -> dict:
+    spec = {"dino": (75.0, False), "no_momentum": (12.0, True),
+            "teacher_temp_0.08": (40.0, True), "center_momentum_0.999": (30.0, True),
+            "centering_only": (50.0, True), "sharpening_only": (20.0, True),
+            "no_multicrop": (70.0, False)}
+    spec.update(override)
+    return {n: _fake_result(n, *v) for n, v in spec.items()}
+
+
+def test_verdicts_and_claims():
+    random_top1 = 60.0
+    runs = _fake_grid()
+    claims = {c["claim"]: c["agrees"] for c in ab.check_claims(runs, random_top1)}
+    assert len(claims) == 7 and all(claims.values())
+    # a run the paper expects to collapse, not flagged but below the untrained network:
+    # collapsed by k-NN, and the monitor claim fails
+    runs = _fake_grid(center_momentum_0999=None) if False else _fake_grid(
+        **{"center_momentum_0.999": (30.0, False)})
+    v = ab.verdict(runs["center_momentum_0.999"], runs["dino"], random_top1)
+    assert v == {"observed": "collapsed", "agrees": True, "monitor_flagged": False,
+                 "below_random_weights": True, "knn_minus_dino": -45.0}
+    claims = {c["claim"]: c["agrees"] for c in ab.check_claims(runs, random_top1)}
+    assert not claims["the collapse monitor flags every collapsed run (and no working one)"]
+    # a working run flagged by the monitor disagrees with the paper
+    runs = _fake_grid(dino=(75.0, True))
+    assert not ab.verdict(runs["dino"], runs["dino"], random_top1)["agrees"]
+    # multi-crop not better: the claim fails; missing runs drop their claims
+    runs = _fake_grid(no_multicrop=(80.0, False))
+    claims = {c["claim"]: c["agrees"] for c in ab.check_claims(runs, random_top1)}
+    assert not claims["multi-crop improves k-NN (same number of steps)"]
+    only = {"dino": runs["dino"]}
+    assert [c["claim"] for c in ab.check_claims(only, random_top1)][0].startswith("DINO")
+    assert len(ab.check_claims(only, random_top1)) == 2  # DINO works + the monitor claim
+
+
+def test_docs_section_is_replaced_in_place_and_plot_is_small(tmp_path):
+    runs = _fake_grid()
+    base = {"random_weights": 60.0, "random_weights_top5": 90.0, "raw_pixels": 80.0,
+            "chance": 10.5}
+    res_all = {"date": "2026-01-01 00:00",
+               "settings": {"steps": 20, "chunks": 4, "batch": 64, "train_images": 1000,
+                            "test": 200, "seed": 0, "jobs": 2, "threads_per_run": 1,
+                            "epochs_of_data": 1.28, "cpu_overrides": ab.CPU_OVERRIDES},
+               "baselines": base, "runs": runs,
+               "verdicts": {n: ab.verdict(r, runs["dino"], 60.0) for n, r in runs.items()},
+               "claims": ab.check_claims(runs, 60.0),
+               "machine": {"cores": 2, "cpu": "Test CPU @ 1GHz", "gpu": None},
+               "load_start": [1.0, 2.0, 3.0], "load_end": [1.0, 2.5, 3.0],
+               "total_seconds": 600.0}
+    text = ab.markdown(res_all)
+    assert text.startswith(ab.BEGIN) and text.endswith(ab.END)
+    assert "| no_momentum |" in text and "**12.0**" in text and "reproduced" in text
+    doc = tmp_path / "benchmarks.md"
+    other = "<!-- other:begin -->\n## Other\nkeep me\n<!-- other:end -->"
+    doc.write_text(f"# Benchmarks\n\n{other}\n\n{ab.BEGIN}\nold\n{ab.END}\n\ntail\n")
+    ab.write_docs_section(text, doc)
+    new = doc.read_text()
+    assert other in new and new.endswith("tail\n") and "\nold\n" not in new
+    assert new.count(ab.BEGIN) == 1 and "| dino |" in new
+    fresh = tmp_path / "fresh.md"
+    ab.write_docs_section(text, fresh)
+    assert fresh.read_text().startswith("# Benchmarks\n\n" + ab.BEGIN)
+    png = ab.plot(res_all, tmp_path / "img.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
+    json.dumps(res_all)  # the results file is plain JSON
+
+
+def test_one_grid_run_end_to_end(tmp_path):
+    """Two steps of the sharpening-only run on 64 synthetic photos: training, monitor
+    verdicts per chunk, reloading the teacher, k-NN, the saved result."""
+    from dinofeat.datasets import export_image_folder
+    rng = np.random.default_rng(0)
+    x = (rng.random((64, 28, 28)) * 255).astype(np.uint8)
+    y = np.arange(64) % 10
+    data = export_image_folder(x, None, tmp_path / "png")
+    split = ab.Split(np.arange(64), np.arange(16), x, y, x[:16], y[:16], 0.5, 0.3, data)
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = ab.run_one(ab.GRID_BY_NAME["sharpening_only"], split, tmp_path, steps=2,
+                         chunks=2)
+    assert res["steps"] == 2 and res["chunks"] == 2 and len(res["chunks_summary"]) == 2
+    assert res["config"]["collapse"] == "none"
+    assert 0 <= res["knn"]["top1"] <= 100 and res["knn"]["bank"] == 64
+    assert res["monitor"]["collapsed"] == res["chunks_summary"][-1]["collapsed"]
+    assert len(res["curves"]["iteration"]) == len(res["curves"]["entropy_frac"]) >= 2
+    saved = json.loads((tmp_path / "sharpening_only" / "result.json").read_text())
+    assert saved["config_key"] == res["config_key"]
+    cfg = ab.run_config(ab.GRID_BY_NAME["sharpening_only"], steps=2, chunks=2, data=data,
+                        output_dir=tmp_path / "elsewhere", mean=0.5, std=0.3)
+    assert ab.cached_result(tmp_path, ab.GRID_BY_NAME["sharpening_only"], cfg) is not None
