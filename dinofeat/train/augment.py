@@ -118,7 +118,7 @@ class MultiCropAugmentation:
         """The augmentation a :class:`~dinofeat.train.config.TrainConfig` describes."""
         return cls(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
                    cfg.global_crop_size, cfg.local_crop_size, mean=cfg.mean, std=cfg.std,
-                   grayscale=cfg.grayscale)
+                   grayscale=cfg.grayscale, blur_sigma=cfg.blur_sigma)
 
     @property
     def ncrops(self) -> int:

@@ -152,6 +152,10 @@ class TrainConfig:
                                                   "local crops")
     global_crop_size: int = _opt(224, "side of the global crops in pixels")
     local_crop_size: int = _opt(96, "side of the local crops in pixels")
+    blur_sigma: tuple[float, float] = _opt((0.1, 2.0), "range of the Gaussian blur's sigma, "
+                                           "in pixels of the output crop (the release's, "
+                                           "for 224/96-px crops; scale it down with the "
+                                           "crop size for small images)")
     grayscale: bool = _opt(False, "convert images to one channel repeated three times "
                            "(grayscale data such as Fashion-MNIST)")
     mean: tuple[float, float, float] = _opt(IMAGENET_MEAN, "per-channel normalisation mean")
@@ -180,7 +184,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------ behaviour
     def __post_init__(self) -> None:
-        for name in ("global_crops_scale", "local_crops_scale", "mean", "std"):
+        for name in ("global_crops_scale", "local_crops_scale", "blur_sigma", "mean", "std"):
             value = getattr(self, name)
             if isinstance(value, list):
                 setattr(self, name, tuple(value))
@@ -372,6 +376,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise bad(name, f"must lie in [0, 1], got {v}")
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi:
+            raise bad("blur_sigma", f"need 0 < min <= max, got ({lo}, {hi})")
         for name in ("global_crops_scale", "local_crops_scale"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:
@@ -695,7 +702,7 @@ _SECTIONS.update({name: "teacher, loss and ablations" for name in (
     "sinkhorn_iters", "loss")})
 _SECTIONS.update({name: "multi-crop augmentation" for name in (
     "global_crops_scale", "local_crops_number", "local_crops_scale", "global_crop_size",
-    "local_crop_size", "grayscale", "mean", "std")})
+    "local_crop_size", "blur_sigma", "grayscale", "mean", "std")})
 _SECTIONS.update({name: "data, output and logging" for name in (
     "data", "output_dir", "resume", "resume_from", "saveckp_freq", "save_every_iters",
     "num_workers", "log_every", "tensorboard", "knn_eval_data", "knn_eval_every", "device")})
