@@ -346,7 +346,11 @@ class OnnxModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no such ONNX file: {self.path}")
-        proto = onnx.load(str(self.path), load_external_data=False)
+        try:
+            proto = onnx.load(str(self.path), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
+            raise ValueError(f"{self.path}: not a readable ONNX file (truncated or not "
+                             f"ONNX?): {type(e).__name__}: {e}") from None
         meta = {p.key: p.value for p in proto.metadata_props}
         if "dinofeat" not in meta:
             raise ValueError(f"{self.path}: ONNX file without dinofeat metadata (write it "

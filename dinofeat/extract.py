@@ -120,8 +120,12 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     if path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from None
+        except (ValueError, EOFError, OSError) as e:
+            raise ValueError(f"{path}: not a plain numeric .npy array ({type(e).__name__}: "
+                             f"{e})") from None
+        if not isinstance(arr, np.ndarray):  # a zip (.npz) archive, read lazily: refuse
+            arr.close()
+            raise ValueError(f"{path}: a zip archive (.npz or other), not a .npy array")
         side = sidecar_path(path)
         if not side.is_file():
             raise FileNotFoundError(f"{path}: its paths file {side.name} is missing")
@@ -135,14 +139,21 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
                 if "features" not in f.keys():
                     raise ValueError(f"{path}: no 'features' tensor (has {list(f.keys())})")
                 feats = f.get_tensor("features").float()
-        except (OSError, RuntimeError) as e:
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - SafetensorError is no OSError/RuntimeError
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
         if "dinofeat" not in meta:
             raise ValueError(f"{path}: no dinofeat metadata (paths) in the file")
-        info = json.loads(meta["dinofeat"])
+        try:
+            info = json.loads(meta["dinofeat"])
+        except ValueError as e:
+            raise ValueError(f"{path}: damaged dinofeat metadata ({e})") from None
         if "paths_file" in info:
             info = _read_json(path.with_name(info["paths_file"]))
-    paths = info.get("paths")
+    if feats.ndim != 2:
+        raise ValueError(f"{path}: features must be [N, D], got shape {tuple(feats.shape)}")
+    paths = info.get("paths") if isinstance(info, dict) else None
     if not isinstance(paths, list) or len(paths) != feats.shape[0]:
         raise ValueError(f"{path}: {feats.shape[0]} feature rows but "
                          f"{len(paths) if isinstance(paths, list) else 'no'} paths")
@@ -155,7 +166,7 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"missing metadata file {path}") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path}: damaged JSON ({e})") from None
 
 

@@ -255,10 +255,17 @@ class DinoModel(nn.Module):
         (``n_last_blocks``/``avgpool`` inferred from its width unless given). Checks that
         the head fits this model's features; returns the head."""
         from .eval.linear import LinearProbe
+        source = None
         if not isinstance(head, LinearProbe):
+            source = head
             head = LinearProbe.load(head, embed_dim=self.embed_dim, n_last_blocks=n_last_blocks,
                                     avgpool=avgpool, class_names=class_names)
-        head.check_model(self)
+        try:
+            head.check_model(self)
+        except ValueError as e:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {e}") from None
         self.classifier = head.to(self.device).eval()
         return head
 

@@ -126,7 +126,7 @@ class Whitening:
                 with safe_open(str(path), framework="pt") as f:
                     d = json.loads((f.metadata() or {}).get("dinofeat_whitening", "{}"))
                     t = {k: f.get_tensor(k) for k in ("mean", "projection", "eigenvalues")}
-        except (KeyError, ValueError, OSError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - safetensors/JSON errors of any kind
             raise ValueError(f"{path}: not a dinofeat whitening file ({type(e).__name__}: "
                              f"{e})") from None
         if d.get("format") != WHITENING_FORMAT:
