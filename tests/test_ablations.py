@@ -151,6 +151,37 @@ def test_sharpening_alone_drives_the_batch_to_one_prototype_and_centering_alone_
     assert "uniform" in mon.end_epoch()["collapse_reason"]
 
 
+def test_monitor_flags_an_image_independent_teacher_that_swings_between_extremes():
+    """The no-momentum collapse seen in benchmarks/ablations.py: every image gets the same
+    teacher distribution, one-hot at some steps and nearly uniform at others, so the
+    epoch's mean entropies sit at neither extreme and the outputs still vary (relative std
+    far above 1e-3); only the KL criterion catches it. A teacher whose distributions depend
+    on the image is not flagged."""
+    torch.manual_seed(3)
+    k, b, temp = 1024, 32, 0.04
+    log_k = math.log(k)
+    spike = torch.zeros(b, k)
+    spike[:, 7] = 1.0
+    one_hot_step = teacher_stats(spike + 0.005 * torch.randn(b, k), None, temp)
+    uniform_step = teacher_stats(0.001 * torch.randn(b, k), None, temp)
+    mon = CollapseMonitor(k)
+    for s in (one_hot_step, uniform_step, one_hot_step, uniform_step):
+        mon.update(s)
+    judged = mon.end_epoch()
+    assert 0.2 * log_k < judged["teacher_entropy"] < 0.8 * log_k
+    assert 0.2 * log_k < judged["teacher_batch_entropy"] < 0.8 * log_k
+    assert judged["teacher_std"] > 0.1
+    assert judged["teacher_kl"] < 0.01 * log_k
+    assert judged["collapsed"] and "image-independent" in judged["collapse_reason"]
+    # the same monitor without the KL criterion misses it
+    assert CollapseMonitor(k, min_kl_fraction=0.0).check(judged) is None
+    # distributions that depend on the image: kept
+    working = teacher_stats(0.05 * torch.randn(b, k), None, temp)
+    assert working["teacher_kl"] > 0.05 * log_k
+    mon.update(working)
+    assert mon.end_epoch()["collapsed"] is False
+
+
 # ------------------------------------------------------------------ the benchmark grid
 def _cfg(a: ab.Ablation, tmp_path) -> TrainConfig:
     return ab.run_config(a, steps=20, chunks=4, data=tmp_path, output_dir=tmp_path / "o",
