@@ -197,6 +197,7 @@ def ann_part(n: int, dim: int, args, centers) -> dict:
     builds = {"Flat": ("exact", []), "IVF256,Flat": ("nprobe", [1, 4, 16, 64]),
               "IVF1024,Flat": ("nprobe", [1, 4, 16, 64]),
               f"IVF1024,{pq}": ("nprobe", [4, 16, 64]),
+              "IVF1024,SQ8": ("nprobe", [4, 16, 64]),
               "HNSW16": ("efSearch", [16, 64, 256]), "HNSW32": ("efSearch", [16, 64, 256])}
     indexes, info = {}, {}
     for factory, (param, values) in builds.items():

@@ -1204,6 +1204,8 @@ class KNNIndex:
         if label_of is None and self.has_labels and plan_doc["new"]:
             raise ValueError("this index has labels: pass labels= for the new images")
         self.build_state.update(complete=False)
+        if self.dim is None and self.factory == "auto" and self.expected_size is None:
+            self.expected_size = len(plan_doc["new"])
         if plan_doc["new"]:
             manifest = json.loads((shard_dir / "manifest.json").read_text())
             for k, _ in enumerate(shard_ranges(len(plan_doc["new"]), manifest["shard_size"])):

@@ -522,6 +522,7 @@ def test_cli_build_info_search_add(photo_dir, tmp_path, capsys):
     assert "no such index" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_build_the_same_index(photo_dir, tmp_path):
     """`torchrun --nproc_per_node 2 -m dinofeat index build` (gloo, CPU) gives the index
     one process builds: same items in the same order, same vectors."""
