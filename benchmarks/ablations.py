@@ -219,7 +219,7 @@ def run_one(ablation: Ablation, split: Split, work: Path, *, steps: int, chunks:
     chunks_out = [{"epoch": h["epoch"], "loss": h["loss"],
                    "entropy_frac": h.get("teacher_entropy", float("nan")) / log_k,
                    "batch_entropy_frac": h.get("teacher_batch_entropy", float("nan")) / log_k,
-                   "teacher_std": h.get("teacher_std"),
+                   "teacher_std": h.get("teacher_std"), "teacher_kl": h.get("teacher_kl"),
                    "collapsed": h["collapsed"], "reason": h["collapse_reason"]}
                   for h in result.history]
     flagged = [c["epoch"] for c in chunks_out if c["collapsed"]]
@@ -240,57 +240,73 @@ def run_one(ablation: Ablation, split: Split, work: Path, *, steps: int, chunks:
 
 
 # ------------------------------------------------------------------ verdicts
+def knn_floor(baselines: dict[str, float]) -> float:
+    """k-NN top-1 below which a run's features count as collapsed: halfway between chance
+    and the untrained network (the features lost most of what even random weights give)."""
+    return 0.5 * (baselines["chance"] + baselines["random_weights"])
+
+
 def verdict(res: dict[str, Any], reference: dict[str, Any] | None,
-            random_top1: float) -> dict[str, Any]:
+            baselines: dict[str, float]) -> dict[str, Any]:
     """Does one run behave as the paper says?
 
-    Observed outcome: ``"collapsed"`` when the training's collapse monitor flagged the
-    last chunk, or when the k-NN top-1 fell below that of the *untrained* network (a run
-    that learnt nothing useful and lost what the random features had); else ``"works"``.
-    ``agrees``: the observed outcome is the paper's (``expect``)."""
+    ``observed`` is the training's own collapse verdict: ``"collapsed"`` when the collapse
+    monitor flagged the last chunk, else ``"works"``; ``agrees``: it is the paper's outcome.
+    ``knn_collapsed`` is the independent evidence of the features: k-NN top-1 below
+    :func:`knn_floor`."""
     top1 = res["knn"]["top1"]
-    flagged = bool(res["monitor"]["collapsed"])
-    below_random = top1 < random_top1
-    observed = "collapsed" if (flagged or below_random) else "works"
+    observed = "collapsed" if res["monitor"]["collapsed"] else "works"
     expected = "collapsed" if res["expect"] == "collapses" else "works"
     out = {"observed": observed, "agrees": observed == expected,
-           "monitor_flagged": flagged, "below_random_weights": below_random}
+           "knn_collapsed": top1 < knn_floor(baselines),
+           "below_untrained": top1 < baselines["random_weights"]}
     if reference is not None and res["name"] != reference["name"]:
         out["knn_minus_dino"] = top1 - reference["knn"]["top1"]
     return out
 
 
-def check_claims(results: dict[str, dict[str, Any]], random_top1: float) -> list[dict[str, Any]]:
+def check_claims(results: dict[str, dict[str, Any]],
+                 baselines: dict[str, float]) -> list[dict[str, Any]]:
     """The issue's qualitative claims, each with the runs it rests on and whether the
     measurements agree. Claims whose runs are missing are left out."""
-    def v(name):
-        return verdict(results[name], results.get("dino"), random_top1)
+    def observed(name):
+        return verdict(results[name], results.get("dino"), baselines)["observed"]
 
     claims = []
 
     def claim(text, names, ok):
-        if all(n in results for n in names):
+        if names and all(n in results for n in names):
             claims.append({"claim": text, "runs": names, "agrees": bool(ok())})
 
     claim("DINO (momentum teacher, centering + sharpening) does not collapse", ["dino"],
-          lambda: v("dino")["observed"] == "works")
+          lambda: observed("dino") == "works")
     claim("no momentum teacher (teacher = student of the previous iteration) collapses",
-          ["no_momentum"], lambda: v("no_momentum")["observed"] == "collapsed")
+          ["no_momentum"], lambda: observed("no_momentum") == "collapsed")
     claim("a constant teacher temperature of 0.08 collapses", ["teacher_temp_0.08"],
-          lambda: v("teacher_temp_0.08")["observed"] == "collapsed")
+          lambda: observed("teacher_temp_0.08") == "collapsed")
     claim("centre momentum 0.999 collapses", ["center_momentum_0.999"],
-          lambda: v("center_momentum_0.999")["observed"] == "collapsed")
+          lambda: observed("center_momentum_0.999") == "collapsed")
     claim("centering alone collapses, sharpening alone collapses, both together work",
           ["centering_only", "sharpening_only", "dino"],
-          lambda: (v("centering_only")["observed"] == "collapsed"
-                   and v("sharpening_only")["observed"] == "collapsed"
-                   and v("dino")["observed"] == "works"))
+          lambda: (observed("centering_only") == "collapsed"
+                   and observed("sharpening_only") == "collapsed"
+                   and observed("dino") == "works"))
     claim("multi-crop improves k-NN (same number of steps)", ["dino", "no_multicrop"],
           lambda: results["dino"]["knn"]["top1"] > results["no_multicrop"]["knn"]["top1"])
-    claim("the collapse monitor flags every collapsed run (and no working one)",
-          [n for n in results],
-          lambda: all(results[n]["monitor"]["collapsed"] == (v(n)["observed"] == "collapsed")
-                      for n in results))
+    collapsing = [n for n in results if results[n]["expect"] == "collapses"]
+    claim("the runs the paper expects to collapse have a lower k-NN than DINO",
+          ["dino", *collapsing] if collapsing else [],
+          lambda: all(results[n]["knn"]["top1"] < results["dino"]["knn"]["top1"]
+                      for n in collapsing))
+    claim("the runs the paper expects to collapse fall to near-chance k-NN (below halfway "
+          "from the untrained network to chance)", collapsing,
+          lambda: all(results[n]["knn"]["top1"] < knn_floor(baselines) for n in collapsing))
+    claim("the collapse monitor flags every run whose k-NN fell to near chance, and no run "
+          "the paper expects to work", list(results),
+          lambda: all(results[n]["monitor"]["collapsed"] for n in results
+                      if results[n]["knn"]["top1"] < knn_floor(baselines))
+          and not any(results[n]["monitor"]["collapsed"] for n in results
+                      if results[n]["expect"] == "works"))
     return claims
 
 
@@ -377,8 +393,9 @@ def table(res_all: dict[str, Any]) -> list[str]:
     """Markdown rows of the result table."""
     base = res_all["baselines"]
     rows = ["| run | switch | paper | k-NN top-1 | top-5 | teacher entropy / log K | "
-            "batch-mean entropy / log K | monitor | observed | agrees |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "batch-mean entropy / log K | teacher KL (nats) | monitor (last chunk) | "
+            "agrees with the paper | k-NN near chance |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res_all["runs"].items():
         v = res_all["verdicts"][name]
         last = r["chunks_summary"][-1]
@@ -389,14 +406,17 @@ def table(res_all: dict[str, Any]) -> list[str]:
             mtxt = f"ok at the end (flagged chunks {[c + 1 for c in mon['flagged_chunks']]})"
         else:
             mtxt = "ok"
+        kl = last.get("teacher_kl")
         rows.append(f"| {name} | {r['switch']} | {r['paper']} | **{r['knn']['top1']:.1f}** | "
                     f"{r['knn']['top5']:.1f} | {last['entropy_frac']:.3f} | "
-                    f"{last['batch_entropy_frac']:.3f} | {mtxt} | {v['observed']} | "
-                    f"{'yes' if v['agrees'] else '**no**'} |")
+                    f"{last['batch_entropy_frac']:.3f} | "
+                    f"{'' if kl is None else f'{kl:.2g}'} | {mtxt} | "
+                    f"{'yes' if v['agrees'] else '**no**'} | "
+                    f"{'yes' if v['knn_collapsed'] else 'no'} |")
     rows.append(f"| (untrained network) | DINO's random initialisation | | "
-                f"{base['random_weights']:.1f} | {base['random_weights_top5']:.1f} | | | | | |")
+                f"{base['random_weights']:.1f} | {base['random_weights_top5']:.1f} | | | | | | |")
     rows.append(f"| (raw pixels) | L2-normalised pixels | | {base['raw_pixels']:.1f} | | | | "
-                "| | |")
+                "| | | |")
     return rows
 
 
@@ -420,13 +440,17 @@ def markdown(res_all: dict[str, Any]) -> str:
              "accuracies (ViT-S/16, 300 ImageNet epochs); the paper's numbers are quoted for "
              "the direction of each effect.", "",
              *table(res_all), "",
-             "*teacher entropy / log K*: mean entropy of the teacher's distributions over the "
-             "last chunk (1 = uniform collapse); *batch-mean entropy / log K*: entropy of "
-             "their batch average (0 = every image on one prototype). *monitor*: the verdict "
-             "of `dinofeat.train.monitor.CollapseMonitor` (the `collapsed` flag of the run's "
-             "`log.jsonl` and `TrainResult`) for the last chunk, with the first chunk it "
-             "flagged. *observed*: collapsed when the monitor flags the last chunk or the "
-             "k-NN falls below the untrained network's.", "", "Claims:", ""]
+             "Means over the last chunk: *teacher entropy / log K* of the teacher's "
+             "distributions (1 = uniform collapse); *batch-mean entropy / log K*, the entropy "
+             "of their batch average (0 = every image on one prototype); *teacher KL*, the "
+             "mean KL divergence between each image's distribution and the batch average "
+             "(0 = the teacher ignores the image: the paper's sign of collapse). *monitor*: "
+             "the verdict of `dinofeat.train.monitor.CollapseMonitor` (the `collapsed` flag "
+             "of the run's `log.jsonl` and of `TrainResult`) on the last chunk, with the "
+             "first chunk it flagged; *agrees*: that verdict is the paper's outcome. *k-NN "
+             "near chance*: top-1 below halfway between chance and the untrained network "
+             f"({knn_floor(res_all['baselines']):.1f}%), independent evidence that the "
+             "features collapsed.", "", "Claims:", ""]
     for c in res_all["claims"]:
         lines.append(f"- {'reproduced' if c['agrees'] else '**not reproduced**'}: {c['claim']}")
     times = [r["train_seconds"] for r in res_all["runs"].values()]
@@ -501,8 +525,7 @@ def plot(res_all: dict[str, Any], path: Path) -> Path:
 
 def aggregate(results: dict[str, dict], base: dict[str, float], args, split: Split,
               extra: dict[str, Any]) -> dict[str, Any]:
-    verdicts = {n: verdict(r, results.get("dino"), base["random_weights"])
-                for n, r in results.items()}
+    verdicts = {n: verdict(r, results.get("dino"), base) for n, r in results.items()}
     any_run = next(iter(results.values()))
     cfg = any_run["config"]
     return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -514,7 +537,7 @@ def aggregate(results: dict[str, dict], base: dict[str, float], args, split: Spl
                          len(split.train_idx),
                          "cpu_overrides": CPU_OVERRIDES},
             "baselines": base, "runs": results, "verdicts": verdicts,
-            "claims": check_claims(results, base["random_weights"]), **extra}
+            "claims": check_claims(results, base), **extra}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,9 +228,11 @@ def _fake_result(name: str, top1: float, flagged: bool, n_steps: int = 4) -> dic
                         else None, "first_flagged_chunk": 1 if flagged else None,
                         "flagged_chunks": [1] if flagged else []},
             "chunks_summary": [{"epoch": 0, "entropy_frac": 0.8, "batch_entropy_frac": 0.9,
-                                "collapsed": False},
+                                "teacher_kl": 0.4, "collapsed": False},
                                {"epoch": 1, "entropy_frac": 1.0 if flagged else 0.8,
-                                "batch_entropy_frac": 0.9, "collapsed": flagged}],
+                                "batch_entropy_frac": 0.9,
+                                "teacher_kl": 0.001 if flagged else 0.4,
+                                "collapsed": flagged}],
             "curves": {"iteration": it, "loss": [1.0] * n_steps,
                        "entropy_frac": list(np.linspace(0.8, 1.0 if flagged else 0.7, n_steps)),
                        "batch_entropy_frac": [0.9] * n_steps, "teacher_std": [0.1] * n_steps},
@@ -239,50 +241,67 @@ def _fake_result(name: str, top1: float, flagged: bool, n_steps: int = 4) -> dic
 
 def _fake_grid(**override) -> dict:
     spec = {"dino": (75.0, False), "no_momentum": (12.0, True),
-            "teacher_temp_0.08": (40.0, True), "center_momentum_0.999": (30.0, True),
-            "centering_only": (50.0, True), "sharpening_only": (20.0, True),
+            "teacher_temp_0.08": (25.0, True), "center_momentum_0.999": (30.0, True),
+            "centering_only": (15.0, True), "sharpening_only": (20.0, True),
             "no_multicrop": (70.0, False)}
     spec.update(override)
     return {n: _fake_result(n, *v) for n, v in spec.items()}
 
 
+BASE = {"random_weights": 60.0, "random_weights_top5": 90.0, "raw_pixels": 80.0,
+        "chance": 10.0}
+
+
+def _claims(runs) -> dict[str, bool]:
+    return {c["claim"]: c["agrees"] for c in ab.check_claims(runs, BASE)}
+
+
 def test_verdicts_and_claims():
-    random_top1 = 60.0
-    runs = _fake_grid()
-    claims = {c["claim"]: c["agrees"] for c in ab.check_claims(runs, random_top1)}
-    assert len(claims) == 7 and all(claims.values())
-    # a run the paper expects to collapse, not flagged but below the untrained network:
-    # collapsed by k-NN, and the monitor claim fails
-    runs = _fake_grid(center_momentum_0999=None) if False else _fake_grid(
-        **{"center_momentum_0.999": (30.0, False)})
-    v = ab.verdict(runs["center_momentum_0.999"], runs["dino"], random_top1)
-    assert v == {"observed": "collapsed", "agrees": True, "monitor_flagged": False,
-                 "below_random_weights": True, "knn_minus_dino": -45.0}
-    claims = {c["claim"]: c["agrees"] for c in ab.check_claims(runs, random_top1)}
-    assert not claims["the collapse monitor flags every collapsed run (and no working one)"]
+    assert ab.knn_floor(BASE) == 35.0
+    claims = _claims(_fake_grid())
+    assert len(claims) == 9 and all(claims.values()), claims
+    v = ab.verdict(_fake_grid()["no_momentum"], _fake_grid()["dino"], BASE)
+    assert v == {"observed": "collapsed", "agrees": True, "knn_collapsed": True,
+                 "below_untrained": True, "knn_minus_dino": -63.0}
+    # expected to collapse, k-NN near chance, not flagged: disagrees, and the monitor
+    # claim fails
+    runs = _fake_grid(**{"center_momentum_0.999": (30.0, False)})
+    v = ab.verdict(runs["center_momentum_0.999"], runs["dino"], BASE)
+    assert v["observed"] == "works" and not v["agrees"] and v["knn_collapsed"]
+    claims = _claims(runs)
+    assert not claims["centre momentum 0.999 collapses"]
+    assert not claims["the collapse monitor flags every run whose k-NN fell to near chance, "
+                      "and no run the paper expects to work"]
+    # flagged collapse whose k-NN stays high (a short run): the monitor-based claim holds,
+    # the k-NN claims do not
+    claims = _claims(_fake_grid(no_momentum=(80.0, True)))
+    assert claims["no momentum teacher (teacher = student of the previous iteration) "
+                  "collapses"]
+    assert not claims["the runs the paper expects to collapse have a lower k-NN than DINO"]
+    assert not claims["the runs the paper expects to collapse fall to near-chance k-NN "
+                      "(below halfway from the untrained network to chance)"]
     # a working run flagged by the monitor disagrees with the paper
     runs = _fake_grid(dino=(75.0, True))
-    assert not ab.verdict(runs["dino"], runs["dino"], random_top1)["agrees"]
+    assert not ab.verdict(runs["dino"], None, BASE)["agrees"]
+    assert not _claims(runs)["DINO (momentum teacher, centering + sharpening) does not "
+                             "collapse"]
     # multi-crop not better: the claim fails; missing runs drop their claims
-    runs = _fake_grid(no_multicrop=(80.0, False))
-    claims = {c["claim"]: c["agrees"] for c in ab.check_claims(runs, random_top1)}
+    claims = _claims(_fake_grid(no_multicrop=(80.0, False)))
     assert not claims["multi-crop improves k-NN (same number of steps)"]
-    only = {"dino": runs["dino"]}
-    assert [c["claim"] for c in ab.check_claims(only, random_top1)][0].startswith("DINO")
-    assert len(ab.check_claims(only, random_top1)) == 2  # DINO works + the monitor claim
+    only = {"dino": _fake_grid()["dino"]}
+    assert [c["claim"][:4] for c in ab.check_claims(only, BASE)] == ["DINO", "the "]
 
 
 def test_docs_section_is_replaced_in_place_and_plot_is_small(tmp_path):
     runs = _fake_grid()
-    base = {"random_weights": 60.0, "random_weights_top5": 90.0, "raw_pixels": 80.0,
-            "chance": 10.5}
+    base = dict(BASE, chance=10.5)
     res_all = {"date": "2026-01-01 00:00",
                "settings": {"steps": 20, "chunks": 4, "batch": 64, "train_images": 1000,
                             "test": 200, "seed": 0, "jobs": 2, "threads_per_run": 1,
                             "epochs_of_data": 1.28, "cpu_overrides": ab.CPU_OVERRIDES},
                "baselines": base, "runs": runs,
-               "verdicts": {n: ab.verdict(r, runs["dino"], 60.0) for n, r in runs.items()},
-               "claims": ab.check_claims(runs, 60.0),
+               "verdicts": {n: ab.verdict(r, runs["dino"], base) for n, r in runs.items()},
+               "claims": ab.check_claims(runs, base),
                "machine": {"cores": 2, "cpu": "Test CPU @ 1GHz", "gpu": None},
                "load_start": [1.0, 2.0, 3.0], "load_end": [1.0, 2.5, 3.0],
                "total_seconds": 600.0}
