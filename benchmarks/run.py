@@ -668,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", default=None, help="markdown file to update (default "
                    "docs/benchmarks.md for full runs, none for --quick)")
     p.add_argument("--out", default=None, help="JSON results file")
+    p.add_argument("--train-batch", type=int, default=8, help="images per training step")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads for every implementation (default: torch's)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -708,9 +709,11 @@ def main(argv: list[str] | None = None) -> int:
                 "minutes": round((time.time() - t0) / 60, 1), "repeats": repeats}
         if isinstance(result, dict):
             result["run"] = info
-        else:
+        else:  # a list of per-model results: merged by model with earlier runs' ones
             for r in result:
                 r["run"] = info
+            new_models = {r["model"] for r in result}
+            result = [r for r in res.get(name, []) if r["model"] not in new_models] + result
         res[name] = result
         atomic_write_json(out, res)  # each section is kept as soon as it is done
 
@@ -730,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
             section("attention", lambda: bench_attention(repeats, 240 if quick else 480))
         if "train" in sections and DEVICE.type == "cpu":
             section("train", lambda: bench_train(
-                repeats, 2 if quick else 8, 2 if quick else 4, 4096,
+                repeats, 2 if quick else args.train_batch, 2 if quick else 4, 4096,
                 ("vit_tiny16",) if quick else tuple(TRAIN_ARCHS)))
         if "index" in sections:
             subprocess.run([sys.executable, str(HERE / "index.py"), "--sizes", "20000",
