@@ -943,14 +943,19 @@ class KNNIndex:
         """Read an index folder written by :meth:`save`, checking that its files agree
         (generation, counts, dimension, metric, ids)."""
         path = Path(path)
-        for attempt in range(3):  # a concurrent save may delete the files we were about to read
+        # A concurrent save commits a new header and then deletes the previous generation's
+        # files, possibly between our reading the header and opening them: read again
+        # while the generation keeps moving (a file missing from a stable one is an error).
+        attempts = 50
+        for attempt in range(attempts):
             header = cls.read_header(path)
             try:
                 return cls._load_generation(path, header, device)
             except FileNotFoundError:
-                if attempt == 2 or cls.read_header(path).get("generation") == \
+                if attempt == attempts - 1 or cls.read_header(path).get("generation") == \
                         header.get("generation"):
                     raise
+                time.sleep(0.001 * attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @classmethod
@@ -965,6 +970,9 @@ class KNNIndex:
             try:
                 return faiss.read_index(str(f))
             except RuntimeError as e:
+                if not f.exists():  # deleted by a concurrent save after the check above
+                    raise FileNotFoundError(f"{f}: missing (named by {path / HEADER_NAME})"
+                                            ) from None
                 raise IndexFormatError(f"{f}: not a readable faiss index (truncated or "
                                        f"corrupt?): {str(e).strip().splitlines()[-1]}") from None
 
