@@ -89,10 +89,20 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------ writing, reading
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous file."""
+    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous file.
+
+    A failed write (a full disk...) raises ``OSError`` naming the file and saying that the
+    previous checkpoint is kept; temporary files that an earlier process killed in the
+    middle of a write left behind are removed once a write succeeds."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(dict(state), tmp)
+    except OSError as e:
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint yet"
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e} ({kept})") from e
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
     return path
 
 

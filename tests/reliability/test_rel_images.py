@@ -231,7 +231,7 @@ def test_train_skips_counts_and_names_each_bad_file_once(zoo_dir, unreadable_by_
     root, files = zoo_dir
     readable, unreadable = _expect(files)
     n = len(readable) + len(unreadable)
-    cfg = TrainConfig(arch="vit_tiny16", out_dim=32, hidden_dim=32, bottleneck_dim=16,
+    cfg = TrainConfig(arch="vit_mini16", out_dim=32, hidden_dim=32, bottleneck_dim=16,
                       global_crop_size=32, local_crop_size=16, local_crops_number=1,
                       batch_size_per_gpu=5, epochs=1, warmup_epochs=0,
                       warmup_teacher_temp_epochs=0, num_workers=0, log_every=100,
