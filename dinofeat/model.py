@@ -423,8 +423,11 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
     arch = arch or (spec.name if spec else meta.get("arch"))
     interp = pos_embed_interp or (spec.pos_embed_interp if spec and spec.arch == "vit"
                                   else meta.get("pos_embed_interp", "dino"))
-    with torch.device("meta"):  # shapes only: every value comes from the file, no random init
-        backbone = _build_for_state(sd, arch, interp)
+    try:
+        with torch.device("meta"):  # shapes only: every value comes from the file, no random init
+            backbone = _build_for_state(sd, arch, interp)
+    except hub.CheckpointError as e:  # name the file
+        raise hub.CheckpointError(f"{path}: {e}") from None
     _load_strict(backbone, sd, str(path))
     if preprocessing is None and meta.get("preprocessing"):
         preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v

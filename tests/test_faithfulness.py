@@ -327,13 +327,17 @@ def measure(archs=("vit_s16", "vit_s8"), sizes=((224, 224), (480, 640))) -> list
                            eps12_cls64=_max_diff(e64_cls, r64_cls),
                            eps12_attn64=_max_diff(e64_attn, r64_attn),
                            cls_absmax=ref_cls.abs().max().item())
+                # every layer's attention is returned: only affordable for small grids
+                want_attn = (h // patch) * (w // patch) <= 2000
                 for eps, net in hf.items():
                     with torch.no_grad():
-                        out = net(pixel_values=x, output_attentions=True,
+                        out = net(pixel_values=x, output_attentions=want_attn,
                                   interpolate_pos_encoding=(h, w) != (224, 224))
                     tag = "hf6" if eps == 1e-6 else "hf12"
                     row[tag + "_cls"] = _max_diff(out.last_hidden_state[:, 0], ref_cls)
-                    row[tag + "_attn"] = _max_diff(out.attentions[-1], ref_attn)
+                    row[tag + "_attn"] = (_max_diff(out.attentions[-1], ref_attn) if want_attn
+                                          else float("nan"))
+                    del out
                 rows.append(row)
                 print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()},
                       flush=True)
