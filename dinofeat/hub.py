@@ -6,7 +6,8 @@ Where weights come from, in order (:func:`fetch_weights`):
    release file under its original name (for machines without network access);
 2. a file shipped inside the package (``dinofeat/weights/``);
 3. the Hugging Face hub (the timm copies, ``timm/vit_small_patch16_224.dino`` ...) through
-   ``huggingface_hub``: its cache, ``HF_HUB_OFFLINE`` and ``HF_HOME`` are honoured;
+   ``huggingface_hub``: its cache (:func:`hf_cache_dir`), ``HF_HUB_OFFLINE``,
+   ``HF_HUB_CACHE`` and ``HF_HOME`` are honoured, read when called;
 4. the original release URL through torch's hub cache (``$TORCH_HOME/hub/checkpoints``),
    its SHA-256 checked when the zoo knows it.
 
