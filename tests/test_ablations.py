@@ -324,26 +324,29 @@ def test_docs_section_is_replaced_in_place_and_plot_is_small(tmp_path):
 
 
 def test_one_grid_run_end_to_end(tmp_path):
-    """Two steps of the sharpening-only run on 64 synthetic photos: training, monitor
-    verdicts per chunk, reloading the teacher, k-NN, the saved result."""
+    """Two steps of the sharpening-only run on 32 synthetic photos (batches of 8, no
+    loader workers): training, monitor verdicts per chunk, reloading the teacher, k-NN,
+    the saved result."""
     from dinofeat.datasets import export_image_folder
     rng = np.random.default_rng(0)
-    x = (rng.random((64, 28, 28)) * 255).astype(np.uint8)
-    y = np.arange(64) % 10
+    x = (rng.random((32, 28, 28)) * 255).astype(np.uint8)
+    y = np.arange(32) % 10
     data = export_image_folder(x, None, tmp_path / "png")
-    split = ab.Split(np.arange(64), np.arange(16), x, y, x[:16], y[:16], 0.5, 0.3, data)
+    split = ab.Split(np.arange(32), np.arange(8), x, y, x[:8], y[:8], 0.5, 0.3, data)
+    small = {"batch_size_per_gpu": 8, "num_workers": 0}
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = ab.run_one(ab.GRID_BY_NAME["sharpening_only"], split, tmp_path, steps=2,
-                         chunks=2)
+                         chunks=2, overrides=small)
     assert res["steps"] == 2 and res["chunks"] == 2 and len(res["chunks_summary"]) == 2
     assert res["config"]["collapse"] == "none"
-    assert 0 <= res["knn"]["top1"] <= 100 and res["knn"]["bank"] == 64
+    assert 0 <= res["knn"]["top1"] <= 100 and res["knn"]["bank"] == 32
     assert res["monitor"]["collapsed"] == res["chunks_summary"][-1]["collapsed"]
     assert len(res["curves"]["iteration"]) == len(res["curves"]["entropy_frac"]) >= 2
     saved = json.loads((tmp_path / "sharpening_only" / "result.json").read_text())
     assert saved["config_key"] == res["config_key"]
     cfg = ab.run_config(ab.GRID_BY_NAME["sharpening_only"], steps=2, chunks=2, data=data,
-                        output_dir=tmp_path / "elsewhere", mean=0.5, std=0.3)
+                        output_dir=tmp_path / "elsewhere", mean=0.5, std=0.3,
+                        overrides=small)
     assert ab.cached_result(tmp_path, ab.GRID_BY_NAME["sharpening_only"], cfg) is not None
