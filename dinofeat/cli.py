@@ -18,6 +18,14 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported in one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``dinofeat embed: error: ... (see ... --help)``)
+    instead of the usage block; sub-command parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 # ------------------------------------------------------------------ models
 def _cmd_models(args: argparse.Namespace) -> int:
     from . import zoo
@@ -229,11 +237,19 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def _index_model(index, args: argparse.Namespace):
+    """The model an index was built with (``--weights`` if given), errors naming it."""
+    try:
+        return index.load_model(args.weights, device=args.device)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{args.index}: {e}") from None
+
+
 def _cmd_index_add(args: argparse.Namespace) -> int:
     from .index import KNNIndex
     index = KNNIndex.load(args.index)
     _features_device(args)
-    model = index.load_model(args.weights, device=args.device)
+    model = _index_model(index, args)
     opts = {**index.embed_options(), **_embed_run_options(args)}
     labels = "folder" if args.labels_from_folders else None
     if index.has_labels and labels is None:
@@ -306,7 +322,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     index = KNNIndex.load(args.index)
     if len(index) == 0:
         raise UserError(f"{args.index} is empty")
-    model = index.load_model(args.weights, device=args.device)
+    model = _index_model(index, args)
     scores, ids, keys = index.search_images(list(args.queries), model, k=args.k,
                                             batch_size=args.batch_size, progress=False,
                                             precision=args.precision)
@@ -342,6 +358,8 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
         raise UserError("--threshold is a cosine similarity between -1 and 1")
     if args.out and Path(args.out).suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--out must end in .json or .csv, got {args.out}")
+    if args.k is not None and args.k < 1:
+        raise UserError("--k must be at least 1 (or left out: all pairs)")
     _features_device(args)
     model = _load_model_arg(args)
     opts = _embed_run_options(args)
@@ -384,7 +402,7 @@ def _add_index_commands(sub) -> None:
     p = sub.add_parser("index", help="build, extend and inspect a k-NN index of images",
                        description="A faiss-backed k-NN index of image features, saved as a "
                        "folder that records the model, preprocessing and pooling.")
-    isub = p.add_subparsers(dest="index_command", metavar="ACTION")
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     q = isub.add_parser(
         "build", help="embed a folder of images into a new index",
         description="Embed every image under FOLDER and index it. Unreadable files are "
@@ -555,6 +573,8 @@ def _cmd_eval_linear(args: argparse.Namespace) -> int:
         return _eval_finish(args, res, str(Path(args.output) / "results.json"))
     if not args.train:
         raise UserError("--train is needed (or --evaluate HEAD to score an existing head)")
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
     n, avg = args.n_last_blocks, args.avgpool
     if n is None:  # the paper's recipes: ViT-S 4 blocks; ViT-B 1 block + avgpool
         n, avg = (1, avg) if not model.is_vit else (
@@ -618,7 +638,7 @@ def _add_eval_commands(sub) -> None:
                        description="Reproduce the DINO paper's evaluations on any model. Each "
                        "prints a table and writes JSON; docs/evaluation.md lists the datasets "
                        "and the published numbers.")
-    esub = p.add_subparsers(dest="eval_command", metavar="TASK")
+    esub = p.add_subparsers(dest="eval_command", metavar="TASK", required=True)
 
     def common(q, out_help: str) -> None:
         _add_model_args(q, "vit_s16")
@@ -740,7 +760,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     res = run_demo(args.out, steps=args.steps, train_images=args.train_images,
                    bank=args.bank, test=args.test, queries=args.queries,
                    threads=args.threads, seed=args.seed, data_root=args.data,
-                   progress=not args.no_progress)
+                   compare_shipped=not args.no_shipped, progress=not args.no_progress)
     print(res.summary())
     print(f"wrote {res.out_dir}/: neighbours.png, attention/, model.safetensors, train.idx, "
           f"results.json ({res.total_seconds / 60:.1f} min in all)")
@@ -760,6 +780,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model = _load_model_arg(args)
     if not model.is_vit:
         raise UserError(f"export supports ViTs; {model.name} is not one")
+    small = [s for s in args.check_size or [] if s < model.patch_size]
+    if small:
+        raise UserError(f"--check-size {small[0]} is smaller than one {model.patch_size}-pixel "
+                        "patch")
     report = export_model(model, out, args.format, attention=args.attention,
                           check_sizes=args.check_size or None)
     print(f"exported {model.name} ({args.format}, outputs: {', '.join(report.outputs)}; "
@@ -797,6 +821,8 @@ def _add_misc_commands(sub) -> None:
     d.add_argument("--data", default=None, metavar="DIR",
                    help="folder with the Fashion-MNIST IDX .gz files (default: "
                         "/usr/share/datasets/fashion-mnist or $DINOFEAT_FASHION_MNIST)")
+    d.add_argument("--no-shipped", action="store_true",
+                   help="do not also score the shipped vit_t_fmnist model")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
     p = sub.add_parser(
@@ -830,7 +856,7 @@ _REGISTRARS: list[Callable] = [_add_models_commands, _add_features_commands,
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dinofeat",
         description="DINO self-supervised vision features: pretrained models, embeddings, "
                     "attention maps, k-NN search and DINO training.",

@@ -272,13 +272,16 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
     config = _run_config(model, paths, shard_size, options)
     cid = _config_id(config)
     manifest = shard_dir / "manifest.json"
-    if manifest.is_file():
-        old = _read_json(manifest)
-        if old.get("config_id") != cid:
+    if manifest.is_file() and _read_json(manifest).get("config_id") != cid:
+        if any(shard_dir.glob("shard_*.safetensors")):
             raise ValueError(
                 f"{shard_dir} holds shards of another run (different model, options or "
                 f"input list); use another --shard-dir or delete it")
-    elif rank == 0:
+        # a run that stopped before finishing any shard (a mistake in its options...):
+        # nothing to keep, its manifest is replaced
+        if rank == 0:
+            atomic_write_json(manifest, {"config_id": cid, **config})
+    elif not manifest.is_file() and rank == 0:
         atomic_write_json(manifest, {"config_id": cid, **config})
     ranges = shard_ranges(len(paths), shard_size)
     mine = [k for k in range(rank, len(ranges), world_size)]

@@ -1295,6 +1295,10 @@ class KNNIndex:
             model = load(name, device=device)
         elif source and Path(source).exists():
             model = load(source, device=device)
+        elif not info:
+            raise FileNotFoundError("this index records no model (it was built from "
+                                    "feature vectors, not images); pass the weights file "
+                                    "(--weights PATH / weights=)")
         else:
             raise FileNotFoundError(
                 f"this index was built with model {name!r}"
