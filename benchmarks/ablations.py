@@ -193,7 +193,8 @@ def summarise_log(run_dir: Path, out_dim: int) -> dict[str, Any]:
             "entropy_frac": [r.get("teacher_entropy", float("nan")) / log_k for r in steps],
             "batch_entropy_frac": [r.get("teacher_batch_entropy", float("nan")) / log_k
                                    for r in steps],
-            "teacher_std": [r.get("teacher_std", float("nan")) for r in steps]}
+            "teacher_std": [r.get("teacher_std", float("nan")) for r in steps],
+            "teacher_kl": [r.get("teacher_kl", float("nan")) for r in steps]}
 
 
 def run_one(ablation: Ablation, split: Split, work: Path, *, steps: int, chunks: int,
@@ -491,7 +492,7 @@ def plot(res_all: dict[str, Any], path: Path) -> Path:
     from dinofeat.utils import atomic_path
     runs = res_all["runs"]
     names = list(runs)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=80)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), dpi=80)
     ax = axes[0]
     top1 = [runs[n]["knn"]["top1"] for n in names]
     colours = ["tab:red" if runs[n]["monitor"]["collapsed"] else "tab:blue" for n in names]
@@ -511,12 +512,24 @@ def plot(res_all: dict[str, Any], path: Path) -> Path:
                      ls="-" if runs[n]["expect"] == "works" else "--")
         axes[1].plot(c["iteration"], c["entropy_frac"], **style)
         axes[2].plot(c["iteration"], c["batch_entropy_frac"], **style)
+        if "teacher_kl" in c:
+            axes[3].plot(c["iteration"], np.maximum(np.asarray(c["teacher_kl"], float), 1e-6),
+                         **style)
     axes[1].set_title("teacher entropy / log K (1: uniform collapse)", fontsize=9)
     axes[2].set_title("batch-mean entropy / log K (0: one prototype)", fontsize=9)
+    axes[3].set_title("teacher KL to the batch mean, nats (0: collapse)", fontsize=9)
     for a in axes[1:]:
         a.set_xlabel("step")
-        a.set_ylim(-0.02, 1.02)
         a.grid(alpha=0.3)
+    for a in axes[1:3]:
+        a.set_ylim(-0.02, 1.02)
+    axes[3].set_yscale("log")
+    from dinofeat.train.monitor import CollapseMonitor
+    monitor = CollapseMonitor(runs[names[0]]["config"]["out_dim"])
+    kl_floor = monitor.min_kl_fraction * monitor.log_k
+    axes[3].axhline(kl_floor, color="grey", ls=":", lw=1)
+    axes[3].text(0, kl_floor, " monitor's KL threshold", fontsize=7, color="dimgrey",
+                 va="bottom")
     axes[2].legend(fontsize=6, loc="lower left", title="dashed: paper collapses",
                    title_fontsize=6)
     fig.tight_layout()
@@ -561,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "ablations"))
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--plot", default=str(PLOT), help="the figure (default docs/img/ablations.png)")
+    p.add_argument("--docs-file", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--docs", action="store_true",
                    help="rewrite the Ablations section of docs/benchmarks.md")
     p.add_argument("--docs-only", action="store_true",
@@ -577,11 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs_only:
         res_all = json.loads(Path(args.out).read_text())
         runs, base = res_all["runs"], res_all["baselines"]  # verdicts with today's rules
+        for name, r in runs.items():  # curves from the run logs, when they are still there
+            if (work / name / "run" / "log.jsonl").is_file():
+                r["curves"] = summarise_log(work / name / "run", r["config"]["out_dim"])
         res_all["verdicts"] = {n: verdict(r, runs.get("dino"), base) for n, r in runs.items()}
         res_all["claims"] = check_claims(runs, base)
         atomic_write_json(args.out, res_all)
-        plot(res_all, PLOT)
-        write_docs_section(markdown(res_all), ROOT / "docs" / "benchmarks.md")
+        plot(res_all, Path(args.plot))
+        write_docs_section(markdown(res_all), Path(args.docs_file))
         return 0
     split = make_split(work, args.train_images, args.test, args.seed)
     if args.run:
@@ -601,10 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     for c in res_all["claims"]:
         print(f"{'reproduced' if c['agrees'] else 'NOT reproduced'}: {c['claim']}")
     atomic_write_json(args.out, res_all)
-    plot(res_all, PLOT)
-    print(f"wrote {args.out} and {PLOT}", file=sys.stderr)
+    plot(res_all, Path(args.plot))
+    print(f"wrote {args.out} and {args.plot}", file=sys.stderr)
     if args.docs:
-        write_docs_section(markdown(res_all), ROOT / "docs" / "benchmarks.md")
+        write_docs_section(markdown(res_all), Path(args.docs_file))
         print("updated docs/benchmarks.md", file=sys.stderr)
     return 0
 

@@ -235,8 +235,9 @@ def _fake_result(name: str, top1: float, flagged: bool, n_steps: int = 4) -> dic
                                 "collapsed": flagged}],
             "curves": {"iteration": it, "loss": [1.0] * n_steps,
                        "entropy_frac": list(np.linspace(0.8, 1.0 if flagged else 0.7, n_steps)),
-                       "batch_entropy_frac": [0.9] * n_steps, "teacher_std": [0.1] * n_steps},
-            "config": {"batch_size_per_gpu": 64}}
+                       "batch_entropy_frac": [0.9] * n_steps, "teacher_std": [0.1] * n_steps,
+                       "teacher_kl": [0.001 if flagged else 0.4] * n_steps},
+            "config": {"batch_size_per_gpu": 64, "out_dim": 1024}}
 
 
 def _fake_grid(**override) -> dict:
