@@ -889,6 +889,8 @@ def train(config: TrainConfig | None = None, *,
     cfg.validate()
     if not cfg.data:
         raise ValueError("no training data: pass data= (a folder of images or a .txt list)")
+    if cfg.resume_from and not Path(cfg.resume_from).is_file():  # before building networks
+        raise FileNotFoundError(f"--resume-from: no such checkpoint file: {cfg.resume_from}")
     run = _Run(cfg, callbacks)
     try:
         run.setup()
