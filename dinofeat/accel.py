@@ -15,9 +15,10 @@ CLI) runs its model under :func:`fast_inference`, which picks, per call:
   calls sees its own global setting.
 * **Attention.** Fused ``scaled_dot_product_attention`` (timm's ``fused_attn``) in fp32 on
   CPU and always on GPU (flash / memory-efficient kernels); in bf16/fp16 on CPU an explicit
-  ``softmax(q k^T) v`` is faster than PyTorch's fused CPU kernel (measured in
-  ``benchmarks/run.py``), so the ViT's blocks are switched to it for the call and
-  switched back afterwards.
+  ``softmax(q k^T) v`` is faster than PyTorch's fused CPU kernel for short sequences (up
+  to :data:`EXPLICIT_ATTENTION_MAX_TOKENS`, e.g. the 197 tokens of a /16 model at 224;
+  measured in ``benchmarks/run.py``), so each block picks its kernel from the length of
+  the sequence it gets, for the call only.
 * **Autocast** for ``precision="bf16"`` (CPU and GPU) or ``"fp16"`` (GPU); the output is
   cast back to fp32 by the callers.
 
@@ -50,8 +51,8 @@ from .utils import get_logger
 
 __all__ = ["PRECISIONS", "AUTOCAST_DTYPES", "FEATURE_TOLERANCES", "MatmulCheck",
            "check_onednn_fp32", "onednn_fp32_available", "fast_math", "attention_mode",
-           "uses_explicit_attention", "fast_inference", "configure_cpu", "compile_model",
-           "platform_report"]
+           "uses_explicit_attention", "EXPLICIT_ATTENTION_MAX_TOKENS", "fast_inference",
+           "configure_cpu", "compile_model", "platform_report"]
 
 log = get_logger(__name__)
 
@@ -220,11 +221,23 @@ def fast_math(device: torch.device | str = "cpu", precision: str = "fp32") -> It
         yield
 
 
-def uses_explicit_attention(device: torch.device | str, precision: str) -> bool:
+#: Longest token sequence for which the explicit ``softmax(q k^T) v`` beats PyTorch's
+#: fused CPU attention in bf16 (measured per CPU-second on the project's machine: explicit
+#: ahead at 197 and 401 tokens, fused ahead from 785 tokens on, e.g. ViT-S/8 at 224 and
+#: attention maps at 480 px).
+EXPLICIT_ATTENTION_MAX_TOKENS = 512
+
+
+def uses_explicit_attention(device: torch.device | str, precision: str,
+                            tokens: int | None = None) -> bool:
     """Whether :func:`fast_inference` computes attention as an explicit
-    ``softmax(q k^T) v`` instead of fused SDPA: on CPU in bf16/fp16, where PyTorch's
-    fused CPU kernel is slower (see docs/benchmarks.md); fused everywhere else."""
-    return torch.device(device).type == "cpu" and precision in ("bf16", "fp16")
+    ``softmax(q k^T) v`` instead of fused SDPA: on CPU in bf16/fp16 for sequences of at
+    most :data:`EXPLICIT_ATTENTION_MAX_TOKENS` tokens (``tokens=None``: the rule for short
+    sequences), where PyTorch's fused CPU kernel is slower (docs/benchmarks.md); fused
+    everywhere else."""
+    if torch.device(device).type != "cpu" or precision not in ("bf16", "fp16"):
+        return False
+    return tokens is None or tokens <= EXPLICIT_ATTENTION_MAX_TOKENS
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -243,6 +256,29 @@ def attention_mode(model: nn.Module, fused: bool) -> Iterator[None]:
     try:
         yield
     finally:
+        for m, o in zip(mods, old):
+            m.fused_attn = o
+
+
+@contextlib.contextmanager
+def _attention_by_length(model: nn.Module, device: torch.device,
+                         precision: str) -> Iterator[None]:
+    """Choose each attention block's kernel from the length of the sequence it gets
+    (forward pre-hooks, removed on exit; the blocks' own settings restored)."""
+    mods = _attention_modules(model)
+    old = [m.fused_attn for m in mods]
+
+    def choose(module: nn.Module, args) -> None:
+        x = args[0] if args else None
+        tokens = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else None
+        module.fused_attn = not uses_explicit_attention(device, precision, tokens)
+
+    handles = [m.register_forward_pre_hook(choose) for m in mods]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
         for m, o in zip(mods, old):
             m.fused_attn = o
 
@@ -270,7 +306,7 @@ def fast_inference(model: nn.Module | None = None, precision: str = "fp32",
     with contextlib.ExitStack() as stack:
         stack.enter_context(fast_math(dev, precision))
         if model is not None and uses_explicit_attention(dev, precision):
-            stack.enter_context(attention_mode(model, fused=False))
+            stack.enter_context(_attention_by_length(model, dev, precision))
         dtype = AUTOCAST_DTYPES[precision]
         if dtype is not None:
             stack.enter_context(torch.autocast(device_type=dev.type, dtype=dtype))
@@ -312,6 +348,8 @@ def platform_report() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "onednn_fp32": check.to_dict(),
-        "attention": {"cpu_fp32": "fused SDPA", "cpu_bf16": "explicit softmax(qk^T)v",
+        "attention": {"cpu_fp32": "fused SDPA",
+                      "cpu_bf16": f"explicit softmax(qk^T)v up to "
+                                  f"{EXPLICIT_ATTENTION_MAX_TOKENS} tokens, fused SDPA above",
                       "cuda": "fused SDPA (flash / memory-efficient)"},
     }

@@ -159,14 +159,30 @@ def test_fast_inference_picks_attention_per_platform(vit_s16):
     model, _ = vit_s16
     mods = accel._attention_modules(model)
     assert accel.uses_explicit_attention("cpu", "bf16")
+    assert accel.uses_explicit_attention("cpu", "bf16", tokens=197)
+    assert not accel.uses_explicit_attention("cpu", "bf16", tokens=785)
     assert not accel.uses_explicit_attention("cpu", "fp32")
     assert not accel.uses_explicit_attention("cuda", "fp16")
     with accel.fast_inference(model, "bf16", "cpu"):
-        assert not any(m.fused_attn for m in mods)
         assert torch.is_autocast_enabled("cpu")
     with accel.fast_inference(model, "fp32", "cpu"):
-        assert all(m.fused_attn for m in mods)
         assert not torch.is_autocast_enabled("cpu")
+    assert all(m.fused_attn for m in mods)
+
+
+def test_attention_choice_by_length(vit_s16):
+    model, _ = vit_s16
+    mods = accel._attention_modules(model)
+    flags = []
+    with torch.inference_mode(), accel.fast_inference(model, "bf16", "cpu"):
+        for size in (224, 464):
+            handle = mods[0].proj.register_forward_pre_hook(  # after the kernel ran
+                lambda m, a: flags.append(mods[0].fused_attn))
+            try:
+                model.backbone(torch.randn(1, 3, size, size))
+            finally:
+                handle.remove()
+    assert flags == [False, True]  # explicit for 197 tokens, fused for 842
     assert all(m.fused_attn for m in mods)
 
 
