@@ -108,8 +108,9 @@ def same_state(a: dict, b: dict) -> bool:
 
 # ---------------------------------------------------------------- forked victims
 def _victim(cfg_dict: dict, slow_save: str | None) -> None:
-    """Child process: train; with ``slow_save`` (a folder), every checkpoint is written
-    slowly, in 20 chunks, after creating ``<folder>/writing-<n>``."""
+    """Child process: train, pausing 0.15 s after each step; with ``slow_save`` (a folder),
+    every checkpoint is written slowly, in 20 chunks, after creating
+    ``<folder>/writing-<n>``."""
     torch.set_num_threads(1)
     if slow_save:
         real_save = torch.save
@@ -129,8 +130,12 @@ def _victim(cfg_dict: dict, slow_save: str | None) -> None:
                     time.sleep(0.02)
 
         C.torch.save = slow
+    def pace(state) -> None:  # keeps the run going long enough for the kill to land
+        if state.event == "step":
+            time.sleep(0.15)
+
     try:
-        train(TrainConfig.from_dict(cfg_dict))
+        train(TrainConfig.from_dict(cfg_dict), callbacks=[pace])
     finally:
         os._exit(0)
 
