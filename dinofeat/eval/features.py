@@ -160,15 +160,16 @@ def extract_with_transform(model, paths: Sequence[Path], transform: Callable | N
         from tqdm.auto import tqdm
         it = tqdm(loader, desc=desc, unit="batch", leave=False)
     for batch in it:
-        skipped.extend(f"{paths[pos]}: {reason}" for pos, reason in batch.failed)
+        for pos, reason in batch.failed:  # each unreadable file named once in the log
+            log.warning("skipping unreadable image %s: %s", paths[pos], reason)
+            skipped.append(f"{paths[pos]}: {reason}")
         for positions, imgs in batch.groups:
             x = normalize_batch(imgs, pp.mean, pp.std, device=model.device)
             with torch.no_grad(), autocast(model.device, precision):
                 f = feature_fn(x).float().cpu()
             rows.update(zip(positions, f))
     if skipped:
-        log.warning("%s: skipped %d unreadable image(s), e.g. %s", desc, len(skipped),
-                    skipped[0])
+        log.warning("%s: skipped %d unreadable image(s)", desc, len(skipped))
     if not rows:
         raise ValueError(f"{desc}: none of the {len(paths)} images could be read")
     kept = sorted(rows)

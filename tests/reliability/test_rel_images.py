@@ -267,3 +267,27 @@ def test_folder_named_like_an_image(tiny_model, tmp_path, tally):
     feats = tiny_model.embed([d / "a.png", d / "photo.jpg"], num_workers=0)
     assert feats.shape == (2, 192)  # a folder given as input contributes its images
     tally.add("images: readers", inputs=2, checks=4)
+
+
+# ------------------------------------------------------- evaluation feature paths
+def test_evaluation_feature_extraction(tiny_model, zoo_dir, unreadable_by_permission, caplog,
+                                       tally):
+    """The linear probe's and k-NN's feature extraction over the zoo's files."""
+    from dinofeat.eval.features import embed_labeled, extract_with_transform
+    root, files = zoo_dir
+    readable, unreadable = _expect(files)
+    paths = readable + sorted(unreadable)
+    with caplog.at_level(logging.INFO, logger="dinofeat"):
+        feats, kept, skipped = extract_with_transform(
+            tiny_model, paths, I.ImageTransform(tiny_model.preprocessing, 16), tiny_model,
+            num_workers=0, progress=False)
+    assert kept == list(range(len(readable))) and feats.shape == (len(readable), 192)
+    assert len(skipped) == len(unreadable)
+    _named_once(_warnings(caplog), unreadable, readable)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dinofeat"):
+        f2, labels, skipped2 = embed_labeled(tiny_model, paths, list(range(len(paths))),
+                                             num_workers=0)
+    assert labels.tolist() == list(range(len(readable))) and len(skipped2) == len(unreadable)
+    _named_once(_warnings(caplog), unreadable, readable)
+    tally.add("images: evaluation features", inputs=2 * len(files), checks=2 * len(files) + 4)
