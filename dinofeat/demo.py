@@ -18,7 +18,6 @@ This module holds what the demo (``dinofeat demo``), the benchmark
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -329,13 +328,26 @@ class DemoResult:
     bank: int
     test: int
     files: list[Path] = field(default_factory=list)
+    shipped_knn_top1: float | None = None
 
     def summary(self) -> str:
-        return (f"k-NN top-1 on {self.test} Fashion-MNIST test images (memory bank: "
-                f"{self.bank} training images, k=20, T=0.07):\n"
-                f"  DINO after {self.steps} steps ({self.images_seen} images, "
-                f"{self.train_seconds / 60:.1f} min): {self.knn_top1:.2f}%\n"
-                f"  same network, random weights:        {self.random_knn_top1:.2f}%")
+        rows = [(f"DINO, this demo ({self.steps} steps x {self.images_seen // max(self.steps, 1)}"
+                 f" photos, {self.train_seconds / 60:.1f} min)", self.knn_top1),
+                ("the same network with random weights", self.random_knn_top1)]
+        if self.shipped_knn_top1 is not None:
+            rows.append(("vit_t_fmnist (same code, recipe 'ship', shipped)",
+                         self.shipped_knn_top1))
+        width = max(len(r[0]) for r in rows)
+        return "\n".join([f"k-NN top-1 on {self.test} Fashion-MNIST test photos (memory "
+                          f"bank: {self.bank} training photos, k=20, T=0.07):"] +
+                         [f"  {name.ljust(width)}  {acc:6.2f}%" for name, acc in rows])
+
+
+def _shipped_available() -> bool:
+    from .hub import PACKAGE_WEIGHTS
+    from .zoo import MODELS
+    spec = MODELS.get("vit_t_fmnist")
+    return bool(spec and spec.local_file and (PACKAGE_WEIGHTS / spec.local_file).is_file())
 
 
 def _index_of(model, images: np.ndarray, labels: np.ndarray, progress: bool):
@@ -372,7 +384,7 @@ def demo_split(n_train: int, n_test: int, train_images: int, bank: int, test: in
 def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None = None,
              train_images: int = 6000, bank: int = 5000, test: int = 1000, queries: int = 6,
              neighbours: int = 8, batch: int | None = None, threads: int | None = None,
-             seed: int = 0,
+             seed: int = 0, compare_shipped: bool = True,
              data_root: str | os.PathLike | None = None, progress: bool = True,
              echo: Callable[[str], Any] = print) -> DemoResult:
     """The offline demo, end to end on Fashion-MNIST (a few minutes on a 2-core CPU).
@@ -382,7 +394,8 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
        default 40 x 64);
     2. embed ``bank`` labelled training photos into a :class:`~dinofeat.KNNIndex` and
        classify ``test`` test photos by DINO's k-NN vote, next to the same network with
-       random weights;
+       random weights and (``compare_shipped``) the shipped ``vit_t_fmnist``, trained by
+       the same code for longer;
     3. search the index with ``queries`` test photos: ``neighbours.png`` (each query and
        its ``neighbours`` nearest training photos, green = same class);
     4. attention maps of the queries: ``attention/query_N.png`` (image, mean map, every
@@ -452,6 +465,12 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
     rand_index = _index_of(rand, x_train[bank_idx], y_train[bank_idx], progress)
     rand_acc, _ = _accuracy(rand_index, rand, x_test[test_idx], y_test[test_idx], progress)
     files.append(index.save(out / "train.idx"))
+    shipped_acc = None
+    if compare_shipped and _shipped_available():
+        shipped = load("vit_t_fmnist", device="cpu")
+        shipped_index = _index_of(shipped, x_train[bank_idx], y_train[bank_idx], progress)
+        shipped_acc, _ = _accuracy(shipped_index, shipped, x_test[test_idx],
+                                   y_test[test_idx], progress)
 
     # 3. search
     echo(f"[3/4] searching the index with {queries} test photos")
@@ -474,9 +493,10 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
     result = DemoResult(out_dir=out, knn_top1=acc, random_knn_top1=rand_acc,
                         train_seconds=train_s, total_seconds=total_s, steps=recipe.steps,
                         images_seen=recipe.images_seen, bank=len(bank_idx),
-                        test=len(test_idx), files=files)
+                        test=len(test_idx), files=files, shipped_knn_top1=shipped_acc)
     atomic_write_json(out / "results.json", {
-        "knn_top1": acc, "random_knn_top1": rand_acc, "train_seconds": train_s,
+        "knn_top1": acc, "random_knn_top1": rand_acc, "shipped_knn_top1": shipped_acc,
+        "train_seconds": train_s,
         "total_seconds": total_s, "steps": recipe.steps, "batch": recipe.batch,
         "pretrain_images": len(pretrain), "bank": len(bank_idx), "test": len(test_idx),
         "threads": torch.get_num_threads(), "arch": FMNIST_ARCH,

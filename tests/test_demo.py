@@ -22,7 +22,8 @@ HAVE_FMNIST = (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed "
                                   "(apt-get install dataset-fashion-mnist)")
 
-TINY = dict(steps=2, batch=8, train_images=16, bank=40, test=12, queries=2, neighbours=3)
+TINY = dict(steps=2, batch=8, train_images=16, bank=40, test=12, queries=2, neighbours=3,
+            compare_shipped=False)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,8 @@ def test_tiny_demo_writes_everything(tiny_demo):
     assert meta["knn_top1"] == res.knn_top1 and meta["random_knn_top1"] == res.random_knn_top1
     assert 0.0 <= res.knn_top1 <= 100.0 and 0.0 <= res.random_knn_top1 <= 100.0
     assert 0 < res.train_seconds < res.total_seconds
-    assert "DINO after 2 steps" in res.summary()
+    assert "DINO, this demo (2 steps x 8 photos" in res.summary()
+    assert res.shipped_knn_top1 is None and "vit_t_fmnist" not in res.summary()
     # the neighbour grid: 2 query rows, query + 3 neighbours, 28 px x 3 + 2 x 2 px frame
     grid = Image.open(out / "neighbours.png")
     assert grid.size == (4 * (28 * 3 + 4) + 4, 2 * (28 * 3 + 4))
