@@ -162,7 +162,7 @@ class DinoModel(nn.Module):
                            batch_size=batch_size, num_workers=num_workers, precision=precision,
                            device=device, progress=progress, skip_unreadable=skip_unreadable)
 
-    def embed(self, images, *, pool: str = "cls", normalize: bool = True,
+    def embed(self, images: Any, *, pool: str = "cls", normalize: bool = True,
               batch_size: int = 64, num_workers: int | None = None,
               preprocessing: "None | str | Preprocessing" = None, size: int | None = None,
               multiscale: bool = False, n_last_blocks: int = 1, avgpool: bool = False,
@@ -180,16 +180,18 @@ class DinoModel(nn.Module):
             pool: ``"cls"`` (default; k-NN), ``"mean"`` (average patch token), ``"gem"``
                 (GeM p = 4 over output patch tokens) or ``"cls+gem"`` (copy detection).
             normalize: L2-normalise each vector.
-            n_last_blocks, avgpool: the linear-evaluation representations ([CLS] of the
-                last ``n`` blocks concatenated, ViT-S: 4; ``avgpool``: last [CLS] with the
-                average patch token, ViT-B, in the release's interleaved layout).
+            n_last_blocks: the linear-evaluation representation: the [CLS] of the last
+                ``n`` blocks concatenated (ViT-S: 4).
+            avgpool: the linear-evaluation representation of ViT-B: the last [CLS] with
+                the average patch token, in the release's interleaved layout.
             multiscale: average over input scales 1, 1/sqrt(2), 1/2 (bilinear; retrieval).
             preprocessing: ``None`` (the model's own), ``"dino"`` (resize 256, crop 224),
                 ``"whole"`` (whole image, long side ``size``, sides rounded down to the
                 patch size) or a :class:`~dinofeat.zoo.Preprocessing`.
             size: crop size (``"dino"``) or long side (``"whole"``).
-            batch_size, num_workers: batching; decoding runs in ``num_workers`` processes
-                (default: none for one batch, else up to 8).
+            batch_size: images per forward pass.
+            num_workers: decoding runs in this many processes (default: none for one
+                batch, else up to 8).
             precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; output fp32).
             device: run there (moves the model); default: where the model is.
             progress: tqdm bar with images/s (default: when stderr is a terminal).
