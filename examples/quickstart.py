@@ -1,22 +1,51 @@
-"""Offline quickstart: list the zoo, build a model, embed a generated image.
+"""Quickstart: the zoo, a model, features, attention maps, an index and a search.
 
-Until a trained model ships in the package this runs with random weights (no network is
-needed); with network access ``dinofeat.load("vit_s16")`` gives the published weights.
+What it shows, in the order a newcomer needs it: ``dinofeat.list_models`` (the zoo),
+``dinofeat.load`` (a zoo name or a weights file), ``model.embed`` (L2-normalised [CLS]
+features of a folder), ``model.attention_maps`` (the last block's [CLS] attention, saved
+as PNG files), and a :class:`dinofeat.KNNIndex` searched with the first photo.
+
+Run it::
+
+    python examples/quickstart.py photos/                     # ViT-S/16 from the hub
+    python examples/quickstart.py photos/ --model runs/exp1   # your own weights
+
+``--model`` takes anything ``dinofeat.load`` takes. Zoo weights come from the Hugging
+Face hub cache; with ``HF_HUB_OFFLINE=1`` nothing is downloaded (see docs/weights.md).
 """
 
-import numpy as np
-import torch
+from __future__ import annotations
+
+import argparse
 
 import dinofeat
-from dinofeat.backbones import build_backbone
-from dinofeat.zoo import format_table
 
-print(format_table())
-model = dinofeat.DinoModel(build_backbone("vit_s16"), name="vit_s16 (random weights)").eval()
-rng = np.random.default_rng(0)
-img = rng.integers(0, 256, size=(240, 320, 3), dtype=np.uint8)
-x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255)
-x = x[..., :224, :224]
-with torch.inference_mode():
-    feat = model(x)
-print(f"\n{model.name}: feature {tuple(feat.shape)}, norm {feat.norm():.3f}")
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a folder of photos (searched recursively)")
+    parser.add_argument("--model", default="vit_s16",
+                        help="zoo name or weights file/run folder (default: vit_s16)")
+    parser.add_argument("--out", default="quickstart-attention",
+                        help="folder for the attention pictures of the first photo")
+    args = parser.parse_args(argv)
+
+    print("zoo:", ", ".join(dinofeat.list_models()))
+    model = dinofeat.load(args.model)
+    feats, paths = model.embed(args.folder, return_keys=True, progress=False)
+    print(f"{model.name}: {feats.shape[0]} photos -> features {tuple(feats.shape)}")
+
+    maps = model.attention_maps(paths[0])
+    maps.save(args.out)
+    print(f"attention of {maps.num_heads} heads over {paths[0]} -> {args.out}/")
+
+    index = dinofeat.KNNIndex()
+    index.add(feats, meta=paths)
+    scores, ids = index.search(feats[:1], k=min(3, len(paths)))
+    for score, rec in zip(scores[0], index.lookup(ids[0])):
+        print(f"  {score:.3f}  {rec['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
