@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import atomic_path, atomic_write_json, get_logger
+from .folders import LabeledImages
 
 __all__ = [
     "LinearClassifier",
@@ -389,14 +390,17 @@ def _image_features(model, paths: Sequence[Path], labels: Sequence[int], transfo
     return feats, torch.tensor([labels[i] for i in kept], dtype=torch.long), skipped
 
 
-def train_linear_probe(model, train, val=None, *, config: LinearProbeConfig | None = None,
+def train_linear_probe(model: Any, train: LabeledImages, val: LabeledImages | None = None,
+                       *, config: LinearProbeConfig | None = None,
                        output_dir: str | os.PathLike | None = None,
                        progress: bool = True) -> tuple[LinearProbe, dict]:
     """Train a linear head on ``model``'s frozen features (release protocol).
 
     Args:
         model: a :class:`~dinofeat.model.DinoModel` (frozen, eval mode).
-        train, val: :class:`~dinofeat.eval.folders.LabeledImages` (``val`` optional).
+        train: the labelled training images, a
+            :class:`~dinofeat.eval.folders.LabeledImages`.
+        val: labelled validation images (optional).
         config: :class:`LinearProbeConfig`.
         output_dir: where ``checkpoint.pth`` (resumable, written after every epoch),
             ``linear_head.safetensors`` and ``log.jsonl`` go; a rerun resumes.
