@@ -32,6 +32,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         import json
         print(json.dumps(zoo.list_models(as_dicts=True), indent=1))
+    elif args.markdown:
+        print(zoo.format_markdown_table())
     else:
         print(zoo.format_table())
     return 0
@@ -42,7 +44,10 @@ def _add_models_commands(sub) -> None:
                        description="List every zoo model: architecture, feature dim, patch "
                                    "size, parameters, published ImageNet k-NN and linear "
                                    "top-1, and where its weights come from.")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fmt.add_argument("--markdown", action="store_true",
+                     help="print a Markdown table (the one in README.md)")
     p.set_defaults(func=_cmd_models)
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "list_models",
     "register_model",
     "format_table",
+    "format_markdown_table",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -218,4 +219,16 @@ def format_table() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown_table() -> str:
+    """The zoo as a Markdown table with the published top-1 numbers (what
+    ``dinofeat models --markdown`` prints and README.md's model table holds)."""
+    lines = ["| model | arch | dim | patch | params | k-NN top-1 | linear top-1 | measured on |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in MODELS.values():
+        top1 = [f"{v:.1f}" if v is not None else "-" for v in (s.knn_top1, s.linear_top1)]
+        lines.append(f"| `{s.name}` | {s.arch} | {s.embed_dim} | {s.patch_size or '-'} | "
+                     f"{s.params_m}M | {top1[0]} | {top1[1]} | {s.dataset} |")
     return "\n".join(lines)
