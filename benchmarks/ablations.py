@@ -424,6 +424,20 @@ def table(res_all: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _recipe_line(res_all: dict[str, Any]) -> str:
+    """The main options of the reference (``dino``) run as the results file recorded them
+    (the recipe in the code may have changed since the grid ran)."""
+    runs = res_all.get("runs", {})
+    ref = runs.get("dino") or next(iter(runs.values()), None)
+    if not ref or "config" not in ref:
+        return "(not recorded)"
+    c = ref["config"]
+    keys = ("arch", "patch_size", "global_crop_size", "local_crop_size", "local_crops_number",
+            "out_dim", "hidden_dim", "use_bn_in_head", "blur_sigma", "lr",
+            "momentum_teacher", "batch_size_per_gpu", "precision")
+    return ", ".join(f"`{k}={json.dumps(c[k])}`" for k in keys if k in c)
+
+
 def markdown(res_all: dict[str, Any]) -> str:
     """The "Ablations" section of docs/benchmarks.md."""
     s = res_all["settings"]
@@ -437,10 +451,9 @@ def markdown(res_all: dict[str, Any]) -> str:
              f"run ({s['epochs_of_data']:.2f} passes over a random {s['train_images']}-photo "
              f"training subset), {s['chunks']} chunks (the collapse monitor judges each); k-NN "
              f"of {s['test']} random test photos against the {s['train_images']} subset photos "
-             f"as the labelled bank (chance: {res_all['baselines']['chance']:.1f}%). Model: "
-             f"the `bench` recipe of `dinofeat.demo.RECIPES` with "
-             f"`{json.dumps(CPU_OVERRIDES)}` (`benchmarks/ablations.py: CPU_OVERRIDES` says "
-             "why). Runs this short show **collapse against no collapse**, not the paper's "
+             f"as the labelled bank (chance: {res_all['baselines']['chance']:.1f}%). Model "
+             f"and recipe of the `dino` run, from the results file: {_recipe_line(res_all)}. "
+             "Runs this short show **collapse against no collapse**, not the paper's "
              "accuracies (ViT-S/16, 300 ImageNet epochs); the paper's numbers are quoted for "
              "the direction of each effect.", "",
              *table(res_all), "",
