@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..accel import fast_math
 from ..backbones import build_backbone, parse_arch
 from ..hub import CheckpointError
 from ..utils import atomic_write_json, get_logger
@@ -826,12 +827,16 @@ class _Run:
                              "from": self.resumed_from, "world_size": self.ctx.world_size,
                              "time": time.time()})
         start_step = self.epoch_step
-        for epoch in range(self.epoch, cfg.epochs):
-            stats = self.run_epoch(epoch, start_step)
-            start_step = 0
-            summary = self.end_epoch(epoch, stats)
-            self.epoch = epoch + 1
-            self._callback("epoch", epoch, self.iters_per_epoch, summary["loss"], summary)
+        # the platform's fastest matmul kernels that keep fp32 accuracy (oneDNN on CPU
+        # behind dinofeat.accel's numerical self-check; nothing changes on GPU)
+        with fast_math(self.device):
+            for epoch in range(self.epoch, cfg.epochs):
+                stats = self.run_epoch(epoch, start_step)
+                start_step = 0
+                summary = self.end_epoch(epoch, stats)
+                self.epoch = epoch + 1
+                self._callback("epoch", epoch, self.iters_per_epoch, summary["loss"],
+                               summary)
         skipped = D.all_reduce_sum(torch.tensor([self.skipped_total], dtype=torch.int64,
                                                 device=self.device))
         return TrainResult(run_dir=self.out, epoch=self.epoch, iteration=self.iteration,
