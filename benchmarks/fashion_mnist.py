@@ -196,17 +196,50 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"{j['dino']['mean_map']:.3f} / {j['random']['mean_map']:.3f} |")
     lines.append("")
     for r in results:
-        t = r["training"]
+        t, k = r["training"], r["knn"]
+        gain = k["dino"]["top1"] - k["random"]["top1"]
+        pixels = max(k["raw_pixels"], k["raw_centred"])
         lines.append(f"- **{r['recipe']}** ({r['date']}): {t['description']}; "
                      f"{t['images_per_second']:.1f} training images/s; Jaccard on "
-                     f"{r['jaccard']['dino']['images']} test photos; curves: "
+                     f"{r['jaccard']['dino']['images']} test photos. Against the targets: "
+                     f"{gain:+.2f} points over random weights (target: +10 or more: "
+                     f"**{'met' if gain >= 10 else 'not met'}**); "
+                     f"{k['dino']['top1'] - pixels:+.2f} points over the better raw-pixel "
+                     f"baseline (target: above it: "
+                     f"**{'met' if k['dino']['top1'] > pixels else 'not met'}**). Curves: "
                      f"![{r['recipe']} curves](img/{Path(r['plot']).name})")
+    lines += ["", *probe_lines()]
     lines += ["", "Training options of each recipe: `dinofeat.demo.RECIPES` (and the "
               "`config` of each result in `benchmarks/results/fashion_mnist_*.json`). The "
               "wall times are for a machine shared with other jobs (the load average, "
               "1-minute, at start -> end, is in the table); the train wall time excludes "
               "the subset k-NN evaluations made for the curves.", END]
     return "\n".join(lines)
+
+
+def probe_lines(path: Path = HERE / "results" / "fashion_mnist_probes.jsonl") -> list[str]:
+    """A table of the recipe probes (``benchmarks/fashion_mnist_probe.py``), if any."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = ["**How the recipe was chosen**: short probes with "
+           "`benchmarks/fashion_mnist_probe.py` (k-NN of the saved teacher on a fixed subset: "
+           "10,000 training photos as the bank, 2,000 test photos, one standard error about "
+           "1 point; results in `benchmarks/results/fashion_mnist_probes.jsonl`). Each changes "
+           "the options shown over its base recipe (*bench of 2026-11-23*: vit_mini4 with 4-px "
+           "patches, 12-px local crops, head hidden width 2048 without BatchNorm, blur sigma "
+           "(0.1, 2.0) px, lr 0.002 per 256, teacher momentum 0.99); the first two ran alone "
+           "with two threads, the others two at a time with one thread each.", "",
+           "| probe | base | options changed | steps x batch | threads | images/s | k-NN top-1 "
+           "| random weights | final loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        opts = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["set"].items()) or "none"
+        rand = r.get("random_knn_top1")
+        out.append(f"| {r['name']} | {r.get('base', 'bench')} | {opts} | {r['steps']} x "
+                   f"{r['batch']} | {r['threads']} | {r['images_per_s']:.1f} | "
+                   f"{r['knn_top1']:.2f} | {'' if rand is None else f'{rand:.2f}'} | "
+                   f"{r['final_loss']:.3f} |")
+    return out
 
 
 def write_docs(text: str, path: Path) -> None:
