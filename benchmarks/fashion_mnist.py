@@ -356,6 +356,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def pictures(model, recipe: str, img_dir: Path, queries: int = 6, attention: int = 3,
+             bank: int = 5000) -> list[Path]:
+    """Pictures for the docs, drawn by :func:`dinofeat.demo.search_pictures`: the nearest
+    of the first ``bank`` training photos to ``queries`` test photos (spread over the test
+    set) as ``fmnist_<recipe>_neighbours.png``, and the attention strips of the first
+    ``attention`` queries as ``fmnist_<recipe>_attention_N.png``."""
+    import shutil
+    import tempfile
+
+    from dinofeat.datasets import load_fashion_mnist
+    from dinofeat.demo import search_pictures, to_pil
+    from dinofeat.index import KNNIndex
+    x_train, y_train = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    xb, yb = x_train[:bank], y_train[:bank]
+    index = KNNIndex(model.embed_dim, metric="cosine", model_info=model)
+    index.add(model.embed(to_pil(xb)))
+    q = np.linspace(0, len(x_test) - 1, queries).round().astype(int)
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        search_pictures(model, index, xb, yb, x_test[q], y_test[q], tmp, neighbours=8)
+        img_dir.mkdir(parents=True, exist_ok=True)
+        targets = [("neighbours.png", f"fmnist_{recipe}_neighbours.png")] + [
+            (f"attention/query_{n}.png", f"fmnist_{recipe}_attention_{n}.png")
+            for n in range(min(attention, queries))]
+        for src, dst in targets:
+            shutil.copyfile(Path(tmp) / src, img_dir / dst)
+            written.append(img_dir / dst)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     from dinofeat.demo import RECIPES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -387,9 +418,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs-only", action="store_true",
                    help="only rewrite the docs section from the stored results")
     p.add_argument("--progress", action="store_true", help="progress bars for the evaluation")
+    p.add_argument("--pictures", action="store_true",
+                   help="also draw neighbour and attention pictures of the trained model into "
+                        "--img-dir (fmnist_<recipe>_*.png)")
+    p.add_argument("--pictures-only", action="store_true",
+                   help="only draw the pictures, from the run's saved teacher (recipe ship: "
+                        "the shipped vit_t_fmnist)")
     args = p.parse_args(argv)
+    if args.pictures_only:
+        from dinofeat.model import load
+        saved = Path(args.work_dir) / f"{args.recipe}.safetensors"
+        model = load("vit_t_fmnist" if args.recipe == "ship" else saved, device="cpu")
+        for f in pictures(model, args.recipe, Path(args.img_dir)):
+            print(f"wrote {f}", file=sys.stderr)
+        return 0
     if not args.docs_only:
-        run(args)
+        res = run(args)
+        if args.pictures:
+            from dinofeat.model import load
+            pictures(load(res["weights"]["file"], device="cpu"), args.recipe,
+                     Path(args.img_dir))
     if args.docs or args.docs_only:
         order = {name: i for i, name in enumerate(RECIPES)}
         results = [json.loads(f.read_text()) for f in

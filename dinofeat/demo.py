@@ -34,7 +34,8 @@ from .zoo import Preprocessing
 __all__ = ["Recipe", "RECIPES", "fashion_mnist_stats", "fashion_mnist_preprocessing",
            "recipe_config", "export_training_images", "to_pil", "knn_evaluation",
            "silhouette_jaccard", "random_weights_model", "neighbour_grid",
-           "attention_picture", "DemoResult", "demo_split", "run_demo", "set_threads"]
+           "attention_picture", "search_pictures", "DemoResult", "demo_split", "run_demo",
+           "set_threads"]
 
 log = get_logger("dinofeat.demo")
 
@@ -326,6 +327,32 @@ def attention_picture(maps, path: str | os.PathLike, scale: int = 4) -> Path:
     return path
 
 
+def search_pictures(model, index, bank_images: np.ndarray, bank_labels: np.ndarray,
+                    query_images: np.ndarray, query_labels: np.ndarray,
+                    out_dir: str | os.PathLike, *, neighbours: int = 8,
+                    query_feats: torch.Tensor | None = None,
+                    attention_dir: str = "attention") -> list[Path]:
+    """Search ``index`` (built from ``bank_images``, uint8 ``[N, H, W]``, in order) with
+    ``query_images`` and draw what a person wants to see: ``out_dir/neighbours.png`` (each
+    query and its ``neighbours`` nearest bank photos, green when ``bank_labels`` equals the
+    query's label) and, per query, ``out_dir/<attention_dir>/query_N.png`` (image, mean
+    attention, each head and its 60%-mass mask) with the maps' own PNGs in
+    ``query_N/``. ``query_feats`` (``[Q, D]``) skips embedding the queries again.
+    Returns the files written."""
+    out = Path(out_dir)
+    if query_feats is None:
+        query_feats = model.embed(to_pil(query_images))
+    _, ids = index.search(query_feats, k=neighbours, model_info=model)
+    rows = [[bank_images[i] for i in row if i >= 0] for row in ids]
+    hits = [[bank_labels[i] == y for i in row if i >= 0] for y, row in zip(query_labels, ids)]
+    files = [neighbour_grid(list(query_images), rows, hits, out / "neighbours.png")]
+    for n, img in enumerate(query_images):
+        maps = model.attention_maps(img)
+        files.append(attention_picture(maps, out / attention_dir / f"query_{n}.png"))
+        maps.save(out / attention_dir / f"query_{n}")
+    return files
+
+
 # ------------------------------------------------------------------ the demo
 @dataclass
 class DemoResult:
@@ -486,23 +513,13 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
         shipped_acc, _ = _accuracy(shipped_index, shipped, x_test[test_idx],
                                    y_test[test_idx], progress)
 
-    # 3. search
+    # 3. search, 4. attention maps
     echo(f"[3/4] searching the index with {queries} test photos")
     q = np.linspace(0, len(test_idx) - 1, queries).round().astype(int)
-    _, ids = index.search(test_feats[q], k=neighbours, model_info=model)
-    rows = [[x_train[bank_idx[i]] for i in row if i >= 0] for row in ids]
-    hits = [[y_train[bank_idx[i]] == y_test[test_idx[qi]] for i in row if i >= 0]
-            for qi, row in zip(q, ids)]
-    files.append(neighbour_grid([x_test[test_idx[i]] for i in q], rows, hits,
-                                out / "neighbours.png"))
-
-    # 4. attention maps
     echo("[4/4] attention maps of the queries")
-    for n, qi in enumerate(q):
-        img = x_test[test_idx[qi]]
-        maps = model.attention_maps(img)
-        files.append(attention_picture(maps, out / "attention" / f"query_{n}.png"))
-        maps.save(out / "attention" / f"query_{n}")
+    files += search_pictures(model, index, x_train[bank_idx], y_train[bank_idx],
+                             x_test[test_idx[q]], y_test[test_idx[q]], out,
+                             neighbours=neighbours, query_feats=test_feats[q])
     total_s = time.perf_counter() - t_start
     result = DemoResult(out_dir=out, knn_top1=acc, random_knn_top1=rand_acc,
                         train_seconds=train_s, total_seconds=total_s, steps=recipe.steps,
