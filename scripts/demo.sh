@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_venv.sh ""
+source scripts/_fmnist.sh
 data="${DINOFEAT_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
 if [ ! -f "$data/train-images-idx3-ubyte.gz" ]; then
   echo "demo: Fashion-MNIST not found in $data; install it with" >&2
