@@ -366,13 +366,11 @@ def pictures(model, recipe: str, img_dir: Path, queries: int = 6, attention: int
     import tempfile
 
     from dinofeat.datasets import load_fashion_mnist
-    from dinofeat.demo import search_pictures, to_pil
-    from dinofeat.index import KNNIndex
+    from dinofeat.demo import bank_index, search_pictures
     x_train, y_train = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
     xb, yb = x_train[:bank], y_train[:bank]
-    index = KNNIndex(model.embed_dim, metric="cosine", model_info=model)
-    index.add(model.embed(to_pil(xb)))
+    index = bank_index(model, xb, yb)
     q = np.linspace(0, len(x_test) - 1, queries).round().astype(int)
     written = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,7 @@ error is about 1 point): they rank options for the longer runs, nothing more.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -58,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = fashion_mnist_stats(x_train)
     work = Path(args.work_dir)
     data = export_training_images(x_train, work / "train_png")
-    recipe = RECIPES["bench"].__class__(
-        args.name, steps=args.steps, chunks=args.chunks, batch=args.batch,
-        description="probe", options=dict(RECIPES["bench"].options))
+    recipe = dataclasses.replace(RECIPES["bench"], name=args.name, steps=args.steps,
+                                 chunks=args.chunks, batch=args.batch, description="probe")
     run_dir = work / f"run_{args.name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = recipe_config(recipe, data=data, output_dir=run_dir, mean=mean, std=std,

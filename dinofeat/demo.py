@@ -34,8 +34,8 @@ from .zoo import Preprocessing
 __all__ = ["Recipe", "RECIPES", "fashion_mnist_stats", "fashion_mnist_preprocessing",
            "recipe_config", "export_training_images", "to_pil", "knn_evaluation",
            "silhouette_jaccard", "random_weights_model", "neighbour_grid",
-           "attention_picture", "search_pictures", "DemoResult", "demo_split", "run_demo",
-           "set_threads"]
+           "attention_picture", "bank_index", "search_pictures", "DemoResult", "demo_split",
+           "run_demo", "set_threads"]
 
 log = get_logger("dinofeat.demo")
 
@@ -390,7 +390,10 @@ def _shipped_available() -> bool:
     return bool(spec and spec.local_file and (PACKAGE_WEIGHTS / spec.local_file).is_file())
 
 
-def _index_of(model, images: np.ndarray, labels: np.ndarray, progress: bool):
+def bank_index(model, images: np.ndarray, labels: np.ndarray, progress: bool = False):
+    """A cosine :class:`~dinofeat.KNNIndex` of ``model.embed`` of ``images`` (uint8
+    ``[N, H, W]``, as grey PIL photos), labelled with the Fashion-MNIST class names of
+    ``labels``; ids are the positions in ``images``."""
     from .datasets import FASHION_MNIST_CLASSES
     from .index import KNNIndex
     feats = model.embed(to_pil(images), batch_size=256, progress=progress)
@@ -500,16 +503,16 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
     # 2. k-NN index and accuracy, next to random weights
     echo(f"[2/4] k-NN index of {len(bank_idx)} labelled training photos; "
          f"classifying {len(test_idx)} test photos")
-    index = _index_of(model, x_train[bank_idx], y_train[bank_idx], progress)
+    index = bank_index(model, x_train[bank_idx], y_train[bank_idx], progress)
     acc, test_feats = _accuracy(index, model, x_test[test_idx], y_test[test_idx], progress)
     rand = random_weights_model(FMNIST_ARCH, prep, seed=seed)
-    rand_index = _index_of(rand, x_train[bank_idx], y_train[bank_idx], progress)
+    rand_index = bank_index(rand, x_train[bank_idx], y_train[bank_idx], progress)
     rand_acc, _ = _accuracy(rand_index, rand, x_test[test_idx], y_test[test_idx], progress)
     files.append(index.save(out / "train.idx"))
     shipped_acc = None
     if compare_shipped and _shipped_available():
         shipped = load("vit_t_fmnist", device="cpu")
-        shipped_index = _index_of(shipped, x_train[bank_idx], y_train[bank_idx], progress)
+        shipped_index = bank_index(shipped, x_train[bank_idx], y_train[bank_idx], progress)
         shipped_acc, _ = _accuracy(shipped_index, shipped, x_test[test_idx],
                                    y_test[test_idx], progress)
 
