@@ -46,6 +46,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg2.to_dict()))
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
+        import os
         import torch
         from dinofeat.train.config import TrainConfig
         from dinofeat.train.loop import train
@@ -57,14 +58,17 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
                             "teacher": {{k: v.cpu() for k, v in state.teacher.state_dict().items()}}}},
                            {str(tmp_path)!r} + f"/rank{{state.rank}}.pt")
         res = train(TrainConfig.from_json_file({str(tmp_path / "cfg.json")!r}), callbacks=[dump])
-        print("RESULT", res.iteration, res.history[-1]["loss"])
+        # one file per rank: two processes printing to one pipe interleave their lines
+        with open({str(tmp_path)!r} + f"/result{{os.environ['RANK']}}.txt", "w") as f:
+            f.write(f"{{res.iteration}} {{res.history[-1]['loss']}}")
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", "2", str(script)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "RESULT 2 " in proc.stdout  # 16 images / (2 processes x 4) = 2 steps
+    for rank in (0, 1):  # 16 images / (2 processes x 4) = 2 steps
+        assert (tmp_path / f"result{rank}.txt").read_text().split()[0] == "2"
 
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
