@@ -182,6 +182,46 @@ def test_monitor_flags_an_image_independent_teacher_that_swings_between_extremes
     assert mon.end_epoch()["collapsed"] is False
 
 
+def test_monitor_flags_a_teacher_that_uses_two_prototypes():
+    """Centre momentum 0.999 in benchmarks/ablations.py: each image one-hot, the batch split
+    between two prototypes. Mean entropy ~0 and batch-mean entropy log 2 (10% of log K):
+    neither extreme, and the mutual information (log 2) is above the KL threshold; the
+    batch-mean rule (at most 15% of log K) flags it. Forty prototypes in use are kept."""
+    k, b, temp = 1024, 64, 0.04
+    log_k = math.log(k)
+
+    def one_hot_on(n_protos):
+        t = torch.zeros(b, k)
+        t[torch.arange(b), torch.arange(b) % n_protos] = 1.0
+        return teacher_stats(t, None, temp)
+
+    two = one_hot_on(2)
+    assert two["teacher_entropy"] < 0.01 * log_k
+    assert two["teacher_batch_entropy"] == pytest.approx(math.log(2), rel=1e-3)
+    assert two["teacher_kl"] > CollapseMonitor(k).min_kl_fraction * log_k
+    mon = CollapseMonitor(k)
+    mon.update(two)
+    judged = mon.end_epoch()
+    assert judged["collapsed"] and "2.0 of 1024 prototypes" in judged["collapse_reason"]
+    mon.update(one_hot_on(40))
+    assert mon.end_epoch()["collapsed"] is False
+
+
+def test_monitor_flags_a_near_uniform_teacher_that_says_little_about_the_image():
+    """No momentum teacher, last chunk of the ablation grid: entropy 94% of log K (below the
+    99% uniform rule) and KL 3.5% of log K. A teacher that is nearly uniform but whose
+    distributions still differ between images by 12% of log K (the DINO run) is kept."""
+    k = 1024
+    log_k = math.log(k)
+    mon = CollapseMonitor(k)
+    drifting = {"teacher_entropy": 0.94 * log_k, "teacher_batch_entropy": 0.975 * log_k,
+                "teacher_kl": 0.035 * log_k, "teacher_std": 0.56, "center_norm": 1.0}
+    assert "image-independent" in mon.check(drifting)
+    learning = {"teacher_entropy": 0.84 * log_k, "teacher_batch_entropy": 0.96 * log_k,
+                "teacher_kl": 0.12 * log_k, "teacher_std": 0.84, "center_norm": 1.0}
+    assert mon.check(learning) is None
+
+
 # ------------------------------------------------------------------ the benchmark grid
 def _cfg(a: ab.Ablation, tmp_path) -> TrainConfig:
     return ab.run_config(a, steps=20, chunks=4, data=tmp_path, output_dir=tmp_path / "o",
@@ -293,13 +333,42 @@ def test_verdicts_and_claims():
     assert [c["claim"][:4] for c in ab.check_claims(only, BASE)] == ["DINO", "the "]
 
 
+def test_rejudge_applies_todays_monitor_to_the_recorded_chunk_means():
+    """A cached run judged under older thresholds is judged again from its recorded chunk
+    means, chunk by chunk, exactly as CollapseMonitor.check judges them; the verdict the
+    run logged is kept beside it when they differ."""
+    log_k = math.log(1024)
+    chunk = lambda e, ent, bent, kl: {"epoch": e, "loss": 6.0, "entropy_frac": ent,  # noqa: E731
+                                      "batch_entropy_frac": bent, "teacher_kl": kl * log_k,
+                                      "teacher_std": 0.5, "collapsed": False, "reason": None}
+    logged = {"collapsed": False, "reason": None, "first_flagged_chunk": None,
+              "flagged_chunks": []}
+    res = {"name": "no_momentum", "config": {"out_dim": 1024}, "monitor": dict(logged),
+           "chunks_summary": [chunk(0, 0.42, 0.50, 0.085), chunk(1, 0.88, 0.93, 0.052),
+                              chunk(2, 0.94, 0.976, 0.035)]}
+    out = ab.rejudge(res)
+    assert out["monitor"]["collapsed"] and "image-independent" in out["monitor"]["reason"]
+    assert out["monitor"]["flagged_chunks"] == [2] and out["monitor_logged"] == logged
+    assert [c["collapsed"] for c in out["chunks_summary"]] == [False, False, True]
+    assert res["monitor"] == logged  # the input is left as it was
+    again = ab.rejudge(out)  # idempotent, and the first logged verdict is kept
+    assert again["monitor"] == out["monitor"] and again["monitor_logged"] == logged
+    # two prototypes in use: the batch-mean rule
+    two = ab.rejudge(dict(res, chunks_summary=[chunk(0, 0.02, 0.10, 0.076)]))
+    assert "2.0 of 1024 prototypes" in two["monitor"]["reason"]
+    # nothing to judge from (no spread recorded): left alone
+    bare = dict(res, chunks_summary=[{k: v for k, v in chunk(0, 0.9, 0.9, 0.01).items()
+                                      if k != "teacher_std"}])
+    assert ab.rejudge(bare) is bare
+
+
 def test_docs_section_is_replaced_in_place_and_plot_is_small(tmp_path):
     runs = _fake_grid()
     base = dict(BASE, chance=10.5)
     res_all = {"date": "2026-01-01 00:00",
                "settings": {"steps": 20, "chunks": 4, "batch": 64, "train_images": 1000,
                             "test": 200, "seed": 0, "jobs": 2, "threads_per_run": 1,
-                            "epochs_of_data": 1.28, "cpu_overrides": ab.CPU_OVERRIDES},
+                            "epochs_of_data": 1.28},
                "baselines": base, "runs": runs,
                "verdicts": {n: ab.verdict(r, runs["dino"], base) for n, r in runs.items()},
                "claims": ab.check_claims(runs, base),
