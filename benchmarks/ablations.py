@@ -489,14 +489,19 @@ def markdown(res_all: dict[str, Any]) -> str:
              "features collapsed.", "", "Claims:", ""]
     for c in res_all["claims"]:
         lines.append(f"- {'reproduced' if c['agrees'] else '**not reproduced**'}: {c['claim']}")
-    times = [r["train_seconds"] for r in res_all["runs"].values()]
+    runs = res_all["runs"].values()
+    times = [r["train_seconds"] for r in runs]
+    loads = [r[k][1] for r in runs for k in ("load_start", "load_end") if r.get(k)] or \
+        [res_all[k][1] for k in ("load_start", "load_end")]
+    dates = sorted(r.get("date", res_all["date"]) for r in runs)
     lines += ["", f"![ablations](img/{PLOT.name})", "",
-              f"Run {res_all['date']} on {m['cores']} cores ({m['cpu'].split('@')[0].strip()}"
-              f", {'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}), {s['jobs']} runs at a "
-              f"time, one torch thread each, load average {res_all['load_start'][1]:.1f} -> "
-              f"{res_all['load_end'][1]:.1f} (the machine was shared); training "
-              f"{min(times) / 60:.1f}-{max(times) / 60:.1f} min per run, the whole grid "
-              f"{res_all['total_seconds'] / 60:.1f} min. Options of every run: "
+              f"Runs finished {dates[0]} to {dates[-1]} on {m['cores']} cores "
+              f"({m['cpu'].split('@')[0].strip()}, "
+              f"{'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}), up to {s['jobs']} runs at "
+              f"a time, {s['threads_per_run']} torch thread(s) each, load average "
+              f"{min(loads):.1f}-{max(loads):.1f} (5-minute, at each run's start and end); "
+              f"training {min(times) / 60:.1f}-{max(times) / 60:.1f} min per run, "
+              f"{sum(times) / 60:.0f} min summed. Options of every run: "
               "`benchmarks/results/ablations.json`.", END]
     return "\n".join(lines)
 
@@ -565,7 +570,7 @@ def plot(res_all: dict[str, Any], path: Path) -> Path:
     axes[2].axhline(monitor.single_fraction, color="grey", ls=":", lw=1)
     axes[2].text(0, monitor.single_fraction, " monitor's threshold", fontsize=7,
                  color="dimgrey", va="bottom")
-    axes[2].legend(fontsize=6, loc="lower left", title="dashed: paper collapses",
+    axes[2].legend(fontsize=6, loc="center right", title="dashed: paper collapses",
                    title_fontsize=6)
     fig.tight_layout()
     with atomic_path(path) as tmp:
