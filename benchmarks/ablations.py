@@ -1,8 +1,8 @@
 """The paper's ablations, reproduced small: which DINO settings collapse on Fashion-MNIST.
 
-    python benchmarks/ablations.py --docs              # the grid (about 70 min on 2 cores)
+    python benchmarks/ablations.py --docs              # the 7-run grid (about 55 min on 2 cores)
     python benchmarks/ablations.py --only dino no_momentum --steps 60   # a few runs, shorter
-    python benchmarks/ablations.py --extended --docs   # also the other switches
+    python benchmarks/ablations.py --extended --docs   # also the other 5 switches (+40 min)
     python benchmarks/ablations.py --docs-only         # rewrite the docs from the results
 
 Each entry of :data:`GRID` is one short DINO run: the Fashion-MNIST benchmark recipe of
@@ -461,7 +461,9 @@ def markdown(res_all: dict[str, Any]) -> str:
     m = res_all["machine"]
     lines = [BEGIN, "## Ablations: what makes DINO collapse (Fashion-MNIST, CPU)", "",
              f"`python benchmarks/ablations.py --steps {s.get('steps_asked', s['steps'])} "
-             f"--chunks {s['chunks']} --docs` reruns this. Each row is one short DINO "
+             f"--chunks {s['chunks']}"
+             f"{' --extended' if any(GRID_BY_NAME[n].extended for n in res_all['runs']) else ''}"
+             " --docs` reruns this. Each row is one short DINO "
              "run with one switch of `dinofeat train` changed (docs/training.md, "
              "\"Ablation switches\"), then DINO's k-NN (k = 20, T = 0.07, weighted vote, "
              "DESIGN 3.7) of the saved teacher through `dinofeat.load(...).embed`.", "",
@@ -604,8 +606,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extended", action="store_true",
                    help="also the other switches (prev_epoch, sinkhorn, batch_softmax, mse, "
                         "predictor)")
-    p.add_argument("--steps", type=int, default=150, help="optimiser steps per run")
-    p.add_argument("--chunks", type=int, default=5,
+    p.add_argument("--steps", type=int, default=1500,
+                   help="optimiser steps per run; a chunk is at most one pass over the "
+                        "--train-images photos, so the default 1500 in 6 chunks of 10,000 "
+                        "photos (156 batches of 64) runs 936, the recorded grid")
+    p.add_argument("--chunks", type=int, default=6,
                    help="loop epochs per run (the collapse monitor judges each)")
     p.add_argument("--train-images", type=int, default=10000)
     p.add_argument("--test", type=int, default=2000)
