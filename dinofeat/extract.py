@@ -21,10 +21,11 @@ Feature files (:func:`save_features` / :func:`load_features`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -272,6 +273,8 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
     config = _run_config(model, paths, shard_size, options)
     cid = _config_id(config)
     manifest = shard_dir / "manifest.json"
+    if not manifest.is_file():
+        _refuse_foreign_folder(shard_dir)
     if manifest.is_file() and _read_json(manifest).get("config_id") != cid:
         if any(shard_dir.glob("shard_*.safetensors")):
             raise ValueError(
@@ -334,6 +337,46 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
 def _isatty() -> bool:
     import sys
     return sys.stderr.isatty()
+
+
+def _is_ours(name: str) -> bool:
+    """Whether a file name is one a shard run writes: its manifest, its shards, or the
+    temporary files of their atomic writes (``.<name>.<random>.tmp``)."""
+    if name == "manifest.json" or _SHARD_NAME.fullmatch(name):
+        return True
+    return (name.startswith(".manifest.json.") or name.startswith(".shard_")) \
+        and name.endswith(".tmp")
+
+
+_SHARD_NAME = re.compile(r"shard_\d{6}\.safetensors")
+
+
+def _refuse_foreign_folder(shard_dir: Path) -> None:
+    """A shard folder without a manifest must be new or empty: the run deletes what it
+    wrote there when it finishes, so it must never share a folder with other files."""
+    if not shard_dir.exists():
+        return
+    if not shard_dir.is_dir():
+        raise NotADirectoryError(f"shard folder {shard_dir} is not a folder")
+    foreign = sorted(p.name for p in shard_dir.iterdir() if not _is_ours(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(
+            f"shard folder {shard_dir} is not empty and holds no shard manifest ({shown}); "
+            f"name a new or empty folder for the shards")
+
+
+def remove_shards(shard_dir: str | os.PathLike) -> None:
+    """Delete what a shard run wrote in ``shard_dir`` (its manifest and shard files), then
+    the folder itself if nothing else is left in it. Other files are never touched."""
+    shard_dir = Path(shard_dir)
+    if not shard_dir.is_dir():
+        return
+    for p in shard_dir.iterdir():
+        if _is_ours(p.name) and (p.is_file() or p.is_symlink()):
+            p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: something not ours stays, and so does the folder
+        shard_dir.rmdir()
 
 
 def merge_shards(shard_dir: str | os.PathLike, out: str | os.PathLike) -> FeatureFile:
@@ -423,7 +466,7 @@ def embed_to_file(model: "DinoModel", images: Any, out: str | os.PathLike, *,
             result.features = merged
             result.num_images = merged.meta["num_images"]
             if not keep_shards:
-                shutil.rmtree(shard_dir, ignore_errors=True)
+                remove_shards(shard_dir)
         if world > 1:
             dist.barrier()  # nobody leaves before the output exists
         return result
