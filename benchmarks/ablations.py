@@ -8,11 +8,11 @@
 Each entry of :data:`GRID` is one short DINO run: the Fashion-MNIST benchmark recipe of
 :data:`dinofeat.demo.RECIPES` (``bench``: ViT ``vit_mini7``, 7x7-pixel patches, a 512-wide
 BatchNorm head, 4 local crops) with one ablation switch of
-:class:`dinofeat.train.TrainConfig` changed. Every run:
+:class:`dinofeat.training.TrainConfig` changed. Every run:
 
 1. pretrains on a fixed random subset of the Fashion-MNIST training photos (default
    10,000, written once as PNG files without labels) for ``--steps`` optimiser steps, in
-   ``--chunks`` loop "epochs" (the collapse monitor of :mod:`dinofeat.train.monitor`
+   ``--chunks`` loop "epochs" (the collapse monitor of :mod:`dinofeat.training.monitor`
    judges every chunk);
 2. loads the teacher back with ``dinofeat.load`` and measures DINO's weighted k-NN
    (k = 20, T = 0.07, DESIGN 3.7; :func:`dinofeat.demo.knn_evaluation`) of ``--test``
@@ -123,7 +123,7 @@ def base_recipe(steps: int, chunks: int):
 def run_config(ablation: Ablation, *, steps: int, chunks: int, data: str | os.PathLike,
                output_dir: str | os.PathLike, mean: float, std: float, seed: int = 0,
                overrides: dict[str, Any] | None = None):
-    """The :class:`~dinofeat.train.TrainConfig` of one grid run, ``overrides`` on top
+    """The :class:`~dinofeat.training.TrainConfig` of one grid run, ``overrides`` on top
     (validated; the paper's warnings about collapsing settings are silenced: here they
     are the point)."""
     from dinofeat.demo import recipe_config
@@ -192,7 +192,7 @@ def run_one(ablation: Ablation, split: Split, work: Path, *, steps: int, chunks:
     k-NN, return (and save as ``work/<name>/result.json``) everything measured."""
     from dinofeat.demo import fashion_mnist_preprocessing, knn_evaluation
     from dinofeat.model import load
-    from dinofeat.train.loop import train
+    from dinofeat.training.loop import train
     from dinofeat.utils import atomic_write_json
 
     run_dir = work / ablation.name / "run"
@@ -234,11 +234,11 @@ def run_one(ablation: Ablation, split: Split, work: Path, *, steps: int, chunks:
 
 def rejudge(res: dict[str, Any]) -> dict[str, Any]:
     """``res`` with its ``monitor`` verdicts recomputed by today's
-    :class:`~dinofeat.train.monitor.CollapseMonitor` from the chunk means the run recorded
+    :class:`~dinofeat.training.monitor.CollapseMonitor` from the chunk means the run recorded
     (the same judgement the training loop makes at the end of each chunk), so that runs
     cached under older thresholds are judged by the same rules as new ones. The verdict
     the run itself logged is kept as ``monitor_logged`` when it differs."""
-    from dinofeat.train.monitor import CollapseMonitor
+    from dinofeat.training.monitor import CollapseMonitor
     chunks = res.get("chunks_summary") or []
     if not chunks or any(c.get("teacher_std") is None for c in chunks):
         return res  # not enough recorded to judge again
@@ -482,7 +482,7 @@ def markdown(res_all: dict[str, Any]) -> str:
              "of their batch average (0 = every image on one prototype); *teacher KL*, the "
              "mean KL divergence between each image's distribution and the batch average "
              "(0 = the teacher ignores the image: the paper's sign of collapse). *monitor*: "
-             "the verdict of `dinofeat.train.monitor.CollapseMonitor` (the `collapsed` flag "
+             "the verdict of `dinofeat.training.monitor.CollapseMonitor` (the `collapsed` flag "
              "of the run's `log.jsonl` and of `TrainResult`) on the last chunk, with the "
              "first chunk it flagged, recomputed with today's thresholds from the chunk means "
              "each run recorded; *agrees*: that verdict is the paper's outcome. *k-NN "
@@ -563,7 +563,7 @@ def plot(res_all: dict[str, Any], path: Path) -> Path:
     for a in axes[1:3]:
         a.set_ylim(-0.02, 1.02)
     axes[3].set_yscale("log")
-    from dinofeat.train.monitor import CollapseMonitor
+    from dinofeat.training.monitor import CollapseMonitor
     monitor = CollapseMonitor(runs[names[0]]["config"]["out_dim"])
     kl_floor = monitor.min_kl_fraction * monitor.log_k
     axes[3].axhline(kl_floor, color="grey", ls=":", lw=1)

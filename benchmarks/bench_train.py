@@ -30,10 +30,10 @@ from PIL import Image
 
 
 def main() -> None:
-    from dinofeat.train.augment import MultiCropAugmentation
-    from dinofeat.train.config import TrainConfig
-    from dinofeat.train.data import TrainImages
-    from dinofeat.train.loop import train
+    from dinofeat.training.augment import MultiCropAugmentation
+    from dinofeat.training.config import TrainConfig
+    from dinofeat.training.data import TrainImages
+    from dinofeat.training.loop import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="vit_small16")

@@ -36,7 +36,7 @@ def _best_ms(fn, repeat: int = 5, warmup: int = 1, sync=lambda: None) -> float:
 
 def main() -> None:
     from dinofeat.backbones import build_backbone
-    from dinofeat.train import (DINOHead, DINOLoss, MultiCropAugmentation, MultiCropNetwork,
+    from dinofeat.training import (DINOHead, DINOLoss, MultiCropAugmentation, MultiCropNetwork,
                                 clip_gradients, ema_update)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

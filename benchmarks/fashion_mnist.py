@@ -2,7 +2,7 @@
 
     python benchmarks/fashion_mnist.py --recipe bench     # the 30-minute CPU benchmark
     python benchmarks/fashion_mnist.py --recipe ship \\
-        --save-weights dinofeat/weights/vit_t_fmnist.safetensors   # the shipped model
+        --save-weights dinofeat/shipped_weights/vit_t_fmnist.safetensors   # the shipped model
     python benchmarks/fashion_mnist.py --recipe demo      # the short run of `dinofeat demo`
 
 One run:
@@ -105,7 +105,7 @@ class CurveRecorder:
             return
         from dinofeat.demo import knn_evaluation
         from dinofeat.model import DinoModel
-        from dinofeat.train.distributed import unwrap
+        from dinofeat.training.distributed import unwrap
         t0 = time.perf_counter()
         backbone = unwrap(state.teacher).backbone
         was = backbone.training
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                fashion_mnist_stats, knn_evaluation, random_weights_model,
                                recipe_config, set_threads, silhouette_jaccard)
     from dinofeat.model import DinoModel, load, save_safetensors
-    from dinofeat.train.loop import train
+    from dinofeat.training.loop import train
     from dinofeat.utils import atomic_write_json
 
     t_start = time.perf_counter()
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve-bank", type=int, default=2000)
     p.add_argument("--curve-test", type=int, default=500)
     p.add_argument("--save-weights", default=None, metavar="FILE.safetensors",
-                   help="also copy the teacher backbone there (dinofeat/weights/...)")
+                   help="also copy the teacher backbone there (dinofeat/shipped_weights/...)")
     p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
     p.add_argument("--out", default=None, help="JSON results (default "
                    "benchmarks/results/fashion_mnist_<recipe>.json)")

@@ -4,7 +4,7 @@
         --set '{"use_bn_in_head": true}' [--threads 1] [--random]
 
 One probe: the ``bench`` recipe of :data:`dinofeat.demo.RECIPES` with the ``--set`` options
-(any :class:`~dinofeat.train.TrainConfig` field, as JSON) for ``--steps`` optimiser steps,
+(any :class:`~dinofeat.training.TrainConfig` field, as JSON) for ``--steps`` optimiser steps,
 then DINO's k-NN (k = 20, T = 0.07) of the saved teacher through ``load(...).embed`` on a
 fixed random subset (10,000 training photos as the bank, 2,000 test photos), and with
 ``--random`` the same for the untrained network. One JSON line per probe is appended to
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                                fashion_mnist_stats, knn_evaluation, random_weights_model,
                                recipe_config, set_threads)
     from dinofeat.model import load
-    from dinofeat.train.loop import train
+    from dinofeat.training.loop import train
 
     threads = set_threads(args.threads)
     overrides = json.loads(args.set)

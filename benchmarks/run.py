@@ -449,10 +449,10 @@ def _train_setup(arch: str, variant: str, batch: int, locals_: int, out_dim: int
             lr=1e-4)
         center = torch.zeros(1, out_dim)
         return (lambda: plain_train_step(student, teacher, opt, center, crops)), crops
-    from dinofeat.train.config import TrainConfig
-    from dinofeat.train.loop import build_networks
-    from dinofeat.train.loss import DINOLoss
-    from dinofeat.train.optim import (build_optimizer, cancel_last_layer_gradients,
+    from dinofeat.training.config import TrainConfig
+    from dinofeat.training.loop import build_networks
+    from dinofeat.training.loss import DINOLoss
+    from dinofeat.training.optim import (build_optimizer, cancel_last_layer_gradients,
                                       clip_gradients, ema_update, param_groups)
     cfg = TrainConfig(arch=size, patch_size=16, out_dim=out_dim, local_crops_number=locals_,
                       batch_size_per_gpu=batch, epochs=10)

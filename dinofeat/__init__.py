@@ -14,8 +14,8 @@ from .images import ImageReadError, list_images, open_image
 from .model import DinoModel, load
 from .shortcuts import attention_maps, embed
 from .zoo import list_models
-from . import train  # the training package; callable: dinofeat.train(config, **overrides)
-from .train.config import TrainConfig
+from .training.loop import train  # dinofeat.train(config, **overrides): a plain function
+from .training.config import TrainConfig
 from . import eval  # the paper's evaluations: dinofeat.eval.knn_classify, compute_map...
 from . import accel  # the platform's fastest correct kernels (fast_inference...)
 from .export import OnnxModel, export_model
@@ -24,5 +24,5 @@ __version__ = "0.1.0"
 
 __all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__",
            "embed", "attention_maps", "AttentionMaps", "open_image", "list_images",
-           "ImageReadError", "train", "TrainConfig", "eval", "accel", "export_model",
+           "ImageReadError", "train", "TrainConfig", "accel", "export_model",
            "OnnxModel"]

@@ -499,8 +499,8 @@ def _add_index_commands(sub) -> None:
 
 # ------------------------------------------------------------------- train
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.config import TrainConfig
-    from .train.loop import train
+    from .training.config import TrainConfig
+    from .training.loop import train
     cfg = TrainConfig.from_args(args)
     if not cfg.data:
         raise UserError("--data is required: a folder of images (searched recursively) or a "
@@ -518,7 +518,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_train_commands(sub) -> None:
     """train (issue: training core)."""
-    from .train.config import add_arguments
+    from .training.config import add_arguments
     p = sub.add_parser(
         "train", help="pretrain a DINO model on your own images",
         description="DINO self-supervised pretraining (student/teacher self-distillation "

@@ -140,10 +140,10 @@ def fashion_mnist_preprocessing(mean: float, std: float, size: int = 28) -> Prep
 def recipe_config(recipe: str | Recipe, *, data: str | os.PathLike,
                   output_dir: str | os.PathLike, mean: float, std: float,
                   **overrides: Any):
-    """The :class:`~dinofeat.train.config.TrainConfig` of ``recipe`` (a name of
+    """The :class:`~dinofeat.training.config.TrainConfig` of ``recipe`` (a name of
     :data:`RECIPES` or a :class:`Recipe`) for the images ``data`` (a folder or a ``.txt``
     list), normalised with ``mean``/``std``; ``overrides`` (any TrainConfig field) win."""
-    from .train.config import TrainConfig
+    from .training.config import TrainConfig
     r = RECIPES[recipe] if isinstance(recipe, str) else recipe
     opts = dict(r.options)
     opts.update(batch_size_per_gpu=r.batch, epochs=r.chunks,
@@ -384,7 +384,7 @@ class DemoResult:
 
 
 def _shipped_available() -> bool:
-    from .hub import PACKAGE_WEIGHTS
+    from .weights import PACKAGE_WEIGHTS
     from .zoo import MODELS
     spec = MODELS.get("vit_t_fmnist")
     return bool(spec and spec.local_file and (PACKAGE_WEIGHTS / spec.local_file).is_file())
@@ -452,7 +452,7 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
     """
     from .datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
     from .model import DinoModel, save_safetensors
-    from .train.loop import train
+    from .training.loop import train
 
     t_start = time.perf_counter()
     out = Path(out_dir)

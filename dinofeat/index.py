@@ -1430,7 +1430,7 @@ def _hash_files(files: list[str], known: dict[str, tuple[int, int, str]],
 
     from tqdm.auto import tqdm
 
-    from .hub import sha256_file
+    from .weights import sha256_file
 
     def one(f: str):
         try:

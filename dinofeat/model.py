@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hub
+from . import weights
 from .accel import fast_math
 from .backbones import DinoVisionTransformer, build_backbone
 from .zoo import MODELS, ModelSpec, Preprocessing, get_spec
@@ -315,7 +315,7 @@ def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
                 kw["img_size"] = trained_grid_from_pos_embed(sd["pos_embed"]) * int(
                     sd["patch_embed.proj.weight"].shape[-1])
             return build_backbone(arch, pos_embed_interp=pos_embed_interp, **kw)
-    facts = hub.infer_architecture(sd)
+    facts = weights.infer_architecture(sd)
     if facts["family"] == "resnet":
         return build_backbone("resnet50")
     if facts["family"] == "xcit":
@@ -325,7 +325,7 @@ def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
         spec = MODELS[arch]
         if (spec.embed_dim, spec.patch_size, spec.depth) != (
                 facts["embed_dim"], facts["patch_size"], facts["depth"]):
-            raise hub.CheckpointError(
+            raise weights.CheckpointError(
                 f"weights are a ViT with dim {facts['embed_dim']}, patch "
                 f"{facts['patch_size']} and {facts['depth']} blocks, but arch={arch!r} has "
                 f"dim {spec.embed_dim}, patch {spec.patch_size} and {spec.depth} blocks")
@@ -352,11 +352,11 @@ def _load_strict(backbone: nn.Module, sd: dict[str, torch.Tensor], source: str) 
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
         if bad_shape:
             parts.append(f"shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape)}")
-        raise hub.CheckpointError(f"{source}: weights do not fit the architecture "
+        raise weights.CheckpointError(f"{source}: weights do not fit the architecture "
                                   f"{type(backbone).__name__}:\n  " + "\n  ".join(parts))
     for k, v in sd.items():
         if not v.is_floating_point() and expected[k].is_floating_point():
-            raise hub.CheckpointError(f"{source}: tensor {k} has dtype {v.dtype}, expected "
+            raise weights.CheckpointError(f"{source}: tensor {k} has dtype {v.dtype}, expected "
                                       "a floating-point tensor")
     full = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     full.update({k: torch.zeros(expected[k].shape, dtype=expected[k].dtype, device="cpu")
@@ -403,7 +403,7 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
     name = str(name_or_path)
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         spec = get_spec(name_or_path)
-        path = hub.fetch_weights(spec, revision=revision, cache_dir=cache_dir)
+        path = weights.fetch_weights(spec, revision=revision, cache_dir=cache_dir)
     else:
         path = Path(name_or_path)
         if not path.exists():
@@ -419,17 +419,17 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
                 raise ValueError(f"{path}: ONNX models run on CPU here; load the PyTorch "
                                  "weights for a GPU")
             return load_onnx(path)  # type: ignore[return-value]
-    ckpt = hub.read_checkpoint(path)
-    meta = hub.read_dinofeat_metadata(path, ckpt)
-    sd = hub.backbone_state_dict(ckpt, checkpoint_key=checkpoint_key, source=str(path))
+    ckpt = weights.read_checkpoint(path)
+    meta = weights.read_dinofeat_metadata(path, ckpt)
+    sd = weights.backbone_state_dict(ckpt, checkpoint_key=checkpoint_key, source=str(path))
     arch = arch or (spec.name if spec else meta.get("arch"))
     interp = pos_embed_interp or (spec.pos_embed_interp if spec and spec.arch == "vit"
                                   else meta.get("pos_embed_interp", "dino"))
     try:
         with torch.device("meta"):  # shapes only: every value comes from the file, no random init
             backbone = _build_for_state(sd, arch, interp)
-    except hub.CheckpointError as e:  # name the file
-        raise hub.CheckpointError(f"{path}: {e}") from None
+    except weights.CheckpointError as e:  # name the file
+        raise weights.CheckpointError(f"{path}: {e}") from None
     _load_strict(backbone, sd, str(path))
     if preprocessing is None and meta.get("preprocessing"):
         preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v

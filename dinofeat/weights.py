@@ -4,7 +4,7 @@ Where weights come from, in order (:func:`fetch_weights`):
 
 1. ``$DINOFEAT_WEIGHTS_DIR``: a folder holding ``<zoo name>.safetensors``/``.pth`` or the
    release file under its original name (for machines without network access);
-2. a file shipped inside the package (``dinofeat/weights/``);
+2. a file shipped inside the package (``dinofeat/shipped_weights/``);
 3. the Hugging Face hub (the timm copies, ``timm/vit_small_patch16_224.dino`` ...) through
    ``huggingface_hub``: its cache (:func:`hf_cache_dir`), ``HF_HUB_OFFLINE``,
    ``HF_HUB_CACHE`` and ``HF_HOME`` are honoured, read when called;
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 WEIGHTS_DIR_ENV = "DINOFEAT_WEIGHTS_DIR"
-PACKAGE_WEIGHTS = Path(__file__).parent / "weights"
+PACKAGE_WEIGHTS = Path(__file__).parent / "shipped_weights"
 
 # Types admitted by torch.load(weights_only=True) beyond tensors and containers.
 SAFE_GLOBALS: list = [argparse.Namespace]

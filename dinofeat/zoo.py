@@ -4,7 +4,7 @@ Each entry says what the network is (architecture, patch size, feature dimension
 heads), where its weights live (Hugging Face hub repo of the timm copy, the original
 release URLs) and what the paper reports for it (ImageNet k-NN and linear top-1), plus
 the preprocessing its numbers were measured with. Nothing here builds or downloads
-anything: :mod:`dinofeat.backbones` builds, :mod:`dinofeat.hub` fetches.
+anything: :mod:`dinofeat.backbones` builds, :mod:`dinofeat.weights` fetches.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ModelSpec:
     img_size: int = 224  # grid the position embeddings were trained at
     pos_embed_interp: str = "dino"  # "dino" (scale-factor + 0.1) or "timm" (target size)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
-    local_file: str | None = None  # weights shipped inside the package (dinofeat/weights/)
+    local_file: str | None = None  # weights shipped inside the package (dinofeat/shipped_weights/)
     description: str = ""
     dataset: str = "ImageNet-1k"  # where knn_top1 / linear_top1 were measured
 
@@ -167,7 +167,7 @@ for _spec in [
         description="XCiT-M24/8, DINO ImageNet-1k",
     ),
     # Trained by this package: `python benchmarks/fashion_mnist.py --recipe ship
-    # --save-weights dinofeat/weights/vit_t_fmnist.safetensors` (recipe "ship" of
+    # --save-weights dinofeat/shipped_weights/vit_t_fmnist.safetensors` (recipe "ship" of
     # dinofeat.demo.RECIPES, 3000 steps x 64 unlabelled photos on one CPU thread). k-NN top-1:
     # the 10,000 test photos against the 60,000 training photos (k = 20, T = 0.07), from
     # benchmarks/results/fashion_mnist_ship.json (tests/test_fashion_mnist.py recomputes it).

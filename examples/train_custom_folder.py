@@ -1,7 +1,7 @@
 """Pretrain DINO on your own unlabelled images, then use the result like any zoo model.
 
 What it shows: a :class:`dinofeat.TrainConfig` for a folder of images from the
-``small_data`` preset (``dinofeat.train.small_data_preset`` picks the patch size, crop
+``small_data`` preset (``dinofeat.training.small_data_preset`` picks the patch size, crop
 sizes, number of prototypes and teacher momentum from the image size, batch and data-set
 size), ``dinofeat.train(config)`` (checkpoints, ``log.jsonl`` and ``config.json`` in the
 run folder; rerunning resumes), then ``dinofeat.load(run_folder)`` (the teacher backbone

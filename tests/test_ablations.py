@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from dinofeat.train.config import TrainConfig
-from dinofeat.train.head import DINOHead
-from dinofeat.train.loss import DINOLoss
-from dinofeat.train.monitor import CollapseMonitor, teacher_stats
+from dinofeat.training.config import TrainConfig
+from dinofeat.training.head import DINOHead
+from dinofeat.training.loss import DINOLoss
+from dinofeat.training.monitor import CollapseMonitor, teacher_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import dinofeat
-from dinofeat import hub, zoo
+from dinofeat import weights as W, zoo
 from dinofeat.backbones import build_backbone
 from dinofeat.datasets import FASHION_MNIST_DIR, load_fashion_mnist
 from dinofeat.demo import (FMNIST_ARCH, RECIPES, fashion_mnist_preprocessing,
@@ -59,7 +59,7 @@ def test_zoo_entry_describes_the_shipped_network():
     assert p.grayscale and (p.mode, p.resize_size, p.crop_size) == ("dino", 28, 28)
     assert p.mean[0] == p.mean[1] == p.mean[2] and p.std[0] == p.std[1] == p.std[2]
     assert 10.0 < SPEC.knn_top1 < 100.0 and SPEC.linear_top1 is None
-    path = hub.PACKAGE_WEIGHTS / SPEC.local_file
+    path = W.PACKAGE_WEIGHTS / SPEC.local_file
     assert path.is_file() and path.stat().st_size <= 8 * 2 ** 20
     table = zoo.format_table()
     row = next(line for line in table.splitlines() if line.startswith("vit_t_fmnist"))
@@ -78,11 +78,11 @@ def test_preprocessing_statistics_are_the_training_sets(data):
 # ------------------------------------------------------------------ loading
 def test_loads_offline_from_the_package(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv(hub.WEIGHTS_DIR_ENV, raising=False)
+    monkeypatch.delenv(W.WEIGHTS_DIR_ENV, raising=False)
     m = dinofeat.load("vit_t_fmnist", device="cpu")
     assert m.spec is SPEC and m.preprocessing == SPEC.preprocessing
-    assert str(hub.PACKAGE_WEIGHTS) in m.source and m.is_vit
-    meta = hub.read_dinofeat_metadata(m.source, hub.read_checkpoint(m.source))
+    assert str(W.PACKAGE_WEIGHTS) in m.source and m.is_vit
+    meta = W.read_dinofeat_metadata(m.source, W.read_checkpoint(m.source))
     stored = {k: tuple(v) if isinstance(v, list) else v
               for k, v in meta["preprocessing"].items()}  # JSON in the file: lists
     assert stored == SPEC.preprocessing.to_dict()

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 import dinofeat
-from dinofeat import hub, zoo
+from dinofeat import weights as W, zoo
 from dinofeat.backbones import build_backbone
-from dinofeat.hub import CheckpointError, WeightsNotFoundError
+from dinofeat.weights import CheckpointError, WeightsNotFoundError
 from dinofeat.model import save_safetensors
 
 VIT_S16 = zoo.get_spec("vit_s16")
@@ -265,7 +265,7 @@ def test_zoo_name_from_hf_home(offline_weight_caches, monkeypatch, hf_snapshot_w
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     snap = hf_snapshot_writer(tmp_path / "hf-home" / "hub", tiny_hub_spec.hf_hub_id,
                               {"model.safetensors": tiny_file})
-    assert hub.hf_cache_dir() == tmp_path / "hf-home" / "hub"
+    assert W.hf_cache_dir() == tmp_path / "hf-home" / "hub"
     model = dinofeat.load(tiny_hub_spec.name, device="cpu")
     assert Path(model.source) == snap / "model.safetensors"
     _assert_weights(model, tiny_state)

@@ -16,12 +16,12 @@ import torch.nn as nn
 from PIL import Image
 from torchvision.transforms import v2
 
-from dinofeat.train import (LARS, PRESETS, DINOHead, DINOLoss, MultiCropAugmentation,
+from dinofeat.training import (LARS, PRESETS, DINOHead, DINOLoss, MultiCropAugmentation,
                             MultiCropNetwork, Predictor, TrainConfig, apply_schedules,
                             build_optimizer, build_schedules, cancel_last_layer_gradients,
                             clip_gradients, cosine_schedule, ema_update, param_groups)
-from dinofeat.train.augment import blur_kernel_size
-from dinofeat.train.loss import batch_softmax, sinkhorn_knopp
+from dinofeat.training.augment import blur_kernel_size
+from dinofeat.training.loss import batch_softmax, sinkhorn_knopp
 
 
 @pytest.fixture(autouse=True)
@@ -690,7 +690,7 @@ def test_presets():
 
 
 def test_small_data_preset():
-    from dinofeat.train import small_data_preset
+    from dinofeat.training import small_data_preset
     p = small_data_preset(32, 256)
     assert (p["patch_size"], p["global_crop_size"], p["local_crop_size"]) == (4, 32, 12)
     assert p["momentum_teacher"] == pytest.approx(0.9995)  # the release's value at batch 256
@@ -708,7 +708,7 @@ def test_small_data_preset():
 
 def test_argparse_generation():
     import argparse
-    from dinofeat.train import add_arguments
+    from dinofeat.training import add_arguments
     parser = add_arguments(argparse.ArgumentParser())
     help_text = parser.format_help()
     assert "--momentum-teacher" in help_text and "(default: 0.996)" in help_text
@@ -804,7 +804,7 @@ def test_centre_and_sinkhorn_are_global_across_processes(tmp_path):
     batches, and Sinkhorn-Knopp equals the one over the concatenated batch."""
     import subprocess
     import sys
-    import dinofeat.train.loss as loss_module
+    import dinofeat.training.loss as loss_module
     world = 2
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)

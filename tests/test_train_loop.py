@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 import dinofeat
-from dinofeat.hub import read_checkpoint
-from dinofeat.train.checkpoint import load_checkpoint
-from dinofeat.train.config import TrainConfig
-from dinofeat.train.loop import NonFiniteLossError, TrainState, build_networks, train
+from dinofeat.weights import read_checkpoint
+from dinofeat.training.checkpoint import load_checkpoint
+from dinofeat.training.config import TrainConfig
+from dinofeat.training.loop import NonFiniteLossError, TrainState, build_networks, train
 
 REPO = Path(__file__).resolve().parents[1]
 WATCHED = ("backbone.vit.cls_token", "backbone.vit.blocks.0.attn.qkv.weight",
@@ -256,8 +256,8 @@ def test_resume_after_sigkill_is_bit_identical(reference, image_dir, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import time, torch
         from pathlib import Path
-        from dinofeat.train.config import TrainConfig
-        from dinofeat.train.loop import train
+        from dinofeat.training.config import TrainConfig
+        from dinofeat.training.loop import train
         torch.set_num_threads(1)
         def hang(state):
             if state.event == "step" and state.iteration == 5:
@@ -416,7 +416,7 @@ def test_continue_from_an_original_release_checkpoint(image_dir, tmp_path):
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    from dinofeat.train.optim import build_optimizer, param_groups
+    from dinofeat.training.optim import build_optimizer, param_groups
     opt = build_optimizer(cfg, param_groups(student))
     opt_state = opt.state_dict()
     for g in opt_state["param_groups"]:  # the release's groups: no dinofeat flags
@@ -506,7 +506,7 @@ def test_cli_preset_then_explicit_options(tmp_path):
 
 def test_dinofeat_train_is_callable_and_a_package():
     assert callable(dinofeat.train)
-    assert dinofeat.train.TrainConfig is TrainConfig
+    assert dinofeat.training.TrainConfig is TrainConfig
     with pytest.raises(ValueError, match="no training data"):
         dinofeat.train(epochs=1, warmup_epochs=0)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinofeat.train.checkpoint import load_checkpoint
-from dinofeat.train.config import TrainConfig
-from dinofeat.train.loop import train
+from dinofeat.training.checkpoint import load_checkpoint
+from dinofeat.training.config import TrainConfig
+from dinofeat.training.loop import train
 
 from test_train_loop import make_images, tiny_config
 
@@ -48,8 +48,8 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os
         import torch
-        from dinofeat.train.config import TrainConfig
-        from dinofeat.train.loop import train
+        from dinofeat.training.config import TrainConfig
+        from dinofeat.training.loop import train
         torch.set_num_threads(1)
         def dump(state):
             if state.event == "epoch":

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from dinofeat.train.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state,
+from dinofeat.training.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state,
                                        save_checkpoint)
-from dinofeat.train.data import (ResumableDistributedSampler, TrainImages,
+from dinofeat.training.data import (ResumableDistributedSampler, TrainImages,
                                  resolve_image_list, sample_seed)
-from dinofeat.train.monitor import CollapseMonitor, teacher_stats
+from dinofeat.training.monitor import CollapseMonitor, teacher_stats
 
 from test_train_loop import make_images
 
@@ -150,7 +150,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
 
 def test_tensorboard_option_needs_the_package(tmp_path):
-    from dinofeat.train.loop import _TensorBoard
+    from dinofeat.training.loop import _TensorBoard
     try:
         import torch.utils.tensorboard  # noqa: F401
         have = True

@@ -233,7 +233,7 @@ def load_linear_head(path: str | os.PathLike, *, embed_dim: int | None = None,
                      n_last_blocks: int | None = None, avgpool: bool | None = None,
                      class_names: Sequence[str] | None = None) -> LinearProbe:
     """Load a linear head (see :meth:`LinearProbe.load`)."""
-    from ..hub import read_checkpoint
+    from ..weights import read_checkpoint
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such linear head file: {path}")
@@ -409,7 +409,7 @@ def train_linear_probe(model: Any, train: LabeledImages, val: LabeledImages | No
     top-1/top-5 and the per-epoch history. Validation features are computed once (the
     backbone is frozen and evaluation preprocessing deterministic).
     """
-    from ..hub import read_checkpoint
+    from ..weights import read_checkpoint
     from ..images import ImageTransform
     cfg = config or LinearProbeConfig()
     model.eval()  # frozen: features are computed under no_grad, never trained

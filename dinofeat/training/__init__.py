@@ -1,10 +1,7 @@
 """The DINO training core: configuration, multi-crop augmentation, projection head, loss,
 schedules and optimisers, and the training loop.
 
-``dinofeat.train(config, **overrides)`` (this package is callable) runs
-:func:`dinofeat.train.loop.train`."""
-
-import sys
+``dinofeat.train(config, **overrides)`` is :func:`dinofeat.training.loop.train`."""
 
 from .augment import MultiCropAugmentation
 from .config import PRESETS, TrainConfig, add_arguments, small_data_preset
@@ -26,13 +23,3 @@ __all__ = [
     "train", "TrainResult", "TrainState", "NonFiniteLossError",
 ]
 
-
-class _CallablePackage(type(sys.modules[__name__])):
-    """Makes ``dinofeat.train(...)`` run :func:`dinofeat.train.loop.train` while
-    ``dinofeat.train`` stays this package (``dinofeat.train.TrainConfig`` ...)."""
-
-    def __call__(self, *args, **kwargs) -> TrainResult:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage

@@ -115,7 +115,7 @@ class MultiCropAugmentation:
 
     @classmethod
     def from_config(cls, cfg) -> "MultiCropAugmentation":
-        """The augmentation a :class:`~dinofeat.train.config.TrainConfig` describes."""
+        """The augmentation a :class:`~dinofeat.training.config.TrainConfig` describes."""
         return cls(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
                    cfg.global_crop_size, cfg.local_crop_size, mean=cfg.mean, std=cfg.std,
                    grayscale=cfg.grayscale, blur_sigma=cfg.blur_sigma)

@@ -2,7 +2,7 @@
 
 A dinofeat training checkpoint (``run/checkpoint.pth``) is a plain dictionary of tensors,
 numbers, strings and lists, so it loads with ``torch.load(weights_only=True)``
-(:func:`dinofeat.hub.read_checkpoint`):
+(:func:`dinofeat.weights.read_checkpoint`):
 
 ============== ===========================================================================
 ``student``    student state dict (``backbone.*``, ``head.*`` [, ``predictor.*``])
@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..hub import CheckpointError, read_checkpoint
+from ..weights import CheckpointError, read_checkpoint
 from ..utils import atomic_path
 
 __all__ = ["CHECKPOINT_NAME", "numbered_checkpoint_name", "save_checkpoint", "load_checkpoint",

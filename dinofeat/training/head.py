@@ -129,7 +129,7 @@ class Predictor(nn.Module):
 
 
 def build_head(cfg, in_dim: int) -> DINOHead:
-    """The :class:`DINOHead` a :class:`~dinofeat.train.config.TrainConfig` describes."""
+    """The :class:`DINOHead` a :class:`~dinofeat.training.config.TrainConfig` describes."""
     return DINOHead(in_dim, cfg.out_dim, use_bn=cfg.use_bn_in_head,
                     norm_last_layer=cfg.norm_last_layer, nlayers=cfg.head_layers,
                     hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,

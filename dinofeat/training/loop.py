@@ -3,11 +3,11 @@
 One optimiser step, in order:
 
 1. write the step's learning rate and weight decay (decayed group only) into the
-   optimiser (per-iteration cosine schedules, :mod:`dinofeat.train.schedules`);
+   optimiser (per-iteration cosine schedules, :mod:`dinofeat.training.schedules`);
 2. (``teacher="prev_iter"``) the teacher becomes a copy of the student;
 3. for each of ``grad_accum_steps`` micro-batches: the teacher (no gradient) sees the 2
    global crops, the student all crops, under autocast (bf16 / fp16 / fp32);
-   :class:`~dinofeat.train.loss.DINOLoss` (which updates the centre, all-reduced over
+   :class:`~dinofeat.training.loss.DINOLoss` (which updates the centre, all-reduced over
    processes); a non-finite loss stops the run; backward (fp16: through the
    ``GradScaler``'s loss scaling);
 4. unscale (fp16), clip every parameter's gradient norm on its own, drop the head's
@@ -41,7 +41,7 @@ from torch import nn
 
 from ..accel import fast_math
 from ..backbones import build_backbone, parse_arch
-from ..hub import CheckpointError
+from ..weights import CheckpointError
 from ..utils import atomic_write_json, get_logger
 from ..zoo import Preprocessing
 from . import distributed as D
@@ -871,7 +871,7 @@ def train(config: TrainConfig | None = None, *,
     """Pretrain a DINO model; the same options as ``dinofeat train``.
 
     Args:
-        config: a :class:`~dinofeat.train.config.TrainConfig` (default: the release's
+        config: a :class:`~dinofeat.training.config.TrainConfig` (default: the release's
             ViT-S/16 recipe); ``overrides`` are applied on top (``data=``,
             ``output_dir=``, ``epochs=``...).
         callbacks: functions called with a :class:`TrainState` after every optimiser step

@@ -117,7 +117,7 @@ class DINOLoss(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> "DINOLoss":
-        """The loss a :class:`~dinofeat.train.config.TrainConfig` describes."""
+        """The loss a :class:`~dinofeat.training.config.TrainConfig` describes."""
         return cls(cfg.out_dim, cfg.ncrops, cfg.warmup_teacher_temp, cfg.teacher_temp,
                    cfg.warmup_teacher_temp_epochs, cfg.epochs, student_temp=cfg.student_temp,
                    center_momentum=cfg.center_momentum, collapse=cfg.collapse,

@@ -58,7 +58,7 @@ class Schedules:
 
 
 def build_schedules(cfg, iters_per_epoch: int, total_batch: int) -> Schedules:
-    """The release's schedules for ``cfg`` (a :class:`~dinofeat.train.config.TrainConfig`).
+    """The release's schedules for ``cfg`` (a :class:`~dinofeat.training.config.TrainConfig`).
 
     - lr: warm-up from 0 to ``cfg.lr * total_batch / 256`` over ``cfg.warmup_epochs``, then
       cosine to ``cfg.min_lr``;

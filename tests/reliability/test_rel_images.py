@@ -226,8 +226,8 @@ def test_dedup_api_and_cli(tiny_model, tiny_weights, zoo_dir, unreadable_by_perm
 @pytest.mark.slow
 def test_train_skips_counts_and_names_each_bad_file_once(zoo_dir, unreadable_by_permission,
                                                          tmp_path, caplog, tally):
-    from dinofeat.train.config import TrainConfig
-    from dinofeat.train.loop import train
+    from dinofeat.training.config import TrainConfig
+    from dinofeat.training.loop import train
     root, files = zoo_dir
     readable, unreadable = _expect(files)
     n = len(readable) + len(unreadable)

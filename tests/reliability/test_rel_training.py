@@ -30,10 +30,10 @@ from PIL import Image
 
 from _zoo import picture
 from dinofeat.cli import main
-from dinofeat.train import checkpoint as C
-from dinofeat.train.checkpoint import load_checkpoint
-from dinofeat.train.config import TrainConfig
-from dinofeat.train.loop import train
+from dinofeat.training import checkpoint as C
+from dinofeat.training.checkpoint import load_checkpoint
+from dinofeat.training.config import TrainConfig
+from dinofeat.training.loop import train
 
 STEPS = 8  # 2 epochs x 4 steps
 

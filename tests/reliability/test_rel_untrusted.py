@@ -3,7 +3,7 @@ says clearly what is wrong with truncated, empty or mismatched files.
 
 Each *target* below is one place where dinofeat reads a file a user (or a download) can
 hand it: ``dinofeat.load`` (a file, a run folder, a zoo name resolved through
-``$DINOFEAT_WEIGHTS_DIR``), ``hub.read_checkpoint``, training resume and
+``$DINOFEAT_WEIGHTS_DIR``), ``weights.read_checkpoint``, training resume and
 ``--resume-from``, linear heads (``.pth`` and ``.safetensors``, ``attach_classifier``,
 the linear probe's own resume checkpoint), whitening files (and ``dedup --whitening``),
 every file of a saved index, the retrieval ground truth, feature files and their
@@ -174,12 +174,12 @@ def _load_zoo(c: Ctx, p: Path):
 
 
 def _read_ckpt(c: Ctx, p: Path):
-    from dinofeat.hub import read_checkpoint
+    from dinofeat.weights import read_checkpoint
     return read_checkpoint(p)
 
 
 def _train_cfg(c: Ctx, out: Path, **kw):
-    from dinofeat.train.config import TrainConfig
+    from dinofeat.training.config import TrainConfig
     base = dict(arch="vit_mini16", out_dim=32, hidden_dim=32, bottleneck_dim=16,
                 global_crop_size=32, local_crop_size=16, local_crops_number=1,
                 batch_size_per_gpu=2, epochs=1, warmup_epochs=0, warmup_teacher_temp_epochs=0,
@@ -190,12 +190,12 @@ def _train_cfg(c: Ctx, out: Path, **kw):
 
 
 def _resume(c: Ctx, p: Path):
-    from dinofeat.train.loop import train
+    from dinofeat.training.loop import train
     return train(_train_cfg(c, p.parent))  # finished run: resumes, nothing left to do
 
 
 def _resume_from(c: Ctx, p: Path):
-    from dinofeat.train.loop import train
+    from dinofeat.training.loop import train
     return train(_train_cfg(c, c.tmp / "fresh", resume_from=str(p)))
 
 
@@ -346,7 +346,7 @@ def _config_json(c: Ctx) -> Path:
 
 
 def _load_config(c: Ctx, p: Path):
-    from dinofeat.train.config import TrainConfig
+    from dinofeat.training.config import TrainConfig
     return TrainConfig.from_json_file(p)
 
 
@@ -388,7 +388,7 @@ TARGETS = [
     Target("dinofeat.load(run folder)", _run_copy, _load_run),
     Target("dinofeat.load(zoo name, $DINOFEAT_WEIGHTS_DIR)", _zoo_name, _load_zoo,
            cache=False),
-    Target("hub.read_checkpoint", _tiny_backbone_pth, _read_ckpt),
+    Target("weights.read_checkpoint", _tiny_backbone_pth, _read_ckpt),
     Target("training resume (output/checkpoint.pth)", _run_copy, _resume),
     Target("training resume_from", _run_copy, _resume_from),
     Target("CLI train --resume-from", _run_copy, _cli_resume_from),
@@ -428,7 +428,7 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def finished_run(images, tmp_path_factory) -> Path:
     """A finished 1-epoch training run (vit_tiny16, 32 px)."""
-    from dinofeat.train.loop import train
+    from dinofeat.training.loop import train
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("untrusted-run") / "run"
     c = Ctx(out.parent, None, None, images, out, None)
