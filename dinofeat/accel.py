@@ -40,9 +40,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
+import os
 import threading
+import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -52,7 +57,10 @@ from .utils import get_logger
 __all__ = ["PRECISIONS", "AUTOCAST_DTYPES", "FEATURE_TOLERANCES", "MatmulCheck",
            "check_onednn_fp32", "onednn_fp32_available", "fast_math", "attention_mode",
            "uses_explicit_attention", "EXPLICIT_ATTENTION_MAX_TOKENS", "fast_inference",
-           "configure_cpu", "compile_model", "platform_report"]
+           "configure_cpu", "compile_model", "platform_report", "PROBE_ENV",
+           "probing_enabled", "probe_cache_path", "probe", "clear_probes", "attention_kernel",
+           "exact_search_kernel", "exact_search", "gemm_gflops", "model_flops",
+           "model_seconds_per_image", "embed_batch_size"]
 
 log = get_logger(__name__)
 
@@ -194,10 +202,30 @@ def check_onednn_fp32() -> MatmulCheck:
 
 @functools.lru_cache(maxsize=1)
 def onednn_fp32_available() -> bool:
-    """Cached :func:`check_onednn_fp32` verdict (run once per process, at first use)."""
+    """Whether dinofeat routes fp32 matmuls to oneDNN on this CPU: the numerical
+    self-check (:func:`check_onednn_fp32`, run once per process) must show fp32-level
+    error, and, where probing is on, a timed probe must show oneDNN faster than the
+    default kernel on a ViT-sized ``linear`` (cached per machine, :func:`probe`)."""
     check = check_onednn_fp32()
     log.debug("oneDNN fp32 self-check: %s", check)
-    return check.fp32_level
+    if not check.fp32_level:
+        return False
+    result = probe("onednn_fp32", _probe_onednn_fp32)
+    return True if result is None else result["choice"] == "onednn"
+
+
+def _probe_onednn_fp32() -> dict[str, Any]:
+    x, w = torch.randn(1576, 384), torch.randn(1536, 384)
+    fns = {"default": lambda: torch.nn.functional.linear(x, w)}
+
+    def onednn():
+        with _onednn_setting(_ONEDNN_SETTING):
+            return torch.nn.functional.linear(x, w)
+
+    fns["onednn"] = onednn
+    t = _race(fns, repeats=5)
+    choice = "onednn" if t["onednn"] < 0.97 * t["default"] else "default"
+    return {"choice": choice, "seconds": t}
 
 
 @contextlib.contextmanager
@@ -231,11 +259,16 @@ EXPLICIT_ATTENTION_MAX_TOKENS = 512
 def uses_explicit_attention(device: torch.device | str, precision: str,
                             tokens: int | None = None) -> bool:
     """Whether :func:`fast_inference` computes attention as an explicit
-    ``softmax(q k^T) v`` instead of fused SDPA: on CPU in bf16/fp16 for sequences of at
-    most :data:`EXPLICIT_ATTENTION_MAX_TOKENS` tokens (``tokens=None``: the rule for short
-    sequences), where PyTorch's fused CPU kernel is slower (docs/benchmarks.md); fused
-    everywhere else."""
-    if torch.device(device).type != "cpu" or precision not in ("bf16", "fp16"):
+    ``softmax(q k^T) v`` instead of fused SDPA. On CPU with probing on (the default), the
+    faster of the two as measured on this machine for this precision and sequence length
+    (:func:`attention_kernel`); without probes, the fixed rule measured on AMD Zen 4:
+    explicit in bf16/fp16 up to :data:`EXPLICIT_ATTENTION_MAX_TOKENS` tokens
+    (``tokens=None``: the rule for short sequences). Fused on GPU."""
+    if torch.device(device).type != "cpu":
+        return False
+    if tokens is not None and probing_enabled():
+        return attention_kernel(device, precision, tokens) == "explicit"
+    if precision not in ("bf16", "fp16"):
         return False
     return tokens is None or tokens <= EXPLICIT_ATTENTION_MAX_TOKENS
 
@@ -305,7 +338,8 @@ def fast_inference(model: nn.Module | None = None, precision: str = "fp32",
     dev = torch.device(device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(fast_math(dev, precision))
-        if model is not None and uses_explicit_attention(dev, precision):
+        if model is not None and dev.type == "cpu" and (
+                probing_enabled() or uses_explicit_attention(dev, precision)):
             stack.enter_context(_attention_by_length(model, dev, precision))
         dtype = AUTOCAST_DTYPES[precision]
         if dtype is not None:
@@ -340,16 +374,339 @@ def compile_model(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     return model
 
 
-def platform_report() -> dict[str, Any]:
-    """What :func:`fast_inference` chooses on this machine, JSON-able."""
+def platform_report(probe_now: bool = False) -> dict[str, Any]:
+    """What :func:`fast_inference` chooses on this machine and why, JSON-able: the oneDNN
+    self-check, and every probed decision (kernel chosen and the timings behind it) from
+    the probe cache. ``probe_now=True`` runs the probes of the common cases first (ViT-S
+    attention lengths in fp32 and bf16, the oneDNN route, exact search, GEMM rates,
+    the embed batch): a few seconds once per machine."""
     check = check_onednn_fp32()
+    if probe_now and probing_enabled():
+        onednn_fp32_available()
+        for prec in ("fp32", "bf16"):
+            gemm_gflops(prec)
+            for tokens in (197, 785, 3601):
+                attention_kernel("cpu", prec, tokens)
+        exact_search_kernel(384)
+        embed_batch_size(384, 197, "bf16")
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "cpu": _cpu_info()[0],
         "onednn_fp32": check.to_dict(),
-        "attention": {"cpu_fp32": "fused SDPA",
-                      "cpu_bf16": f"explicit softmax(qk^T)v up to "
-                                  f"{EXPLICIT_ATTENTION_MAX_TOKENS} tokens, fused SDPA above",
-                      "cuda": "fused SDPA (flash / memory-efficient)"},
+        "onednn_fp32_used": onednn_fp32_available() if probe_now else None,
+        "probing": probing_enabled(),
+        "probe_cache": str(probe_cache_path()),
+        "probes": dict(sorted(_load_probes().items())),
+        "attention_rule_without_probes": {
+            "cpu_fp32": "fused SDPA",
+            "cpu_bf16": f"explicit softmax(qk^T)v up to {EXPLICIT_ATTENTION_MAX_TOKENS} "
+                        "tokens, fused SDPA above",
+            "cuda": "fused SDPA (flash / memory-efficient)"},
     }
+
+
+# ----------------------------------------------------------------------- probes
+#: Environment variable: ``0`` turns probing off (fixed rules instead; the test suite
+#: does this), anything else or unset leaves it on.
+PROBE_ENV = "DINOFEAT_PROBE"
+_probe_lock = threading.RLock()  # probes may use other probes
+_probe_mem: dict[str, Any] = {}
+
+
+def probing_enabled() -> bool:
+    """Whether dispatch decisions are measured on this machine (``DINOFEAT_PROBE`` not
+    ``0``/``false``/``off``)."""
+    return os.environ.get(PROBE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_info() -> tuple[str, tuple[str, ...]]:
+    name, flags = "unknown", ()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = tuple(sorted(f for f in line.split(":", 1)[1].split()
+                                     if f.startswith(("avx", "amx", "fma"))))
+    return name, flags
+
+
+def _machine_key() -> str:
+    """What a probe's result depends on: CPU model and vector flags, core count, torch
+    and faiss versions, the GPU."""
+    faiss_version = ""
+    with contextlib.suppress(Exception):
+        import faiss
+        faiss_version = faiss.__version__
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    name, flags = _cpu_info()
+    text = json.dumps([name, flags, cores, torch.__version__, faiss_version, gpu])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def probe_cache_path() -> Path:
+    """The probe cache of this machine and software: ``$DINOFEAT_CACHE_DIR`` or
+    ``$XDG_CACHE_HOME/dinofeat`` (``~/.cache/dinofeat``), file ``probes-<key>.json``
+    with ``<key>`` a hash of the CPU model and flags, core count, torch and faiss
+    versions and GPU name (another machine or version gets its own file)."""
+    base = os.environ.get("DINOFEAT_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(xdg, "dinofeat")
+    return Path(base) / f"probes-{_machine_key()}.json"
+
+
+def _load_probes() -> dict[str, Any]:
+    path = probe_cache_path()
+    if _probe_mem.get("_path") != str(path):
+        _probe_mem.clear()
+        _probe_mem["_path"] = str(path)
+        data: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                data = loaded
+        _probe_mem["data"] = data
+    return _probe_mem["data"]
+
+
+def probe(name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """The cached result of the probe ``name`` (a dict with at least ``choice``), running
+    ``run`` at first use on this machine and saving it (:func:`probe_cache_path`).
+    ``None`` when probing is off. A cache that cannot be written only costs re-probing."""
+    if not probing_enabled():
+        return None
+    with _probe_lock:
+        data = _load_probes()
+        if name in data:
+            return data[name]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            result = dict(run())
+        result["probe_seconds"] = round(time.perf_counter() - t0, 4)
+        result["threads"] = torch.get_num_threads()
+        result["load_average"] = [round(x, 2) for x in os.getloadavg()] \
+            if hasattr(os, "getloadavg") else None
+        data[name] = result
+        log.debug("probe %s: %s", name, result)
+        try:
+            from .utils import atomic_write_json
+            path = probe_cache_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, data)
+        except OSError as e:
+            log.debug("probe cache %s not written: %s", probe_cache_path(), e)
+        return result
+
+
+def _race(fns: dict[str, Callable[[], Any]], repeats: int = 3) -> dict[str, float]:
+    """Best-of-``repeats`` seconds of each function, run interleaved after one warm-up."""
+    for fn in fns.values():
+        fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: round(v, 6) for k, v in best.items()}
+
+
+def _bucket(n: int, lo: int = 64, hi: int = 8192) -> int:
+    """The power of two at or above ``n`` (clamped to ``[lo, hi]``): probe buckets."""
+    b = lo
+    while b < n and b < hi:
+        b *= 2
+    return b
+
+
+def attention_kernel(device: torch.device | str, precision: str, tokens: int) -> str:
+    """``"fused"`` (``scaled_dot_product_attention``) or ``"explicit"``
+    (``softmax(q k^T) v``) for ``tokens``-long sequences at ``precision`` on ``device``:
+    on CPU the faster in a probe at this sequence-length bucket (a power of two; heads of
+    64 channels; cached per machine); on GPU always fused (flash / memory-efficient
+    kernels). Without probing, the fixed rule of :func:`uses_explicit_attention`."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        return "fused"
+    if not probing_enabled():
+        return "explicit" if uses_explicit_attention(dev, precision, tokens) else "fused"
+    bucket = _bucket(tokens)
+    res = probe(f"attention/cpu/{precision}/{bucket}",
+                lambda: _probe_attention(precision, bucket))
+    return res["choice"] if res else "fused"
+
+
+def _probe_attention(precision: str, tokens: int) -> dict[str, Any]:
+    # a 3/4-full bucket (e.g. 192 of 256: a /16 model at 224 has 197 tokens); about the
+    # same work at every length, so the probe stays well under a second
+    n = max(2, tokens * 3 // 4 + 1)
+    bh = max(1, (1 << 20) // (n * n))
+    rows = min(n, max(64, (1 << 20) // n))  # long sequences: a slice of the queries
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, bh, rows, 64, generator=g)
+    k, v = (torch.randn(1, bh, n, 64, generator=g) for _ in range(2))
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = 64 ** -0.5
+    fns = {"fused": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+           "explicit": lambda: ((q * scale) @ k.transpose(-2, -1)).softmax(-1) @ v}
+    t = _race(fns)
+    return {"choice": min(t, key=t.get), "seconds": t, "tokens": n, "heads": bh,
+            "query_rows": rows}
+
+
+def clear_probes() -> None:
+    """Forget every probe result of this machine (the next use measures again)."""
+    with _probe_lock:
+        _probe_mem.clear()
+        with contextlib.suppress(FileNotFoundError):
+            probe_cache_path().unlink()
+    onednn_fp32_available.cache_clear()
+
+
+def exact_search_kernel(dim: int) -> str:
+    """``"faiss"`` (``IndexFlat`` search) or ``"torch"`` (``matmul`` + ``topk`` in chunks,
+    :func:`exact_search`) for exact inner-product search of ``dim``-dimensional vectors
+    on CPU: the faster in a probe (16,384 vectors, 128 queries, top 20; cached per
+    machine and dimension). ``"faiss"`` without probing."""
+    res = probe(f"exact_search/{int(dim)}", lambda: _probe_exact_search(int(dim)))
+    return res["choice"] if res else "faiss"
+
+
+def _probe_exact_search(dim: int) -> dict[str, Any]:
+    import faiss
+    import numpy as np
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((16384, dim), dtype=np.float32)
+    xq = rng.standard_normal((128, dim), dtype=np.float32)
+    index = faiss.IndexFlatIP(dim)
+    index.add(xb)
+    fns = {"faiss": lambda: index.search(xq, 20), "torch": lambda: exact_search(xb, xq, 20)}
+    t = _race(fns, repeats=2)
+    return {"choice": "torch" if t["torch"] < t["faiss"] else "faiss", "seconds": t,
+            "vectors": 16384, "queries": 128}
+
+
+#: Rows of the database multiplied at once by :func:`exact_search` (a 256 x 32768 fp32
+#: score block is 32 MiB: it stays in a large last-level cache and bounds the memory).
+SEARCH_CHUNK = 32768
+SEARCH_QUERY_CHUNK = 256
+
+
+def exact_search(xb: Any, xq: Any, k: int, metric: str = "ip") -> tuple[Any, Any]:
+    """Exact top-``k`` of queries ``xq [Q, D]`` against ``xb [N, D]`` (numpy float32 or
+    tensors) with torch ``matmul`` + ``topk`` in chunks: inner product (largest first)
+    or ``metric="l2"`` squared distance (smallest first). Returns numpy ``(scores
+    [Q, k'], rows [Q, k'])`` with ``k' = min(k, N)``, as faiss ``IndexFlat.search``."""
+    import numpy as np
+    b = torch.as_tensor(xb, dtype=torch.float32)
+    q = torch.as_tensor(xq, dtype=torch.float32)
+    k = min(int(k), b.shape[0])
+    l2 = metric == "l2"
+    bn = (b * b).sum(1) if l2 else None
+    out_s, out_i = [], []
+    with torch.inference_mode():
+        for qlo in range(0, q.shape[0], SEARCH_QUERY_CHUNK):
+            qc = q[qlo:qlo + SEARCH_QUERY_CHUNK]
+            best_s = best_i = None
+            for lo in range(0, b.shape[0], SEARCH_CHUNK):
+                s = qc @ b[lo:lo + SEARCH_CHUNK].T
+                if l2:  # |q - b|^2 = |q|^2 - 2 q.b + |b|^2; ranking by -(|b|^2 - 2 q.b)
+                    s = 2 * s - bn[lo:lo + SEARCH_CHUNK]
+                top_s, top_i = s.topk(min(k, s.shape[1]), dim=1)
+                top_i += lo
+                if best_s is not None:
+                    top_s, sel = torch.cat([best_s, top_s], 1).topk(k, dim=1)
+                    top_i = torch.cat([best_i, top_i], 1).gather(1, sel)
+                best_s, best_i = top_s, top_i
+            if l2:
+                best_s = (qc * qc).sum(1, keepdim=True) - best_s
+            out_s.append(best_s)
+            out_i.append(best_i)
+    return (torch.cat(out_s).numpy().astype(np.float32), torch.cat(out_i).numpy().astype(np.int64))
+
+
+_DEFAULT_GFLOPS_PER_CORE = {"fp32": 60.0, "bf16": 200.0, "fp16": 200.0}
+
+
+def gemm_gflops(precision: str = "fp32") -> float:
+    """Measured GFLOP/s (counting multiply and add) of a ViT-sized ``linear`` at
+    ``precision`` on the CPU with the current threads and dinofeat's kernels (cached
+    per machine); a conservative fixed figure per core without probing."""
+    res = probe(f"gemm/{precision}", lambda: _probe_gemm(precision))
+    if res is None:
+        return _DEFAULT_GFLOPS_PER_CORE.get(precision, 60.0) * torch.get_num_threads()
+    return float(res["gflops"])
+
+
+def _probe_gemm(precision: str) -> dict[str, Any]:
+    x, w = torch.randn(768, 384), torch.randn(1536, 384)
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is not None:
+        x, w = x.to(dtype), w.to(dtype)
+    with fast_math("cpu", "fp32" if dtype is None else precision):
+        t = _race({"linear": lambda: torch.nn.functional.linear(x, w)}, repeats=5)["linear"]
+    gflops = 2 * 768 * 384 * 1536 / t / 1e9
+    return {"choice": f"{gflops:.0f} GFLOP/s", "gflops": round(gflops, 1), "seconds": t}
+
+
+def model_flops(model: nn.Module, height: int = 224, width: int = 224) -> float:
+    """Multiply-adds x 2 of one forward pass of ``model`` (a DinoModel or a backbone) on
+    a ``height x width`` image: linear layers and attention for a ViT; for other
+    networks twice the parameter count per 16x16 patch (a rough figure)."""
+    backbone = getattr(model, "backbone", model)
+    patch = getattr(backbone, "patch_size", None) or 16
+    tokens = (height // patch) * (width // patch) + 1
+    linear = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, nn.Linear))
+    depth = getattr(backbone, "depth", None)
+    dim = getattr(backbone, "embed_dim", None)
+    if linear and depth and dim:
+        return float(2 * linear * tokens + 4 * depth * tokens * tokens * dim)
+    params = sum(p.numel() for p in backbone.parameters())
+    return float(2 * params * (height * width) / 256)
+
+
+def model_seconds_per_image(model: nn.Module, height: int, width: int,
+                            precision: str = "fp32") -> float:
+    """Estimated core-seconds of the model per image: :func:`model_flops` at the
+    measured :func:`gemm_gflops` per core, with a 0.7 factor for what is not GEMM
+    (attention, GELU, LayerNorm). Used to split the cores between decoding and the
+    model (:func:`dinofeat.images.plan_decoding`)."""
+    per_core = gemm_gflops(precision) / max(1, torch.get_num_threads())
+    return model_flops(model, height, width) / (0.7 * per_core * 1e9)
+
+
+def embed_batch_size(dim: int, tokens: int, precision: str = "fp32",
+                     candidates: tuple[int, ...] = (4, 8, 16, 32, 64)) -> int:
+    """The embedding batch for a ``dim``-wide model with ``tokens`` tokens: going up
+    ``candidates``, the last batch whose MLP ``linear`` (``[batch * tokens, dim] x
+    [dim, 4 dim]``) ran more than 5% faster per row than the one before (cached per
+    machine, width and length bucket): a larger batch costs memory and latency for
+    nothing once the GEMM is at speed. 64 without probing."""
+    bucket = _bucket(tokens)
+    res = probe(f"embed_batch/{precision}/{dim}/{bucket}",
+                lambda: _probe_batch(dim, bucket, precision, candidates))
+    return int(res["choice"]) if res else 64
+
+
+def _probe_batch(dim: int, tokens: int, precision: str,
+                 candidates: tuple[int, ...]) -> dict[str, Any]:
+    dtype = AUTOCAST_DTYPES.get(precision) or torch.float32
+    w = torch.randn(4 * dim, dim).to(dtype)
+    rates: dict[int, float] = {}
+    choice = candidates[0]
+    with fast_math("cpu", precision):
+        for b in candidates:
+            x = torch.randn(b * (tokens * 3 // 4 + 1), dim).to(dtype)
+            sec = _race({"x": lambda: torch.nn.functional.linear(x, w)}, repeats=2)["x"]
+            rates[b] = round(2 * x.shape[0] * dim * 4 * dim / sec / 1e9, 1)
+            if len(rates) > 1 and rates[b] < 1.05 * max(r for c, r in rates.items() if c != b):
+                break  # at speed: larger batches add memory and latency only
+            choice = b
+    return {"choice": choice, "gflops_by_batch": {str(b): r for b, r in rates.items()}}

@@ -32,6 +32,7 @@ __all__ = [
     "build_xcit",
     "build_backbone",
     "parse_arch",
+    "cls_only_block",
 ]
 
 # name -> (embed_dim, depth, num_heads)
@@ -99,6 +100,29 @@ def _attention_qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, _ = qkv.unbind(0)
     return attn.q_norm(q), attn.k_norm(k)
+
+
+def cls_only_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm ``Block`` computed for the [CLS] token only: tokens ``[B, N, D]`` ->
+    ``[B, 1, D]``, equal to ``blk(x)[:, :1]``.
+
+    Every token still provides keys and values, but only [CLS] is a query, and the
+    projection and the MLP run on that one row: the other rows of a block's output are
+    never used when the block is the last one and only [CLS] is wanted."""
+    attn = blk.attn
+    B, N, _ = x.shape
+    h = blk.norm1(x)
+    qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
+    if getattr(attn, "gate", None) is not None:
+        raise NotImplementedError("gated attention has no [CLS]-only path")
+    # one query row: the explicit product is as cheap as any fused kernel
+    a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    o = (a @ v).transpose(1, 2).reshape(B, 1, -1)
+    o = attn.proj_drop(attn.proj(attn.norm(o)))
+    cls = x[:, :1] + blk.drop_path1(blk.ls1(o))
+    return cls + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(cls))))
 
 
 class DinoVisionTransformer(nn.Module):
@@ -170,8 +194,17 @@ class DinoVisionTransformer(nn.Module):
         return self.vit.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` -> normed [CLS] feature ``[B, D]``."""
-        return self.forward_tokens(x)[:, 0]
+        """Images ``[B, 3, H, W]`` -> normed [CLS] feature ``[B, D]``.
+
+        Without gradients (inference: ``embed``, k-NN, an index of [CLS] features) the
+        last block is computed for the [CLS] token only (:func:`cls_only_block`), which
+        gives the same feature as the full block (fp32 to 1e-5; tested against an
+        independent implementation) for about 1/12 less work in ViT-S/16. With gradients
+        (training) every token goes through every block."""
+        if torch.is_grad_enabled():
+            return self.forward_tokens(x)[:, 0]
+        x = self._tokens_before_last_block(x)
+        return self.vit.norm(cls_only_block(self.vit.blocks[-1], x))[:, 0]
 
     def intermediate_tokens(self, x: torch.Tensor, n: int | Sequence[int] = 1,
                             norm: bool = True) -> list[torch.Tensor]:

@@ -194,6 +194,7 @@ class EmbedStream:
     start: int = 0  # with `stop`: only embed positions [start, stop) of the input
     stop: int | None = None
     quiet: bool = False  # no skip warnings (a caller that reports them itself)
+    decode: str = "reduced"  # dinofeat.images.DECODE_MODES
     skipped: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -270,9 +271,35 @@ class EmbedStream:
     def _iter_loader(self, bar, fmt):
         sources = self.resolved.sources[self.start:self.stop]
         pre = self.transform.preprocessing
+        plan = self.decode_plan(sources)
         loader = _images.image_loader(
-            sources, self.transform, batch_size=self.batch_size,
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+            sources, self.transform, batch_size=self.batch_size, num_workers=plan.workers,
+            pin_memory=self.device.type == "cuda", decode=self.decode)
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and plan.threads != threads:
+            torch.set_num_threads(plan.threads)
+        try:
+            yield from self._iter_batches(loader, sources, pre, fmt, bar)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def decode_plan(self, sources=None) -> _images.DecodePlan:
+        """Decoding workers and model threads for this stream
+        (:func:`dinofeat.images.plan_decoding` with the model's estimated cost)."""
+        sources = self.resolved.sources if sources is None else sources
+        model_s = None
+        if self.device.type == "cpu" and self.num_workers is None and \
+                len(sources) > self.batch_size:
+            from .accel import model_seconds_per_image
+            h, w = self.transform.output_size(*((self.transform.resize_size,) * 2))
+            if isinstance(getattr(self.model, "backbone", None), torch.nn.Module):
+                model_s = model_seconds_per_image(self.model, h, w, self.precision)
+        return _images.plan_decoding(sources, self.transform, batch_size=self.batch_size,
+                                     model_s=model_s, decode=self.decode,
+                                     num_workers=self.num_workers)
+
+    def _iter_batches(self, loader, sources, pre, fmt, bar):
         for batch in loader:
             for pos, reason in batch.failed:
                 src = sources[pos]

@@ -418,7 +418,8 @@ class OnnxModel:
     def iter_embed(self, images, *, pool: str = "cls", normalize: bool = True,
                    batch_size: int = 64, num_workers: int | None = None,
                    preprocessing=None, size: int | None = None,
-                   progress: bool | None = None, skip_unreadable: bool | None = None):
+                   progress: bool | None = None, skip_unreadable: bool | None = None,
+                   decode: str = "reduced"):
         """Like :meth:`dinofeat.DinoModel.iter_embed` (``multiscale``, ``n_last_blocks``
         and ``avgpool`` are PyTorch-only)."""
         from .embedding import POOLS, EmbedStream, gem
@@ -439,7 +440,7 @@ class OnnxModel:
         return EmbedStream(self, images, fn, preprocessing=preprocessing, size=size,
                            batch_size=batch_size, num_workers=num_workers, precision="fp32",
                            device=torch.device("cpu"), progress=progress,
-                           skip_unreadable=skip_unreadable)
+                           skip_unreadable=skip_unreadable, decode=decode)
 
     def embed(self, images, *, return_keys: bool = False, **kwargs):
         """Feature vectors ``[N, D']`` of ``images`` (see :meth:`iter_embed`)."""

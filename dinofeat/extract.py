@@ -51,7 +51,7 @@ FEATURE_SUFFIXES = (".safetensors", ".npy")
 _FORMAT = "dinofeat.features/1"
 _HEADER_LIMIT = 32 * 2 ** 20  # bytes of JSON kept inside a safetensors header
 _EMBED_OPTIONS = ("pool", "normalize", "multiscale", "n_last_blocks", "avgpool", "size",
-                  "preprocessing", "precision")
+                  "preprocessing", "precision", "decode")
 
 
 # ------------------------------------------------------------------ feature files
@@ -242,7 +242,7 @@ def _shard_is_complete(path: Path, config_id: str, lo: int, hi: int) -> bool:
 
 def _defaults(options: dict[str, Any]) -> dict[str, Any]:
     full = dict(pool="cls", normalize=True, multiscale=False, n_last_blocks=1, avgpool=False,
-                size=None, preprocessing=None, precision="fp32")
+                size=None, preprocessing=None, precision="fp32", decode="reduced")
     unknown = set(options) - set(full) - {"batch_size", "num_workers", "device"}
     if unknown:
         raise TypeError(f"unknown embed option(s): {', '.join(sorted(unknown))}")

@@ -27,7 +27,9 @@ on the model's device.
 from __future__ import annotations
 
 import io
+import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,9 @@ __all__ = [
     "SkippedImage",
     "resolve_images",
     "ImageBatch",
+    "DECODE_MODES",
+    "DecodePlan",
+    "plan_decoding",
     "image_loader",
 ]
 
@@ -70,6 +75,12 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
 MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 _WHITE = (255, 255, 255)
+
+#: How :func:`image_loader` decodes files: ``"reduced"`` decodes a JPEG at the smallest
+#: of libjpeg's 1/2, 1/4, 1/8 scales that is still at least the size the preprocessing
+#: resizes to (only where that size is at most half the image); ``"full"`` decodes every
+#: pixel. Both end with the same exact resize.
+DECODE_MODES = ("reduced", "full")
 
 
 class ImageReadError(OSError, ValueError):
@@ -228,16 +239,45 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> torch.Tensor:
+def _draft(img: Image.Image, reduce_to: Callable[[int, int], tuple[int, int]] | None) -> bool:
+    """Ask Pillow to decode a JPEG at a reduced DCT scale (1/2, 1/4 or 1/8): the smallest
+    one whose result is still at least ``reduce_to(height, width)``, and only when that is
+    at most half the image in both directions. Returns whether a reduction was set up."""
+    if reduce_to is None or img.format != "JPEG":
+        return False
+    w, h = img.size
+    need_h, need_w = reduce_to(h, w)
+    if need_h < 1 or need_w < 1 or 2 * need_h > h or 2 * need_w > w:
+        return False
+    try:  # Pillow picks the largest scale s with w // s >= need_w and h // s >= need_h
+        img.draft(None, (int(need_w), int(need_h)))
+    except Exception:  # noqa: BLE001 - an odd JPEG: decode it in full, as before
+        return False
+    return img.size != (w, h)
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None,
+               reduce_to: Callable[[int, int], tuple[int, int]] | None = None
+               ) -> torch.Tensor:
     """Read an image file as an RGB ``uint8`` tensor ``[3, H, W]`` (EXIF-rotated).
 
     Plain 8-bit RGB/greyscale JPEGs and PNGs (and 16-bit RGB PNGs) are decoded by
     ``torchvision.io.decode_image`` (libjpeg-turbo/libpng straight into a tensor);
     everything else (transparency, palettes, CMYK, 16-bit greyscale, other formats) goes
     through Pillow and :func:`to_rgb`. Both paths give the same pixels for the files the
-    fast one takes (tested). Raises :class:`ImageReadError` naming the file."""
+    fast one takes (tested). Raises :class:`ImageReadError` naming the file.
+
+    ``reduce_to``: a function ``(height, width) -> (height, width)`` giving the smallest
+    size the caller will resize the image to (e.g. :meth:`ImageTransform.decode_size`).
+    When it is at most half a JPEG's size, the JPEG is decoded by Pillow at a reduced
+    DCT scale (libjpeg's scaled decoding: 1/2, 1/4 or 1/8, whichever is the smallest
+    still at least that size), which costs a fraction of a full decode; the result is
+    then smaller than the file's size. The size limit (:data:`MAX_PIXELS`) applies to the
+    file's full size; EXIF rotation, modes and errors are as for full decoding."""
     data = _read_bytes(path)
     img = _open_pil(data, path, max_pixels)
+    if _draft(img, reduce_to):
+        return pil_to_tensor(_decode_pil(img, path))
     if img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L") \
             and "transparency" not in img.info:
         from torchvision.io import ImageReadMode, decode_image
@@ -362,6 +402,17 @@ class ImageTransform:
         h = max(p, int(round(height * scale)) // p * p)
         w = max(p, int(round(width * scale)) // p * p)
         return h, w
+
+    def decode_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(h, w)`` of the image right after resizing (before any crop) for an
+        ``height x width`` input: the fewest pixels a decoder must deliver for the result
+        to be the same resize from a larger image (:func:`read_image`'s ``reduce_to``).
+        The same for an image and its transpose, so EXIF rotation does not change it."""
+        if self.crop_size is None:
+            return self.output_size(height, width)
+        short, long_ = min(height, width), max(height, width)
+        other = -(-self.resize_size * long_ // short)  # ceil: never below the target
+        return (self.resize_size, other) if height <= width else (other, self.resize_size)
 
     def _resize(self, img: torch.Tensor, size: list[int]) -> torch.Tensor:
         import torchvision.transforms.v2.functional as TF
@@ -515,10 +566,13 @@ def resolve_images(images: Any) -> ResolvedImages:
 
 
 # ---------------------------------------------------------------------- loading
-def load_source(source: ImageSource, *, max_pixels: int | None = None) -> torch.Tensor:
-    """Decode one :class:`ImageSource` to an RGB ``uint8`` tensor ``[3, H, W]``."""
+def load_source(source: ImageSource, *, max_pixels: int | None = None,
+                reduce_to: Callable[[int, int], tuple[int, int]] | None = None
+                ) -> torch.Tensor:
+    """Decode one :class:`ImageSource` to an RGB ``uint8`` tensor ``[3, H, W]``
+    (``reduce_to``: see :func:`read_image`; in-memory images are used as they are)."""
     if isinstance(source.item, Path):
-        return read_image(source.item, max_pixels=max_pixels)
+        return read_image(source.item, max_pixels=max_pixels, reduce_to=reduce_to)
     return as_uint8_image(source.item, name=source.name)
 
 
@@ -541,19 +595,27 @@ class ImageBatch:
                           self.failed)
 
 
+def _reduce_fn(transform: Callable | None, decode: str):
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    return getattr(transform, "decode_size", None) if decode == "reduced" else None
+
+
 class _SourceDataset(torch.utils.data.Dataset):
     def __init__(self, sources: Sequence[ImageSource], transform: Callable | None,
-                 max_pixels: int | None):
+                 max_pixels: int | None, decode: str = "reduced"):
         self.sources = sources
         self.transform = transform
         self.max_pixels = max_pixels
+        self.reduce_to = _reduce_fn(transform, decode)
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int):
         try:
-            img = load_source(self.sources[i], max_pixels=self.max_pixels)
+            img = load_source(self.sources[i], max_pixels=self.max_pixels,
+                              reduce_to=self.reduce_to)
             if self.transform is not None:
                 img = self.transform(img)
             return i, img, None
@@ -573,28 +635,120 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageB
     return ImageBatch([i for i, _, _ in items], groups, failed)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How decoding and the model share the CPU cores: ``workers`` decoding processes
+    and ``threads`` intra-op threads for the model, chosen by :func:`plan_decoding` from
+    the measured ``decode_s`` and estimated ``model_s`` (core-seconds per image)."""
+
+    workers: int
+    threads: int
+    decode_s: float | None = None
+    model_s: float | None = None
+    cores: int = 1
+
+    @property
+    def decode_share(self) -> float | None:
+        if self.decode_s is None or self.model_s is None:
+            return None
+        return self.decode_s / max(self.decode_s + self.model_s, 1e-12)
+
+
+def split_cores(cores: int, decode_s: float, model_s: float) -> tuple[int, int]:
+    """``(workers, threads)`` for ``cores`` CPU cores when decoding one image costs
+    ``decode_s`` and the model ``model_s`` core-seconds: the decoders get the share
+    ``f = decode_s / (decode_s + model_s)`` of the cores, rounded up to whole processes
+    (at least one, at most ``cores``), and the model keeps every core decoding does not
+    fill for good (``cores - floor(cores * f)``, at least one). On 2 cores with the model
+    dominating that is 1 worker and 2 model threads: the worker fills the model's gaps
+    instead of taking a core from it."""
+    cores = max(1, int(cores))
+    f = decode_s / max(decode_s + model_s, 1e-12)
+    workers = max(1, min(cores, math.ceil(cores * f - 1e-9)))
+    threads = max(1, cores - math.floor(cores * f + 1e-9))
+    return workers, threads
+
+
+def decode_seconds(sources: Sequence[ImageSource], transform: Callable | None = None, *,
+                   decode: str = "reduced", samples: int = 2,
+                   max_pixels: int | None = None) -> float | None:
+    """Measured seconds to decode and preprocess one image (one thread): the median of
+    the first ``samples`` readable files of ``sources``; ``None`` when none could be read
+    or the inputs are in memory (nothing to decode)."""
+    reduce_to = _reduce_fn(transform, decode)
+    times = []
+    for src in sources[: max(samples * 2, samples)]:
+        if not isinstance(src.item, Path):
+            continue
+        t0 = time.perf_counter()
+        try:
+            img = load_source(src, max_pixels=max_pixels, reduce_to=reduce_to)
+            if transform is not None:
+                transform(img)
+        except (ImageReadError, ValueError, TypeError):
+            continue
+        times.append(time.perf_counter() - t0)
+        if len(times) >= samples:
+            break
+    return sorted(times)[len(times) // 2] if times else None
+
+
+def plan_decoding(sources: Sequence[ImageSource], transform: Callable | None = None, *,
+                  batch_size: int = 64, model_s: float | None = None,
+                  decode: str = "reduced", num_workers: int | None = None,
+                  cores: int | None = None) -> DecodePlan:
+    """Decoding workers and model threads for a run over ``sources``.
+
+    No worker for a single batch or in-memory inputs (decoding in the main process costs
+    no more than starting one). Otherwise the cost of decoding is measured on the first
+    files (:func:`decode_seconds`) and, with the model's cost per image ``model_s``
+    (core-seconds, e.g. from :func:`dinofeat.accel.model_seconds_per_image`), split with
+    :func:`split_cores`. Without ``model_s`` one worker per two cores is used and the
+    model keeps every core. ``num_workers`` given: used as is."""
+    cores = cores or _cores()
+    threads = torch.get_num_threads()
+    if num_workers is not None:
+        return DecodePlan(num_workers, threads, cores=cores)
+    if len(sources) <= batch_size or not any(isinstance(s.item, Path) for s in sources[:4]):
+        return DecodePlan(0, threads, cores=cores)
+    d = decode_seconds(sources, transform, decode=decode)
+    if d is None or model_s is None:
+        return DecodePlan(max(1, cores // 2), threads, d, model_s, cores)
+    workers, threads = split_cores(cores, d, model_s)
+    return DecodePlan(workers, threads, d, model_s, cores)
+
+
 def default_num_workers(num_images: int, batch_size: int) -> int:
-    """Worker processes for decoding: none for a single batch, else up to 8, leaving one
-    CPU core to the main process."""
+    """Worker processes for decoding without measurements: none for a single batch, else
+    one per two cores (at least one). :func:`plan_decoding` chooses from measured costs."""
     if num_images <= batch_size:
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(8, (cpus or 1) - 1))
+    return max(1, _cores() // 2)
 
 
 def image_loader(sources: Sequence[ImageSource], transform: Callable | None = None, *,
                  batch_size: int = 64, num_workers: int | None = None,
-                 pin_memory: bool = False, max_pixels: int | None = None
-                 ) -> torch.utils.data.DataLoader:
+                 pin_memory: bool = False, max_pixels: int | None = None,
+                 decode: str = "reduced") -> torch.utils.data.DataLoader:
     """A ``DataLoader`` that decodes and preprocesses ``sources`` in worker processes and
     yields :class:`ImageBatch` es in input order (``uint8`` until
     :func:`normalize_batch`). Unreadable inputs never stop it: they come back in
-    ``ImageBatch.failed``; the caller decides whether to raise or skip."""
+    ``ImageBatch.failed``; the caller decides whether to raise or skip.
+
+    ``decode="reduced"`` (default) lets JPEGs be decoded at a reduced scale when
+    ``transform`` (an :class:`ImageTransform`) resizes them to at most half their size
+    (see :func:`read_image`); ``"full"`` decodes every pixel first (the paper's
+    evaluations use it, so published numbers reproduce exactly)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if num_workers is None:
         num_workers = default_num_workers(len(sources), batch_size)
     return torch.utils.data.DataLoader(
-        _SourceDataset(sources, transform, max_pixels), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
+        _SourceDataset(sources, transform, max_pixels, decode), batch_size=batch_size,
+        shuffle=False, num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
         persistent_workers=False)

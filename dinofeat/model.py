@@ -135,7 +135,8 @@ class DinoModel(nn.Module):
                    preprocessing: "None | str | Preprocessing" = None, size: int | None = None,
                    multiscale: bool = False, n_last_blocks: int = 1, avgpool: bool = False,
                    precision: str = "fp32", device: str | torch.device | None = None,
-                   progress: bool | None = None, skip_unreadable: bool | None = None):
+                   progress: bool | None = None, skip_unreadable: bool | None = None,
+                   decode: str = "reduced"):
         """Embed images batch by batch, without holding all features.
 
         Takes the same arguments as :meth:`embed` and returns a
@@ -160,7 +161,8 @@ class DinoModel(nn.Module):
                       n_last_blocks=n_last_blocks, avgpool=avgpool)
         return EmbedStream(self, images, fn, preprocessing=preprocessing, size=size,
                            batch_size=batch_size, num_workers=num_workers, precision=precision,
-                           device=device, progress=progress, skip_unreadable=skip_unreadable)
+                           device=device, progress=progress, skip_unreadable=skip_unreadable,
+                           decode=decode)
 
     def embed(self, images: Any, *, pool: str = "cls", normalize: bool = True,
               batch_size: int = 64, num_workers: int | None = None,
@@ -168,7 +170,7 @@ class DinoModel(nn.Module):
               multiscale: bool = False, n_last_blocks: int = 1, avgpool: bool = False,
               precision: str = "fp32", device: str | torch.device | None = None,
               progress: bool | None = None, skip_unreadable: bool | None = None,
-              return_keys: bool = False):
+              return_keys: bool = False, decode: str = "reduced"):
         """Feature vectors of images: ``Tensor [N, D']`` (CPU, float32), one row per
         readable image, in input order (a folder: sorted paths).
 
@@ -191,13 +193,18 @@ class DinoModel(nn.Module):
             size: crop size (``"dino"``) or long side (``"whole"``).
             batch_size: images per forward pass.
             num_workers: decoding runs in this many processes (default: none for one
-                batch, else up to 8).
+                batch, else chosen from the core count and the measured costs of
+                decoding and of the model, :func:`dinofeat.images.plan_decoding`).
             precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; output fp32).
             device: run there (moves the model); default: where the model is.
             progress: tqdm bar with images/s (default: when stderr is a terminal).
             skip_unreadable: skip (and log) unreadable files instead of raising
                 :class:`~dinofeat.images.ImageReadError`; default: on for a folder.
             return_keys: also return the path (or input position) of every row.
+            decode: ``"reduced"`` (default): JPEGs at least twice the size the model
+                needs are decoded at a reduced scale (1/2, 1/4, 1/8), then resized as
+                usual; ``"full"``: every pixel is decoded first (the paper's evaluations
+                use it). See docs/performance.md for the measured effect on features.
 
         An image's vector does not depend on the batch it is in (up to float rounding).
         """
@@ -207,7 +214,7 @@ class DinoModel(nn.Module):
             num_workers=num_workers, preprocessing=preprocessing, size=size,
             multiscale=multiscale, n_last_blocks=n_last_blocks, avgpool=avgpool,
             precision=precision, device=device, progress=progress,
-            skip_unreadable=skip_unreadable)
+            skip_unreadable=skip_unreadable, decode=decode)
         keys, feats = collect(stream)
         if feats is None:
             feats = torch.zeros(0, feature_dim(self, pool, n_last_blocks, avgpool))

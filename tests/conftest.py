@@ -75,3 +75,12 @@ def hf_snapshot_writer() -> Callable[..., Path]:
 
     return write
 
+
+
+# ------------------------------------------------- dispatch probes (dinofeat.accel, all tests)
+@pytest.fixture(autouse=True)
+def _no_dispatch_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No timed probes in tests (fixed kernel rules, nothing written to the user's cache):
+    a test that exercises probing sets ``DINOFEAT_PROBE=1`` and ``DINOFEAT_CACHE_DIR``
+    itself."""
+    monkeypatch.setenv("DINOFEAT_PROBE", "0")

@@ -214,6 +214,29 @@ def test_matches_original_vit_at_many_sizes(tmp_path, arch):
                                  cls_row=True)
 
 
+@pytest.mark.parametrize("arch,height,width", [("vit_s16", 224, 224), ("vit_tiny8", 96, 160)])
+def test_cls_only_last_block_equals_full_block(tmp_path, arch, height, width):
+    """Inference computes the last block for [CLS] only; it must give the full
+    computation's feature (both dinofeat's own full path and the reference) to 1e-5."""
+    sd, path = _weights_file(tmp_path, arch, seed=5)
+    model = dinofeat.load(path, device="cpu")
+    x = _image(3, height, width, seed=7)
+    vit = model.backbone
+    calls = []
+    hook = vit.vit.blocks[-1].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        fast = vit(x)  # the [CLS]-only path: the last block's forward is never called
+        full = vit.forward_tokens(x)[:, 0]
+    hook.remove()
+    assert len(calls) == 1  # only forward_tokens ran the whole last block
+    with torch.enable_grad():
+        grad_path = vit(x).detach()  # training keeps the full block
+    ref, _ = reference_forward(sd, x, ARCHS[arch][2])
+    assert _max_diff(fast, full) <= TOL
+    assert _max_diff(fast, ref) <= TOL
+    assert _max_diff(grad_path, ref) <= TOL
+
+
 def test_reference_detects_size_based_resampling(tmp_path):
     """The bound has teeth: timm's size-based resampling, same weights, fails it away from
     224 while agreeing at 224. dinofeat's ``pos_embed_interp="timm"`` is timm's own."""

@@ -51,7 +51,9 @@ def default_cache_dir() -> Path:
 
 def embed_images(model, images, **embed_kw) -> torch.Tensor:
     """``model.embed(images, **embed_kw)`` where every image must be readable (an
-    unreadable one raises, naming the file): one row per input, in order."""
+    unreadable one raises, naming the file): one row per input, in order. Images are
+    decoded in full unless ``decode="reduced"`` is given (published numbers reproduce)."""
+    embed_kw.setdefault("decode", "full")
     return model.embed(images, skip_unreadable=False, **embed_kw)
 
 
@@ -60,6 +62,7 @@ def embed_labeled(model, paths: Sequence[Path], labels: Sequence[int], **embed_k
     """Embed image files, skipping unreadable ones: ``(feats [N', D], labels [N'],
     skipped ["path: reason", ...])`` in input order."""
     index = {Path(p): i for i, p in enumerate(paths)}
+    embed_kw.setdefault("decode", "full")  # the paper's protocols: every pixel decoded
     stream = model.iter_embed([Path(p) for p in paths], skip_unreadable=True, **embed_kw)
     feats, keep = [], []
     for keys, f in stream:
@@ -152,7 +155,7 @@ def extract_with_transform(model, paths: Sequence[Path], transform: Callable | N
     pp = model.preprocessing
     sources = [ImageSource(Path(p), Path(p)) for p in paths]
     loader = image_loader(sources, transform, batch_size=batch_size, num_workers=num_workers,
-                          pin_memory=model.device.type == "cuda")
+                          pin_memory=model.device.type == "cuda", decode="full")
     rows: dict[int, torch.Tensor] = {}
     skipped: list[str] = []
     it = loader

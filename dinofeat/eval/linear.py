@@ -519,7 +519,7 @@ def _train_epoch(model, clf, opt, paths, labels, transform, feature_fn, cfg, pro
     from .features import autocast
     pp = model.preprocessing
     sources = [ImageSource(Path(p), Path(p)) for p in paths]
-    loader = image_loader(sources, transform, batch_size=cfg.batch_size,
+    loader = image_loader(sources, transform, batch_size=cfg.batch_size, decode="full",
                           num_workers=cfg.num_workers, pin_memory=model.device.type == "cuda")
     it = loader
     if progress:
