@@ -55,6 +55,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
+from . import accel
 from .utils import atomic_path, atomic_write_json, get_logger
 
 __all__ = [
@@ -264,6 +265,20 @@ def _build_faiss(factory: str, dim: int, metric: str) -> faiss.Index:
     if faiss.try_extract_index_ivf(index) is None and not factory.startswith("IDMap"):
         index = faiss.index_factory(dim, "IDMap2," + factory, metric_type)
     return index
+
+
+def _flat_arrays(index: faiss.Index) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """``(vectors [N, D] (a view, no copy), ids [N], "ip" | "l2")`` of an id-mapped
+    exact ``IndexFlat``; ``None`` for any other index."""
+    if not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return None
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexFlat) or inner.ntotal == 0:
+        return None
+    xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal,
+                                                                           inner.d)
+    metric = "ip" if inner.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
+    return xb, faiss.vector_to_array(index.id_map), metric
 
 
 def _as_float_matrix(x: Any, what: str) -> np.ndarray:
@@ -776,7 +791,14 @@ class KNNIndex:
             return (np.full((nq, k), empty_score, np.float32), np.full((nq, k), -1, np.int64))
         extra = len(self._tombstones)
         kk = min(k + extra, int(index.ntotal))
-        scores, ids = index.search(q, kk)
+        flat = _flat_arrays(index) if index is not self._gpu_index else None
+        if flat is not None and accel.exact_search_kernel(q.shape[1]) == "torch":
+            # exact search by torch matmul + topk where a probe found it faster here
+            xb, id_map, metric = flat
+            scores, rows = accel.exact_search(xb, q, kk, metric)
+            ids = id_map[rows]
+        else:
+            scores, ids = index.search(q, kk)
         if extra:
             dead = np.isin(ids, np.fromiter(self._tombstones, np.int64, extra))
             ids = np.where(dead, -1, ids)

@@ -265,3 +265,57 @@ def test_fp16_on_gpu(vit_s16, reference):  # pragma: no cover - no GPU in CI
     finally:
         model.cpu()
     assert F.cosine_similarity(fast, ref, dim=-1).min() >= 0.9999
+
+
+# ------------------------------------------------------------------------ probes
+def test_probes_measure_once_and_are_reused(tmp_path, monkeypatch):
+    import numpy as np
+    monkeypatch.setenv("DINOFEAT_PROBE", "1")
+    monkeypatch.setenv("DINOFEAT_CACHE_DIR", str(tmp_path))
+    assert accel.probing_enabled()
+    path = accel.probe_cache_path()
+    assert path.parent == tmp_path and path.name.startswith("probes-")
+    calls = []
+
+    def run():
+        calls.append(1)
+        return {"choice": "a", "seconds": {"a": 1.0, "b": 2.0}}
+
+    assert accel.probe("test/x", run)["choice"] == "a"
+    assert accel.probe("test/x", run)["choice"] == "a" and len(calls) == 1
+    assert accel.attention_kernel("cpu", "bf16", 197) in ("fused", "explicit")
+    assert accel.attention_kernel("cuda", "bf16", 197) == "fused"
+    assert accel.exact_search_kernel(32) in ("faiss", "torch")
+    rep = accel.platform_report()
+    assert {"test/x", "attention/cpu/bf16/256", "exact_search/32"} <= set(rep["probes"])
+    assert rep["probes"]["attention/cpu/bf16/256"]["seconds"].keys() == {"fused", "explicit"}
+    accel._probe_mem.clear()  # a new process reads the file
+    assert accel.probe("test/x", run)["choice"] == "a" and len(calls) == 1
+    accel.clear_probes()
+    assert not path.exists()
+    monkeypatch.setenv("DINOFEAT_PROBE", "0")
+    assert accel.probe("test/x", run) is None
+    assert accel.exact_search_kernel(32) == "faiss"
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_torch_exact_search_matches_faiss(metric, monkeypatch):
+    import faiss
+    import numpy as np
+    monkeypatch.setattr(accel, "SEARCH_CHUNK", 700)  # several database chunks
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((2000, 48)).astype(np.float32)
+    xq = rng.standard_normal((300, 48)).astype(np.float32)
+    index = faiss.IndexFlatIP(48) if metric == "ip" else faiss.IndexFlatL2(48)
+    index.add(xb)
+    s_ref, i_ref = index.search(xq, 7)
+    s, i = accel.exact_search(xb, xq, 7, metric)
+    assert (i == i_ref).all()
+    assert np.abs(s - s_ref).max() < 1e-3
+
+
+def test_model_cost_estimate(vit_s16):
+    model, _ = vit_s16
+    flops = accel.model_flops(model, 224, 224)
+    assert 8.5e9 < flops < 10e9  # ViT-S/16 at 224: ~9.2 GFLOP (multiply + add)
+    assert accel.model_seconds_per_image(model, 224, 224, "fp32") > 0

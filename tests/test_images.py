@@ -333,3 +333,76 @@ def test_loader_workers_order_and_failures(tmp_path, make_image):
             for j, p in enumerate(pos):
                 assert torch.equal(imgs[j], tf(I.read_image(paths[p])))
     assert seen == list(range(7)) and failed == [2, 5]
+
+
+# ------------------------------------------------------------- reduced-size decoding
+@pytest.mark.parametrize("orientation", [1, 6])
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_reduced_jpeg_decoding(tmp_path, make_image, orientation, mode):
+    """A JPEG four times the resize target is decoded at 1/4 scale, EXIF-rotated and
+    converted like a full decode, and preprocesses to nearly the same pixels."""
+    img = make_image(480, 640, mode=mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / "big.jpg"
+    img.save(p, quality=95, exif=exif.tobytes())
+    t = I.ImageTransform(Preprocessing(resize_size=120, crop_size=112), 16)
+    full = I.read_image(p)
+    small = I.read_image(p, reduce_to=t.decode_size)
+    # 480 // 120 = 4: libjpeg's 1/4 scale, rotated like the full decode
+    assert tuple(small.shape[1:]) == (full.shape[1] // 4, full.shape[2] // 4)
+    assert small.dtype == torch.uint8 and small.shape[0] == 3
+    a, b = t(full).float(), t(small).float()
+    assert a.shape == b.shape == (3, 112, 112)
+    assert (a - b).abs().mean() < 2.0  # grey levels
+    # under twice the target: decoded in full, exactly as without reduce_to
+    t2 = I.ImageTransform(Preprocessing(resize_size=300, crop_size=224), 16)
+    assert torch.equal(I.read_image(p, reduce_to=t2.decode_size), full)
+
+
+def test_reduced_decoding_keeps_limits_and_errors(tmp_path, make_image, monkeypatch):
+    t = I.ImageTransform(Preprocessing(resize_size=32, crop_size=32), 16)
+    p = tmp_path / "big.jpg"
+    make_image(400, 600).save(p, quality=90)
+    monkeypatch.setattr(I, "MAX_PIXELS", 400 * 600 - 1)  # the file's full size counts
+    with pytest.raises(I.ImageReadError, match="decompression bomb"):
+        I.read_image(p, reduce_to=t.decode_size)
+    monkeypatch.setattr(I, "MAX_PIXELS", 10 ** 9)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(I.ImageReadError, match="cut.jpg"):
+        I.read_image(cut, reduce_to=t.decode_size)
+    png = tmp_path / "big.png"  # other formats: decoded in full
+    make_image(400, 600).save(png)
+    assert I.read_image(png, reduce_to=t.decode_size).shape[1:] == (400, 600)
+
+
+def test_decode_size_is_the_resize_before_cropping():
+    t = I.ImageTransform(Preprocessing(resize_size=256, crop_size=224), 16)
+    assert t.decode_size(3000, 4000) == (256, 342)
+    assert t.decode_size(4000, 3000) == (342, 256)
+    w = I.ImageTransform(Preprocessing(mode="whole", crop_size=224), 16)
+    assert w.decode_size(3000, 4000) == w.output_size(3000, 4000) == (160, 224)
+
+
+def test_loader_decode_modes(tmp_path, make_image):
+    for i in range(3):
+        make_image(480, 640, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
+    t = I.ImageTransform(Preprocessing(resize_size=64, crop_size=64), 16)
+    src = [I.ImageSource(p, p) for p in I.list_images(tmp_path)]
+    full = next(iter(I.image_loader(src, t, decode="full", num_workers=0))).groups[0][1]
+    red = next(iter(I.image_loader(src, t, num_workers=0))).groups[0][1]
+    assert full.shape == red.shape == (3, 3, 64, 64)
+    assert 0 < (full.float() - red.float()).abs().mean() < 2.0
+    with pytest.raises(ValueError, match="decode"):
+        I.image_loader(src, t, decode="half")
+
+
+def test_split_cores_between_decoding_and_model():
+    assert I.split_cores(2, 0.01, 0.03) == (1, 2)   # model-bound: the worker fills gaps
+    assert I.split_cores(2, 0.15, 0.03) == (2, 1)   # decode-bound
+    assert I.split_cores(16, 0.01, 0.03) == (4, 12)
+    assert I.split_cores(1, 0.5, 0.5) == (1, 1)
+    src = [I.ImageSource(Path(f"{i}.jpg"), Path(f"{i}.jpg")) for i in range(10)]
+    assert I.plan_decoding(src, batch_size=64).workers == 0  # one batch: no workers
+    assert I.plan_decoding(src, batch_size=4, num_workers=3).workers == 3
