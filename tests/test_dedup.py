@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dinofeat.dedup import (DedupResult, connected_groups, dedup_folder,
+from dinofeat.search.dedup import (DedupResult, connected_groups, dedup_folder,
                             find_duplicate_pairs, find_duplicates)
 
 
@@ -140,7 +140,7 @@ def _tiny_model():
 
 # The model has random weights: its [CLS]+GeM features still separate these generated
 # pictures, but with a narrow margin (copies >= ~0.97, distinct pairs <= ~0.96), so the
-# threshold is set for it. Real DINO weights want another threshold (see dinofeat.dedup).
+# threshold is set for it. Real DINO weights want another threshold (see dinofeat.search.dedup).
 RANDOM_MODEL_THRESHOLD = 0.965
 
 
