@@ -12,8 +12,8 @@ images, choosing its faiss type, and near-duplicate grouping.
 """
 
 from .build import AddReport, ImagePlan, image_files
-from .dedup import (DEFAULT_THRESHOLD, DedupResult, DuplicateGroup, dedup_folder,
-                    find_duplicate_pairs, find_duplicates)
+from .dedup import (DEFAULT_THRESHOLD, DedupResult, DuplicateGroup, RowGroup, dedup_folder,
+                    duplicate_groups, find_duplicate_pairs, find_duplicates, group_pairs)
 from .factory import AUTO_EXACT_LIMIT, BLAS_THRESHOLD, choose_factory, configure_threads
 from .identity import (IncompatibleFeaturesError, check_compatible, embedding_identity,
                        features_info)
@@ -24,4 +24,5 @@ __all__ = ["KNNIndex", "IndexFormatError", "IncompatibleFeaturesError", "FORMAT_
            "AUTO_EXACT_LIMIT", "BLAS_THRESHOLD", "choose_factory", "configure_threads",
            "features_info", "embedding_identity", "check_compatible", "AddReport", "ImagePlan",
            "image_files", "DEFAULT_THRESHOLD", "DedupResult", "DuplicateGroup",
-           "dedup_folder", "find_duplicate_pairs", "find_duplicates"]
+           "dedup_folder", "find_duplicate_pairs", "find_duplicates", "duplicate_groups",
+           "group_pairs", "RowGroup"]

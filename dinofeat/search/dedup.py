@@ -1,24 +1,32 @@
 """Near-duplicate and copy detection inside a collection of images.
 
 Two images are *linked* when the cosine similarity of their features is at least
-``threshold``; duplicate *groups* are the connected components of these links (so a chain
-of edits A -> B -> C lands in one group even when A and C are further apart). The
-features are DINO's copy-detection representation (paper section 3.8): the [CLS] token
-concatenated with GeM-pooled (p = 4) output patch tokens (``pool="cls+gem"``), optionally
-PCA-whitened with a :class:`dinofeat.eval.copydetect.Whitening` learnt on distractor
-images (``dinofeat eval copydetect`` writes one), then L2-normalised::
+``threshold``. People delete what a dedup tool groups, so a group is never a chain: each
+group has one image to keep, and every other member is linked to that image directly
+(similarity to it ``>= threshold``). Groups are formed greedily (:func:`group_pairs`): the
+most preferred image not yet grouped (for files: the most pixels, then the oldest, then the
+largest file; for bare features: the most links) is kept, and takes every ungrouped image
+linked to it. An edit chain A -> B -> C where A and C are below the threshold is split
+rather than merged. The features are DINO's copy-detection representation (paper section
+3.8): the [CLS] token concatenated with GeM-pooled (p = 4) output patch tokens
+(``pool="cls+gem"``), optionally PCA-whitened with a
+:class:`dinofeat.eval.copydetect.Whitening` learnt on distractor images
+(``dinofeat eval copydetect`` writes one), then L2-normalised::
 
-    groups = find_duplicates(feats, threshold=0.9)          # [[0, 7], [3, 12, 40], ...]
+    groups = find_duplicates(feats, threshold=0.9)          # [[7, 0], [3, 12, 40], ...]
     result = dedup_folder("photos/", model, threshold=0.9)
     result.save("groups.json"); result.save("groups.csv"); result.save_html("report.html")
 
 Pairs are found exactly with faiss range search (all pairs above the threshold; the cost
 grows with the square of the collection: about a minute for 100k 768-d vectors on two
 CPU cores), or approximately among each image's ``k`` nearest neighbours in any
-:class:`~dinofeat.KNNIndex` factory (``k=``, ``factory=``) for larger collections.
+:class:`~dinofeat.KNNIndex` factory (``k=``, ``factory=``) for larger collections; the
+similarity of every pair found is recomputed exactly from the features, so a compressed
+index can miss pairs but never lists one below the threshold.
 
 The threshold depends on the model, the pooling and the whitening: :data:`DEFAULT_THRESHOLD`
-is a starting point, not a calibrated value; look at the HTML report of a sample and adjust.
+is a starting point, not a calibrated value; the HTML report shows a histogram of each
+image's similarity to its nearest other image, to choose one.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -41,8 +49,9 @@ from .build import image_files
 from .identity import embedding_identity
 from .index import KNNIndex, as_float_matrix
 
-__all__ = ["DEFAULT_THRESHOLD", "find_duplicate_pairs", "find_duplicates", "connected_groups",
-           "DuplicateGroup", "DedupResult", "dedup_folder", "load_whitening"]
+__all__ = ["DEFAULT_THRESHOLD", "find_duplicate_pairs", "find_duplicates", "duplicate_groups",
+           "group_pairs", "RowGroup", "keep_order", "nearest_similarity", "connected_groups",
+           "DuplicateGroup", "DedupResult", "dedup_folder", "load_whitening", "whitening_id"]
 
 DEFAULT_THRESHOLD = 0.9  # cosine similarity; uncalibrated starting point, see module doc
 _BLOCK = 4096
@@ -93,21 +102,26 @@ def find_duplicate_pairs(feats: Any, threshold: float = DEFAULT_THRESHOLD, *,
             d, nbr = index.search(x[s:s + _BLOCK], kk)
             q = np.repeat(np.arange(s, s + len(d))[:, None], kk, axis=1)
             rows.append(q.ravel()), cols.append(nbr.ravel()), sims.append(d.ravel())
-    i, j, sim = np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
-    keep = (j >= 0) & (i != j) & (sim >= threshold)
-    i, j, sim = i[keep], j[keep], sim[keep]
-    a, b = np.minimum(i, j), np.maximum(i, j)
+    i, j = np.concatenate(rows), np.concatenate(cols)
+    keep = (j >= 0) & (i != j)
+    a, b = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
     if len(a) == 0:
         return empty
-    key = a * n + b
-    key, first = np.unique(key, return_index=True)
-    return a[first], b[first], sim[first].astype(np.float32)
+    key, first = np.unique(a * n + b, return_index=True)
+    a, b = a[first], b[first]
+    # The similarity the caller sees (and filters on) is recomputed in one way for every
+    # pair, so an approximate index or a rounding difference never lists a pair below it.
+    sim = np.einsum("ij,ij->i", x[a], x[b]).astype(np.float32)
+    ok = sim.astype(np.float64) >= float(threshold)
+    return a[ok], b[ok], sim[ok]
 
 
 def connected_groups(n: int, i: np.ndarray, j: np.ndarray) -> list[list[int]]:
     """Connected components (of two or more members) of the graph on ``n`` nodes with
     edges ``(i[e], j[e])``: lists of node numbers, ascending; largest group first, ties
-    by first member."""
+    by first member. Components chain (A~B and B~C put A and C together however far
+    apart they are): use them to look at clusters, and :func:`group_pairs` for groups
+    to delete from."""
     parent = np.arange(n)
 
     def find(a: int) -> int:
@@ -130,14 +144,122 @@ def connected_groups(n: int, i: np.ndarray, j: np.ndarray) -> list[list[int]]:
     return out
 
 
-def find_duplicates(feats: Any, threshold: float = DEFAULT_THRESHOLD, *,
-                    k: int | None = None, factory: str = "Flat") -> list[list[int]]:
-    """Groups of near-duplicate rows of ``feats`` ``[N, D]`` (numpy or torch): connected
-    components of the pairs with cosine similarity ``>= threshold``
-    (:func:`find_duplicate_pairs`), as lists of row numbers, largest group first."""
+@dataclass
+class RowGroup:
+    """One duplicate group of rows: ``rows[0]`` is the one to keep; ``similarity[m]`` is
+    the cosine similarity of ``rows[m]`` to it (1 for itself), each ``>= threshold``."""
+
+    rows: list[int]
+    similarity: list[float]
+
+    @property
+    def keep(self) -> int:
+        return self.rows[0]
+
+
+def group_pairs(n: int, i: np.ndarray, j: np.ndarray, sim: np.ndarray, *,
+                priority: Sequence[Any] | None = None) -> list[RowGroup]:
+    """Duplicate groups of ``n`` items from their linked pairs ``(i[e], j[e], sim[e])``
+    (as :func:`find_duplicate_pairs` returns them), with no chaining: every member of a
+    group is linked directly to the group's kept item.
+
+    Greedy, in order of preference: the most preferred item not yet in a group is kept and
+    takes every ungrouped item linked to it. ``priority``: a sort key per item, smaller
+    preferred (default: more links first, then lower row). Groups come largest first, ties
+    by the kept row; members after the kept one by decreasing similarity to it."""
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    sim = np.asarray(sim, dtype=np.float64)
+    if len(i) == 0:
+        return []
+    links: dict[int, dict[int, float]] = {}
+    for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist()):
+        links.setdefault(a, {})[b] = s
+        links.setdefault(b, {})[a] = s
+    nodes = list(links)
+    if priority is None:
+        order = sorted(nodes, key=lambda a: (-len(links[a]), a))
+    else:
+        if len(priority) != n:
+            raise ValueError(f"priority has {len(priority)} entries for {n} items")
+        order = sorted(nodes, key=lambda a: (priority[a], a))
+    grouped: set[int] = set()
+    out: list[RowGroup] = []
+    for a in order:
+        if a in grouped:
+            continue
+        members = sorted(((s, b) for b, s in links[a].items() if b not in grouped),
+                         key=lambda t: (-t[0], t[1]))
+        if not members:
+            continue
+        grouped.add(a)
+        grouped.update(b for _, b in members)
+        out.append(RowGroup([a] + [b for _, b in members], [1.0] + [s for s, _ in members]))
+    out.sort(key=lambda g: (-len(g.rows), g.keep))
+    return out
+
+
+def duplicate_groups(feats: Any, threshold: float = DEFAULT_THRESHOLD, *,
+                     paths: Sequence[str] | None = None, priority: Sequence[Any] | None = None,
+                     k: int | None = None, factory: str = "Flat") -> list[RowGroup]:
+    """Near-duplicate groups of the rows of ``feats`` ``[N, D]`` (numpy or torch): every
+    member at cosine similarity ``>= threshold`` to its group's kept row
+    (:func:`group_pairs` over :func:`find_duplicate_pairs`).
+
+    The kept row is chosen by ``priority`` (a sort key per row, smaller preferred), else,
+    with ``paths`` (the image file of each row), by :func:`keep_order` (most pixels, then
+    oldest, then largest file), else by the number of links. This is the rule of
+    ``dinofeat dedup`` and of every other caller that groups duplicates."""
     x = _normalised(feats)
-    i, j, _ = find_duplicate_pairs(x, threshold, k=k, factory=factory)
-    return connected_groups(len(x), i, j)
+    i, j, sim = find_duplicate_pairs(x, threshold, k=k, factory=factory)
+    if priority is None and paths is not None:
+        if len(paths) != len(x):
+            raise ValueError(f"got {len(paths)} paths for {len(x)} feature rows")
+        priority = keep_order(paths, rows=np.union1d(i, j).tolist())
+    return group_pairs(len(x), i, j, sim, priority=priority)
+
+
+def find_duplicates(feats: Any, threshold: float = DEFAULT_THRESHOLD, *,
+                    k: int | None = None, factory: str = "Flat",
+                    priority: Sequence[Any] | None = None) -> list[list[int]]:
+    """Groups of near-duplicate rows of ``feats`` ``[N, D]`` as lists of row numbers, the
+    kept row first and every other member at cosine similarity ``>= threshold`` to it
+    (:func:`duplicate_groups`), largest group first."""
+    return [g.rows for g in duplicate_groups(feats, threshold, k=k, factory=factory,
+                                             priority=priority)]
+
+
+def keep_order(paths: Sequence[str], rows: Sequence[int] | None = None) -> list[tuple]:
+    """A sort key per image file (smaller = rather keep it): the most pixels, then the
+    oldest file, then the largest, then the path: a heuristic for "the original". Only
+    the files of ``rows`` are opened (the others get a key that sorts last)."""
+    wanted = range(len(paths)) if rows is None else rows
+    return _keys_from_facts(paths, {r: _image_facts(paths[r]) for r in wanted})
+
+
+def _keys_from_facts(paths: Sequence[str], facts: dict[int, tuple]) -> list[tuple]:
+    keys: list[tuple] = [(1, 0, 0, 0, "")] * len(paths)
+    for r, ((w, h), size, mtime) in facts.items():
+        keys[r] = (0, -w * h, mtime, -size, str(paths[r]))
+    return keys
+
+
+def nearest_similarity(feats: Any, *, factory: str = "Flat") -> np.ndarray:
+    """Each row's cosine similarity to its nearest other row (``[N]``; ``nan`` for a
+    single row): what a histogram needs to choose a dedup threshold."""
+    x = _normalised(feats)
+    n = len(x)
+    out = np.full(n, np.nan, np.float32)
+    if n < 2:
+        return out
+    index = KNNIndex(metric="cosine", factory=factory)
+    index.add(x)
+    for s in range(0, n, _BLOCK):
+        d, nbr = index.search(x[s:s + _BLOCK], 2)
+        rows = np.arange(s, s + len(d))
+        # the first hit is normally the row itself; an exact twin can come first instead
+        out[s:s + len(d)] = np.where(nbr[:, 0] == rows, d[:, 1], d[:, 0])
+    return out
 
 
 # ------------------------------------------------------------------ folders
@@ -145,8 +267,9 @@ def find_duplicates(feats: Any, threshold: float = DEFAULT_THRESHOLD, *,
 class DuplicateGroup:
     """One group of near-duplicates. ``paths[0]`` is the suggested one to keep (the most
     pixels, then the oldest file, then the largest, then the first path: a heuristic for
-    "the original"); ``similarity[m]`` is the cosine
-    similarity of member ``m`` to it (1 for itself); ``sizes`` are ``(width, height)``."""
+    "the original"); ``similarity[m]`` is the cosine similarity of member ``m`` to it (1
+    for itself), at least the threshold for every member; ``sizes`` are
+    ``(width, height)``."""
 
     paths: list[str]
     similarity: list[float]
@@ -177,6 +300,8 @@ class DedupResult:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     pairs: int = 0
     seconds: float = 0.0
+    #: each image's similarity to its nearest other image (for the histogram)
+    nearest: Any = None
 
     @property
     def duplicates(self) -> list[str]:
@@ -189,12 +314,28 @@ class DedupResult:
                 "duplicates_count": len(self.duplicates), "pairs": self.pairs,
                 "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
                 "model": self.model, "seconds": round(self.seconds, 3),
+                "rule": "every member's similarity to the kept image >= threshold",
+                "nearest_histogram": self.histogram(),
                 "groups": [g.as_dict() for g in self.groups]}
+
+    def histogram(self, bins: int = 40) -> dict[str, list] | None:
+        """Counts of each image's similarity to its nearest other image, in ``bins``
+        equal bins from the lowest value seen to 1: ``{"edges": [...], "counts": [...]}``."""
+        if self.nearest is None:
+            return None
+        v = np.asarray(self.nearest, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if len(v) == 0:
+            return None
+        lo = float(min(np.floor(v.min() * 100) / 100, self.threshold - 0.01))
+        counts, edges = np.histogram(np.clip(v, lo, 1.0), bins=bins, range=(lo, 1.0))
+        return {"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()}
 
     def __str__(self) -> str:
         return (f"{len(self.groups)} duplicate groups ({len(self.duplicates)} images that "
-                f"duplicate another) among {len(self.paths)} images at similarity >= "
-                f"{self.threshold}; {len(self.unreadable)} unreadable")
+                f"duplicate another) among {len(self.paths)} images, every member at "
+                f"similarity >= {self.threshold} to the image kept; "
+                f"{len(self.unreadable)} unreadable")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the groups atomically: ``.csv`` -> one row per member (group, keep,
@@ -217,15 +358,20 @@ class DedupResult:
 
     def save_html(self, path: str | os.PathLike, *, thumb_size: int = 160,
                   max_groups: int | None = None) -> Path:
-        """A self-contained HTML page (thumbnails embedded as small base64 JPEGs) showing
-        each group side by side, the suggested keeper first, with similarities, pixel
-        sizes and full paths, for a person to review in a browser."""
+        """A self-contained HTML page (thumbnails embedded as small base64 JPEGs, each a
+        link to the full-size file) showing each group side by side, the suggested keeper
+        first, with similarities, pixel sizes and full paths, and a histogram of each
+        image's similarity to its nearest other image with the threshold marked, for a
+        person to review in a browser and choose a threshold."""
         path = Path(path)
         groups = self.groups if max_groups is None else self.groups[:max_groups]
         parts = [_HTML_HEAD.format(title=html.escape(f"dinofeat dedup: {len(self.groups)} "
                                                      "groups")),
                  f"<h1>Near-duplicate groups</h1><p>{html.escape(str(self))}. "
                  f"Model: {html.escape(_model_text(self.model))}.</p>"]
+        hist = self.histogram()
+        if hist is not None:
+            parts.append(_histogram_svg(hist, self.threshold))
         if max_groups is not None and len(self.groups) > max_groups:
             parts.append(f"<p>Showing the first {max_groups} groups.</p>")
         for n, g in enumerate(groups):
@@ -236,6 +382,7 @@ class DedupResult:
                 src = _thumbnail_uri(p, thumb_size)
                 img = (f'<img src="{src}" alt="{html.escape(Path(p).name)}">' if src else
                        '<div class="missing">cannot show</div>')
+                img = f'<a href="{html.escape(_file_uri(p))}" target="_blank">{img}</a>'
                 badge = '<span class="keep">keep</span>' if m == 0 else \
                     f'<span class="sim">{s:.3f}</span>'
                 parts.append(f'<figure>{img}<figcaption>{badge} '
@@ -268,6 +415,48 @@ img {{ max-width: 170px; max-height: 170px; border: 1px solid #999; display: blo
 .missing {{ width: 160px; height: 100px; background: #fdd; text-align: center; }}
 small {{ color: #777; }}
 </style></head><body>"""
+
+
+def _file_uri(path: str) -> str:
+    """A ``file://`` link to an image (absolute; relative paths against the current folder)."""
+    try:
+        return Path(os.path.abspath(path)).as_uri()
+    except ValueError:  # pragma: no cover - an unusual path: a plain relative link
+        return path
+
+
+def _histogram_svg(hist: dict[str, list], threshold: float) -> str:
+    """An inline SVG bar chart of the nearest-neighbour similarities, threshold marked."""
+    edges, counts = hist["edges"], hist["counts"]
+    width, height, pad = 640, 160, 30
+    top = max(counts) or 1
+    lo, hi = edges[0], edges[-1]
+    bw = (width - 2 * pad) / len(counts)
+
+    def xpos(v: float) -> float:
+        return pad + (v - lo) / (hi - lo) * (width - 2 * pad) if hi > lo else pad
+
+    bars = []
+    for b, c in enumerate(counts):
+        h = (height - 2 * pad) * c / top
+        colour = "#c44" if edges[b] >= threshold else "#69c"
+        bars.append(f'<rect x="{pad + b * bw:.1f}" y="{height - pad - h:.1f}" '
+                    f'width="{max(bw - 1, 1):.1f}" height="{h:.1f}" fill="{colour}">'
+                    f'<title>{edges[b]:.3f}-{edges[b + 1]:.3f}: {c} images</title></rect>')
+    tx = xpos(threshold)
+    return (f'<h2>Similarity of each image to its nearest other image</h2>'
+            f'<svg width="{width}" height="{height}" role="img" '
+            f'aria-label="histogram of nearest-neighbour similarities">'
+            + "".join(bars) +
+            f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{pad - 10}" y2="{height - pad}" '
+            f'stroke="#000" stroke-dasharray="4"/>'
+            f'<text x="{tx + 3:.1f}" y="{pad - 12}" font-size="11">threshold {threshold}</text>'
+            f'<text x="{pad}" y="{height - 8}" font-size="11">{lo:.2f}</text>'
+            f'<text x="{width - pad - 20}" y="{height - 8}" font-size="11">{hi:.2f}</text>'
+            f'<text x="{pad}" y="{pad - 12}" font-size="11">max {top} images</text></svg>'
+            '<p><small>Red bars are at or above the threshold: those images have a '
+            'near-duplicate. Images whose nearest neighbour falls just below it are worth a '
+            'look before choosing a lower threshold.</small></p>')
 
 
 def _model_text(model: dict | None) -> str:
@@ -382,19 +571,17 @@ def dedup_folder(images: Any, model: Any, threshold: float = DEFAULT_THRESHOLD, 
     unreadable = [(str(s.key), s.reason) for s in stream.skipped]
     feats = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
     i, j, sim = find_duplicate_pairs(feats, threshold, k=k, factory=factory)
-    x = _normalised(feats) if len(feats) else feats
+    facts = {r: _image_facts(paths[r]) for r in np.union1d(i, j).tolist()}
     groups = []
-    for members in connected_groups(len(paths), i, j):
-        facts = [_image_facts(paths[m]) for m in members]
-        order = sorted(range(len(members)), key=lambda t: (
-            -facts[t][0][0] * facts[t][0][1], facts[t][2], -facts[t][1], paths[members[t]]))
-        members = [members[t] for t in order]
-        facts = [facts[t] for t in order]
-        sims = (x[members] @ x[members[0]]).clip(-1, 1)
-        groups.append(DuplicateGroup([paths[m] for m in members], sims.tolist(),
-                                     [f[0] for f in facts], [f[1] for f in facts]))
+    for g in group_pairs(len(paths), i, j, sim, priority=_keys_from_facts(paths, facts)):
+        groups.append(DuplicateGroup([paths[m] for m in g.rows],
+                                     [min(1.0, float(v)) for v in g.similarity],
+                                     [facts[m][0] for m in g.rows],
+                                     [facts[m][1] for m in g.rows]))
+    nearest = nearest_similarity(feats, factory=factory) if len(feats) > 1 else \
+        np.zeros(0, np.float32)
     result = DedupResult(groups, paths, float(threshold), info, unreadable, int(len(i)),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, nearest=nearest)
     _log.info("%s (%.1f s)", result, result.seconds)
     if out is not None:
         result.save(out)
