@@ -212,7 +212,7 @@ def _print_add_report(report, index, out) -> None:
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .index import KNNIndex
+    from .search import KNNIndex
     if not Path(args.folder).exists():
         raise FileNotFoundError(f"no such image folder: {args.folder}")
     if args.checkpoint_every < 1 or args.shard_size < 1:
@@ -251,7 +251,7 @@ def _index_model(index, args: argparse.Namespace):
 
 
 def _cmd_index_add(args: argparse.Namespace) -> int:
-    from .index import KNNIndex
+    from .search import KNNIndex
     index = KNNIndex.load(args.index)
     _features_device(args)
     model = _index_model(index, args)
@@ -268,7 +268,7 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
 def _cmd_index_info(args: argparse.Namespace) -> int:
     import json
 
-    from .index import KNNIndex
+    from .search import KNNIndex
     header = KNNIndex.read_header(args.index)
     if args.json:
         print(json.dumps(header, indent=1))
@@ -318,7 +318,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .index import KNNIndex
+    from .search import KNNIndex
     if args.k < 1:
         raise UserError("-k must be at least 1")
     for q in args.queries:
@@ -356,7 +356,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_dedup(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .dedup import dedup_folder
+    from .search.dedup import dedup_folder
     if not Path(args.folder).exists():
         raise FileNotFoundError(f"no such image folder: {args.folder}")
     if not -1 <= args.threshold <= 1:
@@ -390,7 +390,7 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
 
 def _add_index_commands(sub) -> None:
     """index build/add/info, search, dedup (issue: index)."""
-    from .dedup import DEFAULT_THRESHOLD
+    from .search.dedup import DEFAULT_THRESHOLD
 
     def running(q, checkpoint: bool = True) -> None:
         g = q.add_argument_group("running")
