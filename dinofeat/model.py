@@ -385,7 +385,8 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
             ``.safetensors``) or a training run folder. A ``.onnx`` file written by
             ``dinofeat export`` gives a :class:`~dinofeat.export.OnnxModel` (ONNX
             Runtime, CPU) with the same ``embed``.
-        device: where to put the model (default: CUDA if available, else CPU).
+        device: where to put the model (default: CUDA if available, else CPU; under
+            ``torchrun`` this process's GPU, ``LOCAL_RANK``).
         arch: architecture for files; inferred from the tensors when omitted.
         checkpoint_key: ``"teacher"`` (default) or ``"student"`` for training checkpoints.
         revision: Hugging Face hub revision (branch, tag or commit) for zoo models.
@@ -433,9 +434,8 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
                 from None
     model = DinoModel(backbone, name=spec.name if spec else meta.get("name", name), spec=spec,
                       preprocessing=preprocessing, source=str(path))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    from .runtime import resolve_device
+    return model.to(resolve_device(device)).eval()
 
 
 def save_safetensors(model: DinoModel, path: str | os.PathLike, *,
