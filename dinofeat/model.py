@@ -245,25 +245,17 @@ class DinoModel(nn.Module):
     # ------------------------------------------------------- linear classifier
     def attach_classifier(self, head, *, n_last_blocks: int | None = None,
                           avgpool: bool | None = None, class_names=None):
-        """Attach a linear head for :meth:`classify`: a
-        :class:`~dinofeat.eval.linear.LinearProbe`, a head saved by ``dinofeat eval
-        linear`` (``.safetensors``) or an original release ``*_linearweights.pth``
-        (``n_last_blocks``/``avgpool`` inferred from its width unless given). Checks that
-        the head fits this model's features; returns the head."""
-        from .eval.linear import LinearProbe
-        source = None
-        if not isinstance(head, LinearProbe):
-            source = head
-            head = LinearProbe.load(head, embed_dim=self.embed_dim, n_last_blocks=n_last_blocks,
-                                    avgpool=avgpool, class_names=class_names)
-        try:
-            head.check_model(self)
-        except ValueError as e:
-            if source is None:
-                raise
-            raise ValueError(f"{source}: {e}") from None
-        self.classifier = head.to(self.device).eval()
-        return head
+        """Deprecated: use :func:`dinofeat.eval.linear.attach_classifier` (``model`` first);
+        same arguments and result."""
+        import warnings
+
+        from .eval.linear import attach_classifier  # here, so that the model never sits
+        # above the evaluation suite at import time
+        warnings.warn("DinoModel.attach_classifier is deprecated; use "
+                      "dinofeat.eval.linear.attach_classifier(model, head)",
+                      DeprecationWarning, stacklevel=2)
+        return attach_classifier(self, head, n_last_blocks=n_last_blocks, avgpool=avgpool,
+                                 class_names=class_names)
 
     def classify(self, images, k: int = 5, **embed_kw) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(class name, probability)`` pairs per image from the attached head
@@ -273,8 +265,9 @@ class DinoModel(nn.Module):
         from .embedding import EmbedStream, collect, crop_to_patches
         head = getattr(self, "classifier", None)
         if head is None:
-            raise RuntimeError("no classifier attached: call model.attach_classifier(path) "
-                               "with a linear head first")
+            raise RuntimeError("no classifier attached: call "
+                               "dinofeat.eval.linear.attach_classifier(model, path) with a "
+                               "linear head first")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
 
