@@ -8,7 +8,7 @@ and the complete DINO training core::
     feats = model.embed("photos/")            # [N, 384]
 """
 
-from .index import KNNIndex
+from .search import KNNIndex
 from .attention import AttentionMaps
 from .images import ImageReadError, list_images, open_image
 from .model import DinoModel, load

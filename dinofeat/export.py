@@ -329,6 +329,24 @@ def _ort_session(path: str | os.PathLike, num_threads: int | None = None):
         raise ValueError(f"{path}: not a loadable ONNX model ({e})") from e
 
 
+def _external_tensors(graph) -> list[str]:
+    """Names of the tensors of ``graph`` (subgraphs included) whose data lives in an
+    external file (``data_location == EXTERNAL``)."""
+    from onnx import AttributeProto, TensorProto
+    found: list[str] = []
+    tensors = list(graph.initializer) + [s.values for s in graph.sparse_initializer]
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == AttributeProto.TENSOR:
+                tensors.append(a.t)
+            tensors.extend(a.tensors)
+            for g in ([a.g] if a.type == AttributeProto.GRAPH else []) + list(a.graphs):
+                found += _external_tensors(g)
+    found += [t.name or "<unnamed>" for t in tensors
+              if t.data_location == TensorProto.EXTERNAL or len(t.external_data)]
+    return found
+
+
 class OnnxModel:
     """An exported DINO ViT run by ONNX Runtime on CPU (``dinofeat.load("x.onnx")``).
 
@@ -353,14 +371,23 @@ class OnnxModel:
         except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
             raise ValueError(f"{self.path}: not a readable ONNX file (truncated or not "
                              f"ONNX?): {type(e).__name__}: {e}") from None
+        external = _external_tensors(proto.graph)
+        if external:
+            raise ValueError(
+                f"{self.path}: tensor(s) {', '.join(external[:3])} keep their data in "
+                "external files; dinofeat's exports never do, and such a file could make "
+                "ONNX Runtime read any file on this machine, so it is refused")
         meta = {p.key: p.value for p in proto.metadata_props}
         if "dinofeat" not in meta:
             raise ValueError(f"{self.path}: ONNX file without dinofeat metadata (write it "
                              "with 'dinofeat export --format onnx')")
         self.meta = json.loads(meta["dinofeat"])
         from .zoo import Preprocessing
-        self.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                                              for k, v in self.meta["preprocessing"].items()})
+        try:
+            self.preprocessing = Preprocessing.from_dict(self.meta["preprocessing"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{self.path}: bad preprocessing in its dinofeat metadata: {e}") \
+                from None
         self.name = self.meta["name"]
         self.embed_dim = int(self.meta["embed_dim"])
         self.patch_size = int(self.meta["patch_size"])

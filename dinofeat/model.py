@@ -419,8 +419,11 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
         raise weights.CheckpointError(f"{path}: {e}") from None
     _load_strict(backbone, sd, str(path))
     if preprocessing is None and meta.get("preprocessing"):
-        preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in meta["preprocessing"].items()})
+        try:
+            preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        except (TypeError, ValueError) as e:
+            raise weights.CheckpointError(f"{path}: bad preprocessing in its metadata: {e}") \
+                from None
     model = DinoModel(backbone, name=spec.name if spec else meta.get("name", name), spec=spec,
                       preprocessing=preprocessing, source=str(path))
     if device is None:
