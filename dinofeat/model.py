@@ -23,6 +23,7 @@ from .backbones import DinoVisionTransformer, build_backbone
 from .zoo import MODELS, ModelSpec, Preprocessing, get_spec
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .export import OnnxModel
     from .features import FeatureSpec
 
 __all__ = ["DinoModel", "load", "CHECKPOINT_NAMES"]
@@ -369,8 +370,10 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
          *, arch: str | None = None, checkpoint_key: str = "teacher",
          revision: str | None = None, cache_dir: str | os.PathLike | None = None,
          pos_embed_interp: str | None = None,
-         preprocessing: Preprocessing | None = None) -> DinoModel:
-    """Load a DINO backbone as a :class:`DinoModel` in eval mode.
+         preprocessing: Preprocessing | None = None) -> "DinoModel | OnnxModel":
+    """Load a DINO backbone as a :class:`DinoModel` in eval mode (an
+    :class:`~dinofeat.export.OnnxModel` for a ``.onnx`` file; both are
+    :class:`~dinofeat.protocol.FeatureModel` s).
 
     Args:
         name_or_path: a zoo name (``dinofeat.list_models()``), a weights file (original
@@ -405,7 +408,7 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
             if device is not None and torch.device(device).type != "cpu":
                 raise ValueError(f"{path}: ONNX models run on CPU here; load the PyTorch "
                                  "weights for a GPU")
-            return load_onnx(path)  # type: ignore[return-value]
+            return load_onnx(path)
     ckpt = weights.read_checkpoint(path)
     meta = weights.read_dinofeat_metadata(path, ckpt)
     sd = weights.backbone_state_dict(ckpt, checkpoint_key=checkpoint_key, source=str(path))
