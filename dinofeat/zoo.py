@@ -71,7 +71,11 @@ class ModelSpec:
     knn_top1: float | None
     linear_top1: float | None
     hf_hub_id: str | None = None  # timm copy of the weights on the Hugging Face hub
+    # Pin of the hub copy: a 40-hex commit is immune to later pushes to the repo; the
+    # SHA-256 of its model.safetensors, when filled, is checked on every load at that
+    # revision. Both need a look at the hub; see docs/weights.md for filling them in.
     hf_revision: str = "main"
+    hf_sha256: str | None = None
     backbone_url: str | None = None  # original release files
     full_checkpoint_url: str | None = None
     linear_head_url: str | None = None
