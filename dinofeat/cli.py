@@ -28,14 +28,16 @@ class _Parser(argparse.ArgumentParser):
 
 # ------------------------------------------------------------------ models
 def _cmd_models(args: argparse.Namespace) -> int:
-    from . import zoo
+    from . import weights, zoo
     if args.json:
         import json
-        print(json.dumps(zoo.list_models(as_dicts=True), indent=1))
+        here = weights.local_weights_all()
+        print(json.dumps([{**d, "local_path": str(here[d["name"]]) if here[d["name"]] else None}
+                          for d in zoo.list_models(as_dicts=True)], indent=1))
     elif args.markdown:
         print(zoo.format_markdown_table())
     else:
-        print(zoo.format_table())
+        print(zoo.format_table(local=weights.local_weights_all()))
     return 0
 
 
@@ -43,7 +45,8 @@ def _add_models_commands(sub) -> None:
     p = sub.add_parser("models", help="list the model zoo with published ImageNet numbers",
                        description="List every zoo model: architecture, feature dim, patch "
                                    "size, parameters, published ImageNet k-NN and linear "
-                                   "top-1, and where its weights come from.")
+                                   "top-1, where its weights come from, and whether a copy "
+                                   "is already on this machine (column 'here').")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fmt.add_argument("--markdown", action="store_true",
@@ -855,9 +858,14 @@ def _add_misc_commands(sub) -> None:
     p.set_defaults(default_arch="vit_s16", func=_model_args_fixup(_cmd_export))
 
 
+def _push_register(sub) -> None:
+    from .cli_push import register
+    register(sub)
+
+
 _REGISTRARS: list[Callable] = [_add_models_commands, _add_features_commands,
                                _add_index_commands, _add_train_commands,
-                               _add_eval_commands, _add_misc_commands]
+                               _add_eval_commands, _add_misc_commands, _push_register]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -887,6 +895,8 @@ def _paths_safe_output() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _paths_safe_output()
+    from .weights import set_interface
+    set_interface("cli")  # errors name --model/--weights, not dinofeat.load(...)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -327,7 +327,7 @@ def hub_config(model: "DinoModel") -> dict[str, Any]:
         d["training"] = model.training_summary
     if spec is not None and spec.knn_top1 is not None:
         d["published"] = {"knn_top1": spec.knn_top1, "linear_top1": spec.linear_top1,
-                          "dataset": spec.dataset}
+                          "dataset": spec.dataset, "description": spec.description}
     model_args: dict[str, Any] = {}
     if model.is_vit:
         grid = bb.trained_grid
@@ -388,9 +388,9 @@ def model_card(model: "DinoModel", config: Mapping[str, Any], *, repo_id: str | 
             "The weights use timm's names, so timm reads them as well (same [CLS] feature at "
             "the training size):", "", "```python", "import timm",
             f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)' if repo_id else
-            f'model = timm.create_model("{config["architecture"]}", pretrained=True, '
-            'num_classes=0,\n    pretrained_cfg_overlay=dict(file="model.safetensors"), '
-            '**config["model_args"])',
+            'import json\ncfg = json.load(open("config.json"))\n'
+            'model = timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,\n'
+            '    pretrained_cfg_overlay=dict(file="model.safetensors"), **cfg["model_args"])',
             "```", "",
             f"Other input sizes: the position embeddings are resampled with "
             f"{'the original DINO rule (bicubic, scale factor with a 0.1 offset)' if d['pos_embed_interp'] == 'dino' else 'timm' + chr(39) + 's rule'}"
@@ -418,8 +418,8 @@ def model_card(model: "DinoModel", config: Mapping[str, Any], *, repo_id: str | 
                   for k, v in r.items()]
         lines.append("")
     elif d.get("published"):
-        lines += [f"The published DINO weights ({d['arch']}), trained on "
-                  f"{d['published']['dataset']}; see the paper for the recipe.", ""]
+        lines += [f"dinofeat model `{d['arch']}`: {d['published']['description']} "
+                  f"(trained on {d['published']['dataset']}).", ""]
     else:
         lines += [f"Not recorded: the weights came from `{Path(str(model.source)).name}` "
                   "without a training record.", ""]
@@ -433,9 +433,11 @@ def model_card(model: "DinoModel", config: Mapping[str, Any], *, repo_id: str | 
                   + ", measured during training on the run's labelled k-NN set.", ""]
     elif d.get("published"):
         pub = d["published"]
-        lines += [f"Published {pub['dataset']} top-1: k-NN {pub['knn_top1']}"
+        lines += [f"{pub['dataset']} top-1: k-NN {pub['knn_top1']}"
                   + (f", linear {pub['linear_top1']}" if pub.get("linear_top1") else "")
-                  + " (the paper's numbers).", ""]
+                  + (" (the paper's numbers)." if pub["dataset"] == "ImageNet-1k" else
+                     " (dinofeat's model table).")
+                  , ""]
     else:
         lines += ["No k-NN accuracy measured.", ""]
     lines += ["## Files", "",

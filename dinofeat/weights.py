@@ -52,6 +52,7 @@ __all__ = [
     "set_interface",
     "how_to_pass_weights",
     "local_weights",
+    "local_weights_all",
 ]
 
 WEIGHTS_DIR_ENV = "DINOFEAT_WEIGHTS_DIR"
@@ -161,6 +162,8 @@ def endpoint_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     from urllib.parse import urlsplit
     import urllib.request
     parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return True  # file:// and the like: nothing to probe, the reader reports
     proxy = urllib.request.getproxies().get(parts.scheme or "https")
     if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
         parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
@@ -194,6 +197,12 @@ def _hf_file_sha_ok(path: Path, spec: ModelSpec) -> None:
                               f"({spec.hf_sha256}, {spec.hf_hub_id} at {spec.hf_revision}); "
                               "the hub copy changed or the download is corrupt: delete it "
                               "and download again, or pin another revision")
+
+
+def local_weights_all(cache_dir: str | os.PathLike | None = None) -> dict[str, Path | None]:
+    """:func:`local_weights` of every zoo entry, by name."""
+    from .zoo import MODELS
+    return {name: local_weights(spec, cache_dir) for name, spec in MODELS.items()}
 
 
 def local_weights(spec: ModelSpec, cache_dir: str | os.PathLike | None = None) -> Path | None:
@@ -289,7 +298,7 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
             tried.append(f"release URL {spec.backbone_url}: not in the torch hub cache "
                          f"{ckpt_dir}, and HF_HUB_OFFLINE is set (no download)")
         elif not endpoint_reachable(spec.backbone_url):
-            unreachable.append(spec.backbone_url.split("/")[2])
+            unreachable.append(spec.backbone_url.split("/")[2] or spec.backbone_url)
             tried.append(f"release URL {spec.backbone_url}: not in the torch hub cache "
                          f"{ckpt_dir}, and the server cannot be reached")
         else:
