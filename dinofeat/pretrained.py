@@ -189,8 +189,11 @@ def _prep_from_timm(cfg: Mapping[str, Any]) -> Preprocessing | None:
                          mean=tuple(map(float, cfg["mean"])), std=tuple(map(float, cfg["std"])))
 
 
-def _prep_from_dict(d: Mapping[str, Any]) -> Preprocessing:
-    return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+def _prep_from_dict(d: Mapping[str, Any], source: Path) -> Preprocessing:
+    try:
+        return Preprocessing.from_dict(dict(d))
+    except (TypeError, ValueError) as e:
+        raise weights.CheckpointError(f"{source}: bad preprocessing: {e}") from None
 
 
 def read_folder(folder: str | os.PathLike) -> PretrainedFolder | None:
@@ -211,7 +214,7 @@ def read_folder(folder: str | os.PathLike) -> PretrainedFolder | None:
         return PretrainedFolder(
             _weights_in(folder), "dinofeat", cfg, num_heads=d.get("num_heads"),
             layer_norm_eps=d.get("layer_norm_eps"),
-            preprocessing=_prep_from_dict(d["preprocessing"]) if d.get("preprocessing")
+            preprocessing=_prep_from_dict(d["preprocessing"], cfg_path) if d.get("preprocessing")
             else None, meta={k: d[k] for k in ("name", "arch", "pos_embed_interp") if k in d})
     if "architecture" in cfg:  # timm
         args = cfg.get("model_args") or {}

@@ -7,13 +7,13 @@ import argparse
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from . import load
+    from .. import load
     if not args.repo and not args.out:
         raise ValueError("nothing to do: give --repo ORG/NAME (upload) and/or --out DIR "
                          "(write the folder)")
     model = load(args.model, device="cpu", arch=args.arch, checkpoint_key=args.checkpoint_key)
     if args.out:
-        from .pretrained import save_pretrained
+        from ..pretrained import save_pretrained
         folder = save_pretrained(model, args.out, repo_id=args.repo, license=args.license)
         print(f"wrote {folder}/ (model.safetensors, config.json, README.md) for {model.name}")
     if args.repo:
