@@ -433,8 +433,15 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
         spec = get_spec(name_or_path)
         path = weights.fetch_weights(spec, revision=revision, cache_dir=cache_dir)
     elif hub is not None:
-        path = pretrained.download(hub[0], hub[1] or revision, cache_dir=cache_dir,
-                                   token=token)
+        try:
+            path = pretrained.download(hub[0], hub[1] or revision, cache_dir=cache_dir,
+                                       token=token)
+        except weights.WeightsNotFoundError as e:
+            if name.startswith(pretrained.HUB_PREFIX):
+                raise
+            raise weights.WeightsNotFoundError(  # a plain org/name: maybe a mistyped path
+                f"no such weights file or folder: {name}; as a Hugging Face hub repo: {e}",
+                searched=[f"local path {name}: missing", *e.searched]) from None
     else:
         path = Path(name_or_path)
         if not path.exists():

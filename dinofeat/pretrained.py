@@ -79,8 +79,9 @@ def parse_hub_name(name: str | os.PathLike) -> tuple[str, str | None] | None:
         return None
     explicit = name.startswith(HUB_PREFIX)
     body = name[len(HUB_PREFIX):] if explicit else name
-    if not explicit and (name in MODELS or os.path.exists(name)):
-        return None
+    if not explicit and (name in MODELS or os.path.exists(name) or name.lower().endswith(
+            (".pth", ".pt", ".bin", ".safetensors", ".onnx", ".ckpt"))):
+        return None  # a zoo name, or a (missing) local weights file
     repo, _, rev = body.partition("@")
     if not _REPO_ID.match(repo) or ".." in repo:
         if explicit:

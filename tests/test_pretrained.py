@@ -257,6 +257,12 @@ def test_hub_revisions_and_offline_cache(tmp_path, hub, monkeypatch):
     assert len(hub.requests) == n
     with pytest.raises(weights.WeightsNotFoundError, match="HF_HUB_OFFLINE"):
         dinofeat.load("hf-hub:me/other", device="cpu")
+    # a plain org/name that is neither a local path nor a repo says both
+    with pytest.raises(FileNotFoundError, match="no such weights file or folder: runs/absent; "
+                       "as a Hugging Face hub repo"):
+        dinofeat.load("runs/absent", device="cpu")
+    with pytest.raises(FileNotFoundError, match="no such weights file or folder: runs/x.pth$"):
+        dinofeat.load("runs/x.pth", device="cpu")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(weights.WeightsNotFoundError, match="RevisionNotFound|revision"):
         dinofeat.load("hf-hub:me/model@nope", device="cpu")
