@@ -16,11 +16,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import transformers  # noqa: E402
+import transformers
+from test_faithfulness import (
+    ARCHS,
+    _image,
+    _max_diff,
+    _to_hf_vit,
+    dino_like_vit_weights,
+    reference_forward,
+)
 
-import dinofeat  # noqa: E402
-from test_faithfulness import (ARCHS, _image, _max_diff, _to_hf_vit,  # noqa: E402
-                               dino_like_vit_weights, reference_forward)
+import dinofeat
 
 torch.set_num_threads(1)
 for arch in ("vit_s16", "vit_s8"):

@@ -106,7 +106,7 @@ def download(repo_id: str, revision: str | None = None, *,
     ``HF_HUB_OFFLINE=1``, or a hub that does not answer within a few seconds, uses the
     cache alone. Raises :class:`~dinofeat.weights.WeightsNotFoundError` in one line."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError
 
     endpoint = weights.hub_endpoint()
     offline = weights.hub_offline()
@@ -128,16 +128,14 @@ def download(repo_id: str, revision: str | None = None, *,
             f"{weights.PROBE_TIMEOUT_S:g} s")
     try:
         config = Path(hf_hub_download(repo_id, CONFIG_NAME, **kw))
-    except EntryNotFoundError:
+    except EntryNotFoundError:  # not in the repo (or, cache only, not cached)
         config = None  # a bare weights repo: the tensors alone tell the architecture
-    except LocalEntryNotFoundError:
-        raise fail(gone) from None
     except Exception as e:  # noqa: BLE001 - missing repo, revision, auth: one line
         raise fail(_one_line(e)) from None
     for name in WEIGHTS_NAMES:
         try:
             path = Path(hf_hub_download(repo_id, name, **kw))
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+        except EntryNotFoundError:  # remote 404 or not cached: try the next name
             continue
         except Exception as e:  # noqa: BLE001
             raise fail(_one_line(e)) from None

@@ -159,8 +159,8 @@ def endpoint_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     network spends about half a minute in huggingface_hub's back-off before failing. The
     answer is remembered for a minute. Name resolution runs in a thread so that a stalled
     DNS server cannot hold the caller beyond ``timeout`` either."""
-    from urllib.parse import urlsplit
     import urllib.request
+    from urllib.parse import urlsplit
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         return True  # file:// and the like: nothing to probe, the reader reports
@@ -282,7 +282,7 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
             return path
         except CheckpointError:
             raise
-        except Exception as e:  # noqa: BLE001 - network, offline mode, missing repo: reported
+        except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             why = (f"not in the cache, and {endpoint} cannot be reached" if cached_only and
                    not offline else f"{type(e).__name__}: {first}")
@@ -315,7 +315,7 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
                         f"from the zoo's value {spec.sha256} ({e}); nothing was saved") from None
                 tried.append(f"release URL {spec.backbone_url} (torch hub cache {ckpt_dir}): "
                              f"{type(e).__name__}: {e}")
-            except Exception as e:  # noqa: BLE001 - no network, HTTP error: reported below
+            except Exception as e:
                 tried.append(f"release URL {spec.backbone_url} (torch hub cache {ckpt_dir}): "
                              f"{type(e).__name__}: {e}")
     if unreachable:  # no network: one line, the way out first
@@ -395,7 +395,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except EOFError:
         raise CheckpointError(f"{path}: the file ends early (truncated download or copy?)"
                               ) from None
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+    except Exception as e:
         raise CheckpointError(_torch_load_problem(path, e)) from None
     if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
@@ -571,7 +571,7 @@ def read_dinofeat_metadata(path: str | os.PathLike, ckpt: Mapping[str, Any] | No
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("dinofeat")
-        except Exception:  # noqa: BLE001 - unreadable metadata is just absent
+        except Exception:
             return {}
         try:
             return json.loads(raw) if raw else {}

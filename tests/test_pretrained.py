@@ -9,17 +9,23 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _hubserver import HubServer
+from test_faithfulness import (
+    ARCHS,
+    TOL,
+    _image,
+    _max_diff,
+    _to_hf_vit,
+    dino_like_vit_weights,
+    reference_forward,
+)
 
 import dinofeat
-from dinofeat import pretrained, weights
-from test_faithfulness import (ARCHS, TOL, _image, _max_diff, _to_hf_vit,
-                               dino_like_vit_weights, reference_forward)
-from _hubserver import HubServer
+from dinofeat import weights
 
 transformers = pytest.importorskip("transformers")
 
