@@ -855,9 +855,14 @@ def _add_misc_commands(sub) -> None:
     p.set_defaults(default_arch="vit_s16", func=_model_args_fixup(_cmd_export))
 
 
+def _add_serve_commands(sub) -> None:
+    from .serve.command import add_serve_command
+    add_serve_command(sub)
+
+
 _REGISTRARS: list[Callable] = [_add_models_commands, _add_features_commands,
                                _add_index_commands, _add_train_commands,
-                               _add_eval_commands, _add_misc_commands]
+                               _add_eval_commands, _add_misc_commands, _add_serve_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
