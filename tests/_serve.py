@@ -169,3 +169,30 @@ def post_search(base: str, image: bytes | None = None, filename: str = "q.jpg",
     body, ctype = multipart({k: str(v) for k, v in fields.items()}, files)
     status, out, _ = request(base + "/api/search", body, ctype, timeout=timeout)
     return status, json.loads(out)
+
+
+class InProcessServer:
+    """An application from :func:`dinofeat.serve.create_app` served by uvicorn in a
+    thread on a free port (for settings the command line does not reach cheaply)."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+        self.sock.close()

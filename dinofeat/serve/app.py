@@ -247,7 +247,7 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
 
     async def search(request: Request) -> Response:
         t0 = time.perf_counter()
-        idx = served.get()
+        idx, generation = served.snapshot()
         img, form = await query_image(request, idx)
         k = _int_field(form.get("k"), "k", 10, 1, MAX_K)
         scores, ids = await model_pool.run(embed_search, idx, img, k)
@@ -256,8 +256,8 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
             if rec is not None:
                 results.append({**_record(rec), "score": round(float(s), 6)})
         return JSONResponse({"results": results, "model": model_name, "metric": idx.metric,
-                             "k": k, "generation": served.generation if idx is served.index
-                             else None, "query": {"width": img.width, "height": img.height},
+                             "k": k, "generation": generation,
+                             "query": {"width": img.width, "height": img.height},
                              "ms": round((time.perf_counter() - t0) * 1000, 1)})
 
     def parse_id(request: Request) -> int:

@@ -61,6 +61,10 @@ class ServedIndex:
 
     def get(self) -> KNNIndex:
         """The index to answer one request with."""
+        return self.snapshot()[0]
+
+    def snapshot(self) -> tuple[KNNIndex, int]:
+        """The index to answer one request with and its generation number."""
         now = time.monotonic()
         if now - self._checked >= self.check_every:
             self._checked = now
@@ -72,7 +76,8 @@ class ServedIndex:
                 if start:
                     threading.Thread(target=self._reload, args=(stamp,), daemon=True,
                                      name="dinofeat-serve-reload").start()
-        return self.index
+        with self._lock:
+            return self.index, self.generation
 
     def _reload(self, stamp) -> None:
         try:
