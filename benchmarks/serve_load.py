@@ -85,7 +85,7 @@ def main() -> int:
     import torch
 
     from dinofeat.backbones import build_backbone
-    from dinofeat.index import KNNIndex, image_files
+    from dinofeat.search import KNNIndex
     from dinofeat.model import DinoModel, load, save_safetensors
     from dinofeat.zoo import get_spec
 

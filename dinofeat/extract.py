@@ -36,7 +36,7 @@ import torch
 
 from .embedding import feature_dim, resolve_preprocessing
 from .images import list_images
-from .utils import atomic_path, atomic_write_json, get_logger
+from .utils import atomic_path, atomic_write_json, get_logger, resolve_inside
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import DinoModel
@@ -151,7 +151,9 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
         except ValueError as e:
             raise ValueError(f"{path}: damaged dinofeat metadata ({e})") from None
         if "paths_file" in info:
-            info = _read_json(path.with_name(info["paths_file"]))
+            side = resolve_inside(path.parent, str(info["paths_file"]), source=str(path),
+                                  key="paths_file")
+            info = _read_json(side)
     if feats.ndim != 2:
         raise ValueError(f"{path}: features must be [N, D], got shape {tuple(feats.shape)}")
     paths = info.get("paths") if isinstance(info, dict) else None
@@ -473,3 +475,8 @@ def embed_to_file(model: "DinoModel", images: Any, out: str | os.PathLike, *,
     finally:
         if created:
             dist.destroy_process_group()
+
+
+# Public names for the index builder (dinofeat.search.build), which shares this shard layout.
+shard_path = _shard_path
+distributed_setup = _distributed_setup

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from . import weights
 from .accel import fast_math
 from .backbones import DinoVisionTransformer, build_backbone
 from .zoo import MODELS, ModelSpec, Preprocessing, get_spec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .features import FeatureSpec
 
 __all__ = ["DinoModel", "load", "CHECKPOINT_NAMES"]
 
@@ -62,6 +65,16 @@ class DinoModel(nn.Module):
     @property
     def is_vit(self) -> bool:
         return isinstance(self.backbone, DinoVisionTransformer)
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the backbone gives patch tokens (ViT, XCiT; not a ResNet)."""
+        return hasattr(self.backbone, "forward_tokens")
+
+    @property
+    def depth(self) -> int | None:
+        """Number of blocks of a ViT (``None`` for other backbones)."""
+        return int(self.backbone.depth) if self.is_vit else None
 
     @property
     def num_heads(self) -> int | None:
@@ -130,15 +143,10 @@ class DinoModel(nn.Module):
             return vit.intermediate_tokens(x, n, norm=norm)
 
     # ------------------------------------------------- features (dinofeat.embedding)
-    def iter_embed(self, images, *, pool: str = "cls", normalize: bool = True,
-                   batch_size: int = 64, num_workers: int | None = None,
-                   preprocessing: "None | str | Preprocessing" = None, size: int | None = None,
-                   multiscale: bool = False, n_last_blocks: int = 1, avgpool: bool = False,
-                   precision: str = "fp32", device: str | torch.device | None = None,
-                   progress: bool | None = None, skip_unreadable: bool | None = None):
+    def iter_embed(self, images, spec: "FeatureSpec | None" = None, **options):
         """Embed images batch by batch, without holding all features.
 
-        Takes the same arguments as :meth:`embed` and returns a
+        Takes the same arguments as :meth:`embed` (except ``return_keys``) and returns a
         :class:`~dinofeat.embedding.EmbedStream`. Iterating it yields
         ``(keys, feats)``: ``keys`` lists the ``pathlib.Path`` of each image of the batch
         (for file and folder inputs) or its position in the input (in-memory images);
@@ -148,27 +156,18 @@ class DinoModel(nn.Module):
         :class:`~dinofeat.images.SkippedImage` with ``.key`` and ``.reason``, complete
         once the iteration ends), otherwise the first raises
         :class:`~dinofeat.images.ImageReadError`. ``len(stream)`` is the number of inputs,
-        ``stream.sources`` lists them::
+        ``stream.sources`` lists them, ``stream.spec`` is the
+        :class:`~dinofeat.features.FeatureSpec` used::
 
             stream = model.iter_embed("photos/")
             for paths, feats in stream:
                 index.add(feats, paths)
             print(len(stream.skipped), "unreadable")
         """
-        from .embedding import EmbedStream, embed_fn
-        fn = embed_fn(self, pool=pool, normalize=normalize, multiscale=multiscale,
-                      n_last_blocks=n_last_blocks, avgpool=avgpool)
-        return EmbedStream(self, images, fn, preprocessing=preprocessing, size=size,
-                           batch_size=batch_size, num_workers=num_workers, precision=precision,
-                           device=device, progress=progress, skip_unreadable=skip_unreadable)
+        from .embedding import iter_embed
+        return iter_embed(self, images, spec, **options)
 
-    def embed(self, images: Any, *, pool: str = "cls", normalize: bool = True,
-              batch_size: int = 64, num_workers: int | None = None,
-              preprocessing: "None | str | Preprocessing" = None, size: int | None = None,
-              multiscale: bool = False, n_last_blocks: int = 1, avgpool: bool = False,
-              precision: str = "fp32", device: str | torch.device | None = None,
-              progress: bool | None = None, skip_unreadable: bool | None = None,
-              return_keys: bool = False):
+    def embed(self, images: Any, spec: "FeatureSpec | None" = None, **options):
         """Feature vectors of images: ``Tensor [N, D']`` (CPU, float32), one row per
         readable image, in input order (a folder: sorted paths).
 
@@ -177,13 +176,17 @@ class DinoModel(nn.Module):
                 ``PIL.Image``, a ``uint8`` array ``H x W x C``, a ``uint8`` tensor
                 ``[N, 3, H, W]`` of raw pixels, or a float tensor ``[N, 3, H, W]`` taken to
                 be already preprocessed and normalised (used as is).
+            spec: a :class:`~dinofeat.features.FeatureSpec` saying how the vectors are
+                made (default: ``FeatureSpec()``, the normalised [CLS] token). Its fields
+                may also be given, or overridden, as keywords:
             pool: ``"cls"`` (default; k-NN), ``"mean"`` (average patch token), ``"gem"``
                 (GeM p = 4 over output patch tokens) or ``"cls+gem"`` (copy detection).
             normalize: L2-normalise each vector.
             n_last_blocks: the linear-evaluation representation: the [CLS] of the last
                 ``n`` blocks concatenated (ViT-S: 4).
             avgpool: the linear-evaluation representation of ViT-B: the last [CLS] with
-                the average patch token, in the release's interleaved layout.
+                the average patch token (``layout``: ``"interleaved"``, the release's,
+                for ``n_last_blocks=1``; ``"concat"``, the default for more blocks).
             multiscale: average over input scales 1, 1/sqrt(2), 1/2 (bilinear; retrieval).
             preprocessing: ``None`` (the model's own), ``"dino"`` (resize 256, crop 224),
                 ``"whole"`` (whole image, long side ``size``, sides rounded down to the
@@ -201,17 +204,8 @@ class DinoModel(nn.Module):
 
         An image's vector does not depend on the batch it is in (up to float rounding).
         """
-        from .embedding import collect, feature_dim
-        stream = self.iter_embed(
-            images, pool=pool, normalize=normalize, batch_size=batch_size,
-            num_workers=num_workers, preprocessing=preprocessing, size=size,
-            multiscale=multiscale, n_last_blocks=n_last_blocks, avgpool=avgpool,
-            precision=precision, device=device, progress=progress,
-            skip_unreadable=skip_unreadable)
-        keys, feats = collect(stream)
-        if feats is None:
-            feats = torch.zeros(0, feature_dim(self, pool, n_last_blocks, avgpool))
-        return (feats, keys) if return_keys else feats
+        from .embedding import embed
+        return embed(self, images, spec, **options)
 
     def patch_features(self, images, *, blocks: "int | list[int] | None" = None,
                        norm: bool = True, preprocessing: "None | str | Preprocessing" = None,
@@ -432,8 +426,11 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
         raise weights.CheckpointError(f"{path}: {e}") from None
     _load_strict(backbone, sd, str(path))
     if preprocessing is None and meta.get("preprocessing"):
-        preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in meta["preprocessing"].items()})
+        try:
+            preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        except (TypeError, ValueError) as e:
+            raise weights.CheckpointError(f"{path}: bad preprocessing in its metadata: {e}") \
+                from None
     model = DinoModel(backbone, name=spec.name if spec else meta.get("name", name), spec=spec,
                       preprocessing=preprocessing, source=str(path))
     if device is None:

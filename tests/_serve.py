@@ -64,7 +64,7 @@ def build_index(root: Path, n: int = 24) -> tuple[Path, Path, list[Path]]:
     (resaved at lower quality, so dedup finds it) indexed with the tiny model."""
     from PIL import Image
 
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     from dinofeat.model import load, save_safetensors
     photos = write_photos(root / "photos", n)
     copy = root / "photos" / "city" / "copy_of_first.jpg"

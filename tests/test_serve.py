@@ -53,7 +53,7 @@ def _one_line_error(body: dict) -> str:
 
 # ------------------------------------------------------------------ the checks
 def test_search_with_an_indexed_photo_finds_it_first(server, collection):
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     index = KNNIndex.load(collection["index"])
     model = _model(collection)
     for photo in collection["photos"][2:5]:
@@ -165,19 +165,25 @@ def test_search_by_indexed_id(server):
 
 
 def test_duplicates_group_as_dedup_does(server, collection):
-    from dinofeat.dedup import find_duplicates
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex, duplicate_groups
     index = KNNIndex.load(collection["index"])
     x = index.vectors()
-    for threshold in (0.97, 0.9):
+    paths = [r["path"] for r in index.lookup(index.ids)]
+    for threshold in (0.97, 0.9, 0.8):
         status, out = get_json(server.url + f"/api/duplicates?threshold={threshold}")
         assert status == 200 and out["threshold"] == threshold
-        want = {frozenset(int(index.ids[m]) for m in g) for g in find_duplicates(x, threshold)}
-        got = {frozenset(m["id"] for m in g["members"]) for g in out["groups"]}
-        assert got == want and out["groups_count"] == len(want)
+        want = [[int(index.ids[r]) for r in g.rows]
+                for g in duplicate_groups(x, threshold, paths=paths)]
+        assert [[m["id"] for m in g["members"]] for g in out["groups"]] == want
         for g in out["groups"]:
             keep = g["members"][0]
             assert g["keep"] == keep["id"] and keep["similarity"] == pytest.approx(1.0)
+            # no chains: every member is at the threshold or above to the kept photo
+            kx = x[list(index.ids).index(keep["id"])]
+            for m in g["members"]:
+                mx = x[list(index.ids).index(m["id"])]
+                assert m["similarity"] == pytest.approx(float(kx @ mx), abs=1e-5)
+                assert m["similarity"] >= threshold - 1e-6
     # the re-saved copy of the first photo is grouped with it, the original kept
     status, out = get_json(server.url + "/api/duplicates?threshold=0.99")
     first = os.path.abspath(collection["photos"][0])
@@ -189,11 +195,17 @@ def test_duplicates_group_as_dedup_does(server, collection):
         assert status == 400 and "threshold" in _one_line_error(body)
 
 
-def test_histogram_counts_neighbour_pairs(server, collection):
+def test_histogram_of_nearest_similarities(server, collection):
+    from dinofeat.search import KNNIndex
+    x = KNNIndex.load(collection["index"]).vectors()
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = sims.max(axis=1)  # computed here by brute force
     status, h = get_json(server.url + "/api/histogram")
-    n = len(collection["photos"])
     assert status == 200 and len(h["edges"]) == len(h["counts"]) + 1
-    assert sum(h["counts"]) == h["pairs"] and n <= h["pairs"] <= n * h["neighbours"]
+    assert sum(h["counts"]) == h["items"] == len(collection["photos"])
+    want, _ = np.histogram(np.clip(nearest, -1, 1), bins=np.array(h["edges"]))
+    assert h["counts"] == want.tolist()
 
 
 def test_attention_overlay(server, collection):
@@ -214,8 +226,8 @@ def test_attention_overlay(server, collection):
 
 def test_attention_refused_for_a_model_without_it(tmp_path):
     from dinofeat.backbones import build_backbone
-    from dinofeat.index import KNNIndex
     from dinofeat.model import DinoModel
+    from dinofeat.search import KNNIndex
     from dinofeat.serve import create_app
     resnet = DinoModel(build_backbone("resnet50"), name="resnet-test").eval()
     index = KNNIndex(dim=2048)

@@ -7,7 +7,7 @@ Routes (documented in docs/serve.md)::
     GET  /api/item/{id}         the item's record
     GET  /api/image/{id}        a JPEG thumbnail of an indexed file (?size=, 32..512 px)
     GET  /api/duplicates        ?threshold= (&limit=): duplicate groups, like dinofeat dedup
-    GET  /api/histogram         similarities of each item's nearest neighbours, binned
+    GET  /api/histogram         each item's similarity to its nearest other item, binned
     POST /api/attention         multipart: image or id (&size=): a PNG attention overlay
     GET  /api/info              the index, the model, the limits
     GET  /healthz               liveness and the generation served
@@ -42,7 +42,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import images as _images
-from ..dedup import DEFAULT_THRESHOLD
+from ..search import DEFAULT_THRESHOLD
 from ..utils import get_logger
 from .state import ServedIndex, duplicate_view, similarity_histogram
 
@@ -344,7 +344,7 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
 
         def compute():
             x = vectors_of(idx)
-            return served.cached(idx, "histogram", lambda: similarity_histogram(idx, x))
+            return served.cached(idx, "histogram", lambda: similarity_histogram(x))
         return JSONResponse(await model_pool.run(compute))
 
     def attention_png(img: Image.Image, size: int) -> bytes:

@@ -2,7 +2,7 @@
 and the duplicate groups of each generation.
 
 The index on disk is a folder whose ``index.json`` names the current generation of data
-files (:meth:`dinofeat.index.KNNIndex.save`). :class:`ServedIndex` notices a new
+files (:meth:`dinofeat.search.KNNIndex.save`). :class:`ServedIndex` notices a new
 generation from the header and loads it in the background while requests keep using the
 previous one; a request holds the index object it started with, so it sees the old or
 the new index, never a mix.
@@ -17,18 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from ..dedup import find_duplicates
-from ..index import HEADER_NAME, KNNIndex
+from ..search import KNNIndex, duplicate_groups
+from ..search.dedup import nearest_similarity
+from ..search.storage import HEADER_NAME
 from ..utils import get_logger
 
 __all__ = ["ServedIndex", "DuplicateView", "duplicate_view", "similarity_histogram"]
 
 _log = get_logger("dinofeat.serve")
 
-#: Each item's nearest neighbours whose similarities make the page's histogram.
-HISTOGRAM_NEIGHBOURS = 10
 HISTOGRAM_BINS = 50
 
 
@@ -136,72 +134,35 @@ class DuplicateView:
                 "groups": self.groups[:limit], "seconds": round(self.seconds, 3)}
 
 
-def _pixels_and_mtime(path: str | None) -> tuple[int, int, int]:
-    """(pixels, mtime_ns, bytes) of a file for choosing the keeper; zeros if unreadable.
-    Only the image header is read."""
-    if not path:
-        return 0, 0, 0
-    try:
-        st = Path(path).stat()
-        with Image.open(path) as im:
-            w, h = im.size
-        return w * h, st.st_mtime_ns, st.st_size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return 0, 0, 0
-
-
 def duplicate_view(index: KNNIndex, vectors: np.ndarray, threshold: float) -> DuplicateView:
     """Groups of near-duplicate items of ``index`` (``vectors``: its stored vectors in
-    ``index.ids`` order), grouped by :func:`dinofeat.dedup.find_duplicates` as
-    ``dinofeat dedup`` groups files; the keeper is chosen as dedup chooses it (most pixels,
-    then the oldest file, then the largest, then the path) and every member carries its
-    cosine similarity to the keeper."""
+    ``index.ids`` order) by the rule of ``dinofeat dedup``
+    (:func:`dinofeat.search.duplicate_groups` with the indexed files choosing the keeper):
+    every member at similarity ``>= threshold`` to the kept item."""
     t0 = time.perf_counter()
     ids = index.ids
+    recs = index.lookup(ids)
+    paths = [r["path"] or "" for r in recs]
     groups = []
     if len(ids) >= 2:
-        x = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-30)
-        for members in find_duplicates(x, threshold):
-            recs = index.lookup(ids[members])
-            facts = [_pixels_and_mtime(r["path"]) for r in recs]
-            order = sorted(range(len(members)), key=lambda t: (
-                -facts[t][0], facts[t][1], -facts[t][2], recs[t]["path"] or "",
-                int(ids[members[t]])))
-            rows = [members[t] for t in order]
-            sims = (x[rows] @ x[rows[0]]).clip(-1, 1)
-            out = []
-            for t, s in zip(order, sims):
-                r = recs[t]
-                out.append({"id": int(r["id"]), "path": r["path"],
-                            "similarity": round(float(s), 6),
-                            **({"label": r["label"]} if r["label"] is not None else {})})
-            groups.append({"keep": out[0]["id"], "members": out})
+        for g in duplicate_groups(vectors, threshold, paths=paths):
+            members = []
+            for row, s in zip(g.rows, g.similarity):
+                r = recs[row]
+                members.append({"id": int(r["id"]), "path": r["path"],
+                                "similarity": round(float(min(max(s, -1.0), 1.0)), 6),
+                                **({"label": r["label"]} if r["label"] is not None else {})})
+            groups.append({"keep": members[0]["id"], "members": members})
     return DuplicateView(float(threshold), groups, len(ids), time.perf_counter() - t0)
 
 
-def similarity_histogram(index: KNNIndex, vectors: np.ndarray, *,
-                         neighbours: int = HISTOGRAM_NEIGHBOURS, bins: int = HISTOGRAM_BINS
+def similarity_histogram(vectors: np.ndarray, *, bins: int = HISTOGRAM_BINS
                          ) -> dict[str, Any]:
-    """Histogram of the cosine similarities of the pairs (each item with its
-    ``neighbours`` nearest others, each pair counted once), on ``bins`` equal bins over
-    [-1, 1]: where duplicates stand out from the rest, to choose a threshold."""
+    """Histogram of each item's cosine similarity to its nearest other item
+    (:func:`dinofeat.search.dedup.nearest_similarity`, as the ``dinofeat dedup`` report
+    draws it), on ``bins`` equal bins over [-1, 1]: duplicates stand out on the right."""
     edges = np.linspace(-1.0, 1.0, bins + 1)
-    ids = index.ids
-    if len(ids) < 2:
-        return {"edges": edges.round(6).tolist(), "counts": [0] * bins, "pairs": 0,
-                "neighbours": neighbours}
-    x = (vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-30)
-         ).astype(np.float32)
-    exact = KNNIndex(metric="cosine")
-    exact.add(x)
-    kk = min(neighbours + 1, len(ids))
-    sims, nbr = exact.search(x, kk)
-    rows = np.repeat(np.arange(len(ids))[:, None], kk, axis=1)
-    keep = (nbr >= 0) & (nbr != rows)
-    a, b = np.minimum(rows, nbr)[keep], np.maximum(rows, nbr)[keep]
-    _, first = np.unique(a * len(ids) + b, return_index=True)
-    s = np.clip(sims[keep][first], -1, 1)
-    counts, _ = np.histogram(s, bins=edges)
+    sims = nearest_similarity(vectors) if len(vectors) >= 2 else np.zeros(0, np.float32)
+    counts, _ = np.histogram(np.clip(sims[np.isfinite(sims)], -1, 1), bins=edges)
     return {"edges": edges.round(6).tolist(), "counts": counts.astype(int).tolist(),
-            "pairs": int(len(s)), "neighbours": neighbours}
-
+            "items": int(len(sims))}

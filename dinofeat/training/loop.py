@@ -223,7 +223,19 @@ class _JsonLog:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self._f = open(path, "a", encoding="utf-8") if path is not None else None
+        self._f = None
+        if path is not None:
+            # O_NOFOLLOW: a link planted at log.jsonl (dangling or not) is refused, never
+            # appended through
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                             0o644)
+            except OSError as e:
+                if Path(path).is_symlink():
+                    raise OSError(f"{path} is a symbolic link; the training log is not "
+                                  "written through links") from None
+                raise
+            self._f = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._f is not None:

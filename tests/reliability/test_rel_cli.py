@@ -39,7 +39,7 @@ def paths(tmp_path_factory, tiny_weights):
     (d / "file.txt").write_text("hello")
     (d / "not-an-index").mkdir()
     (d / "not-an-index" / "x.txt").write_text("x")
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     import numpy as np
     ix = KNNIndex(dim=4)
     ix.add(np.eye(4, dtype=np.float32))

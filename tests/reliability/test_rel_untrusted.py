@@ -280,13 +280,13 @@ def _load_whitening(c: Ctx, p: Path):
 
 
 def _dedup_whitening(c: Ctx, p: Path):
-    from dinofeat.dedup import dedup_folder
+    from dinofeat.search.dedup import dedup_folder
     return dedup_folder(c.images, c.model, whitening=p, num_workers=0, progress=False)
 
 
 def _index_file(which: str):
     def make(c: Ctx) -> Path:
-        from dinofeat.index import KNNIndex
+        from dinofeat.search import KNNIndex
         ix = KNNIndex(dim=8)
         ix.add(np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
         d = ix.save(c.tmp / "x.idx")
@@ -297,7 +297,7 @@ def _index_file(which: str):
 
 
 def _load_index(c: Ctx, p: Path):
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     return KNNIndex.load(p.parent)
 
 

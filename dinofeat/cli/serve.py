@@ -1,33 +1,35 @@
-"""The ``dinofeat serve`` command line (argument parsing only; the work is in
+"""``dinofeat serve``: the index on a local web page and JSON API (the work is in
 :func:`dinofeat.serve.serve`)."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_serve_command"]
+from .common import UserError
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import require_serve_extra, serve
+    from ..serve import require_serve_extra, serve
     if not Path(args.index).exists():
         raise FileNotFoundError(f"no such index: {args.index}")
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
+        raise UserError(f"--port must be from 0 to 65535, got {args.port}")
     if args.max_upload_mb <= 0:
-        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+        raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    require_serve_extra()
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    try:
+        require_serve_extra()
+    except ImportError as e:
+        raise UserError(str(e)) from None
     serve(args.index, host=args.host, port=args.port, weights=args.model, device=args.device,
           max_upload_mb=args.max_upload_mb, workers=args.workers)
     return 0
 
 
-def add_serve_command(sub) -> None:
-    """Register ``serve`` on the ``dinofeat`` sub-command parser ``sub``."""
+def register(sub) -> None:
     p = sub.add_parser(
         "serve", help="search and review an index in the browser (needs dinofeat[serve])",
         description="Serve an index on a local web page and a JSON API: drop a photo to see "
