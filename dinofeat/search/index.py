@@ -210,6 +210,14 @@ class KNNIndex:
     def paths(self) -> list[str | None]:
         return list(self._paths)
 
+    def vectors(self, ids: Iterable[int] | None = None) -> np.ndarray:
+        """The stored vectors ``float32 [len(ids), dim]`` of ``ids`` (default: every item,
+        in :attr:`ids` order): exact for flat storage, decoded for PQ/SQ codes."""
+        arr = self.ids if ids is None else np.asarray(list(ids), dtype=np.int64)
+        if len(arr) == 0:
+            return np.zeros((0, self.dim or 0), np.float32)
+        return np.ascontiguousarray(self._reconstruct(arr), dtype=np.float32)
+
     # ------------------------------------------------------------ building
     def _ensure_index(self, size_hint: int) -> None:
         if self._index is not None:
