@@ -19,7 +19,8 @@ from torchvision.transforms import v2
 from dinofeat.training import (LARS, PRESETS, DINOHead, DINOLoss, MultiCropAugmentation,
                             MultiCropNetwork, Predictor, TrainConfig, apply_schedules,
                             build_optimizer, build_schedules, cancel_last_layer_gradients,
-                            clip_gradients, cosine_schedule, ema_update, param_groups)
+                            clip_gradients, cosine_schedule, ema_update, param_groups,
+                            WeightNormLinear)
 from dinofeat.training.augment import blur_kernel_size
 from dinofeat.training.loss import batch_softmax, sinkhorn_knopp
 
@@ -842,3 +843,25 @@ def test_cuda_fused_adamw_and_fp16_loss():
     net(torch.randn(2, 3, 4, 4, device="cuda")).sum().backward()
     clip_gradients(net, 0.01)
     assert all(p.grad.norm() <= 0.01 + 1e-6 for p in net.parameters() if p.grad is not None)
+
+
+def test_last_layer_initialised_like_nn_linear():
+    # the release builds its weight-normed last layer after the trunc-normal(0.02) pass, so
+    # V keeps nn.Linear's default: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
+    in_dim, out_dim = 256, 4096
+    torch.manual_seed(3)
+    layer = WeightNormLinear(in_dim, out_dim, fix_gain=True)
+    torch.manual_seed(3)
+    ref = nn.Linear(in_dim, out_dim, bias=False)
+    torch.testing.assert_close(layer.weight_v.detach(), ref.weight.detach(), rtol=0, atol=0)
+    v = DINOHead(24, out_dim, hidden_dim=32, bottleneck_dim=in_dim).last_layer.weight_v.detach()
+    bound = 1 / math.sqrt(in_dim)
+    assert v.abs().max().item() <= bound
+    # uniform on [-b, b]: std b/sqrt(3), row norm sqrt(in) * b / sqrt(3) = 1/sqrt(3) ~ 0.577
+    assert v.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    norms = v.norm(dim=1)
+    assert norms.mean().item() == pytest.approx(1 / math.sqrt(3), rel=0.02)
+    assert norms.min().item() > 0.45  # trunc-normal 0.02 would give ~0.32
+    # the quartiles of a uniform distribution, not a bell curve
+    q = torch.quantile(v.flatten()[:100_000], torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(q, torch.tensor([-bound / 2, bound / 2]), atol=bound * 0.03, rtol=0)
