@@ -865,3 +865,43 @@ def test_last_layer_initialised_like_nn_linear():
     # the quartiles of a uniform distribution, not a bell curve
     q = torch.quantile(v.flatten()[:100_000], torch.tensor([0.25, 0.75]))
     torch.testing.assert_close(q, torch.tensor([-bound / 2, bound / 2]), atol=bound * 0.03, rtol=0)
+
+
+def test_short_run_scales_warmups_unless_set(caplog, tmp_path):
+    import argparse
+    import logging
+
+    from dinofeat.training.config import add_arguments
+    parser = add_arguments(argparse.ArgumentParser())
+    with caplog.at_level(logging.INFO, logger="dinofeat"):
+        cfg = TrainConfig.from_args(parser.parse_args(["--epochs", "1"])).validate()
+    assert (cfg.epochs, cfg.warmup_epochs) == (1, 1)
+    lines = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert len(lines) == 1 and "learning-rate warm-up 10 -> 1 epoch" in lines[0]
+    # a preset's teacher-temperature warm-up (30 epochs) is scaled too: a tenth of the run
+    cfg = TrainConfig.from_args(parser.parse_args(["--preset", "vit_s16_300ep", "--epochs",
+                                                   "20"])).validate()
+    assert (cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs) == (10, 2)
+    # long enough runs keep the release's warm-ups
+    cfg = TrainConfig.from_args(parser.parse_args(["--epochs", "12"]))
+    assert cfg.warmup_epochs == 10
+    # set explicitly (command line or config file): the error stays
+    with pytest.raises(ValueError, match="warm-up epochs exceed --epochs 1"):
+        TrainConfig.from_args(parser.parse_args(["--epochs", "1", "--warmup-epochs", "5"])
+                              ).validate()
+    f = tmp_path / "c.json"
+    f.write_text('{"warmup_epochs": 5}')
+    with pytest.raises(ValueError, match="warm-up epochs exceed --epochs 2"):
+        TrainConfig.from_args(parser.parse_args(["--config", str(f), "--epochs", "2"])
+                              ).validate()
+
+
+def test_help_says_defaults_are_not_the_papers_recipe():
+    import argparse
+
+    from dinofeat.training.config import PRESETS, add_arguments
+    text = " ".join(add_arguments(argparse.ArgumentParser()).format_help().split())
+    assert "not the paper's ViT-S/16 recipe; that one is --preset vit_s16_800ep" in text
+    paper = PRESETS["vit_s16_800ep"]
+    assert (paper["epochs"], paper["local_crops_number"]) == (800, 10)
+    assert (TrainConfig().epochs, TrainConfig().local_crops_number) == (100, 8)
