@@ -47,6 +47,7 @@ from ..zoo import Preprocessing
 from .. import runtime
 from . import distributed as D
 from .augment import MultiCropAugmentation
+from .batch_augment import BatchMultiCropAugmentation
 from .checkpoint import (CHECKPOINT_NAME, RELEASE_ARCH_FIELDS, capture_rng_state,
                          load_checkpoint, numbered_checkpoint_name, read_release_checkpoint,
                          restore_rng_state, save_checkpoint)
@@ -323,8 +324,12 @@ class _Run:
     # .............................................................. setup
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        self.augment = MultiCropAugmentation.from_config(cfg)
-        self.dataset = TrainImages(cfg.data, self.augment)  # bad --data fails before mkdir
+        if cfg.batch_augment:  # per image: decode + seed; per batch: the crops
+            self.augment = BatchMultiCropAugmentation.from_config(cfg)
+            self.dataset = TrainImages(cfg.data, self.augment.prepare)
+        else:
+            self.augment = MultiCropAugmentation.from_config(cfg)
+            self.dataset = TrainImages(cfg.data, self.augment)  # bad --data fails before mkdir
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -346,7 +351,8 @@ class _Run:
         self.loader, self.sampler = build_train_loader(
             self.dataset, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers,
             seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-            pin_memory=self.device.type == "cuda")
+            pin_memory=self.device.type == "cuda",
+            collate_fn=self.augment.collate if cfg.batch_augment else None)
         micro_per_epoch = len(self.loader)
         ipe = micro_per_epoch // cfg.grad_accum_steps
         if cfg.max_iters_per_epoch is not None:
