@@ -61,6 +61,8 @@ __all__ = [
     "DECODE_MODES",
     "DecodePlan",
     "plan_decoding",
+    "split_cores",
+    "cpu_cores",
     "image_loader",
 ]
 
@@ -648,7 +650,8 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageB
     return ImageBatch([i for i, _, _ in items], groups, failed)
 
 
-def _cores() -> int:
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
 
@@ -723,7 +726,7 @@ def plan_decoding(sources: Sequence[ImageSource], transform: Callable | None = N
     (core-seconds, e.g. from :func:`dinofeat.accel.model_seconds_per_image`), split with
     :func:`split_cores`. Without ``model_s`` one worker per two cores is used and the
     model keeps every core. ``num_workers`` given: used as is."""
-    cores = cores or _cores()
+    cores = cores or cpu_cores()
     threads = torch.get_num_threads()
     if num_workers is not None:
         return DecodePlan(num_workers, threads, cores=cores)
@@ -741,7 +744,7 @@ def default_num_workers(num_images: int, batch_size: int) -> int:
     one per two cores (at least one). :func:`plan_decoding` chooses from measured costs."""
     if num_images <= batch_size:
         return 0
-    return max(1, _cores() // 2)
+    return max(1, cpu_cores() // 2)
 
 
 def image_loader(sources: Sequence[ImageSource], transform: Callable | None = None, *,

@@ -254,6 +254,9 @@ def build_train_loader(dataset: TrainImages, *, batch_size: int, num_workers: in
                                           shuffle=True, seed=seed, drop_last=True)
     gen = torch.Generator()
     gen.manual_seed(seed)
+    if not torch.cuda.is_available():  # CPU: no more decoding processes than cores
+        from ..images import cpu_cores
+        num_workers = min(num_workers, max(1, cpu_cores() // max(1, world_size)))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                         num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
                         collate_fn=collate_fn or collate_crops, persistent_workers=num_workers > 0,
