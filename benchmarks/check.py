@@ -94,7 +94,7 @@ def embedding(batch: int, repeats: int) -> dict[str, Any]:
 def search(n: int, nq: int, repeats: int, k: int = 20) -> dict[str, Any]:
     import faiss
 
-    from dinofeat.index import KNNIndex
+    from dinofeat import KNNIndex
     rng = np.random.default_rng(0)
     xb = rng.standard_normal((n, 384), dtype=np.float32)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)

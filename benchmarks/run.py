@@ -91,8 +91,10 @@ def machine() -> dict[str, Any]:
     if len(ident) == 2:
         cpu += f" (family {ident[0]}, model {ident[1]})"
     info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
-            "cpu_flags": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16",
-                                                            "amx_bf16", "amx_tile")),
+            "cpu_flags": sorted(f for f in flags if f in (
+                "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni",
+                "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")),
+            "dispatch_probes": accel.platform_report()["probes"],
             "gpu": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else None,
             "versions": versions, "onednn_fp32_check": accel.check_onednn_fp32().to_dict()}
     return info

@@ -13,12 +13,13 @@ CLI) runs its model under :func:`fast_inference`, which picks, per call:
   shows fp32-level error; elsewhere fp32 stays on the default kernels. The setting is
   made on entry and the user's own value restored on exit, so code outside dinofeat
   calls sees its own global setting.
-* **Attention.** Fused ``scaled_dot_product_attention`` (timm's ``fused_attn``) in fp32 on
-  CPU and always on GPU (flash / memory-efficient kernels); in bf16/fp16 on CPU an explicit
-  ``softmax(q k^T) v`` is faster than PyTorch's fused CPU kernel for short sequences (up
-  to :data:`EXPLICIT_ATTENTION_MAX_TOKENS`, e.g. the 197 tokens of a /16 model at 224;
-  measured in ``benchmarks/run.py``), so each block picks its kernel from the length of
-  the sequence it gets, for the call only.
+* **Attention.** Each block picks fused ``scaled_dot_product_attention`` or an explicit
+  ``softmax(q k^T) v`` from the length of the sequence it gets, for the call only: on CPU
+  the faster of the two as *measured on this machine* (:func:`attention_kernel`, a probe
+  per precision and sequence-length bucket); fused on GPU. Without probing
+  (``DINOFEAT_PROBE=0``) the fixed rule measured on AMD Zen 4 applies: explicit in
+  bf16/fp16 up to :data:`EXPLICIT_ATTENTION_MAX_TOKENS` tokens. (On an Intel Xeon with
+  AMX the fused kernel won at every length: the rule of one CPU is wrong on another.)
 * **Autocast** for ``precision="bf16"`` (CPU and GPU) or ``"fp16"`` (GPU); the output is
   cast back to fp32 by the callers.
 
@@ -31,6 +32,13 @@ fp32       max abs difference <= 1e-4 (oneDNN fp32 kernels: different summation 
 bf16       cosine similarity >= 0.9999 per image (ViT-S/16 at 224; ~0.99997 measured)
 fp16       cosine similarity >= 0.9999 (GPU only)
 =========  =====================================================================
+
+**Probes.** Every dispatch decision above (and the exact-search kernel of
+:class:`~dinofeat.KNNIndex`, the GEMM rate behind the decoding/model core split, the
+embedding batch) is a short timed probe run at first use, under a second each, and cached
+per machine and software version (:func:`probe_cache_path`, under ``~/.cache/dinofeat``);
+:func:`platform_report` and ``dinofeat doctor`` show the choices and the timings.
+``DINOFEAT_PROBE=0`` turns probing off (the test suite does).
 
 ``torch.compile`` is optional (:func:`compile_model`): it gains ~1.1x after a cold
 compile of tens of seconds, so it is never on by default.
@@ -593,9 +601,10 @@ def _probe_exact_search(dim: int) -> dict[str, Any]:
             "vectors": 16384, "queries": 128}
 
 
-#: Rows of the database multiplied at once by :func:`exact_search` (a 256 x 32768 fp32
-#: score block is 32 MiB: it stays in a large last-level cache and bounds the memory).
-SEARCH_CHUNK = 32768
+#: Rows of the database multiplied at once by :func:`exact_search`: a 256 x 131072 fp32
+#: score block is 128 MiB, which bounds the memory; smaller blocks were slower (more
+#: top-k merging per query).
+SEARCH_CHUNK = 131072
 SEARCH_QUERY_CHUNK = 256
 
 

@@ -319,3 +319,21 @@ def test_model_cost_estimate(vit_s16):
     flops = accel.model_flops(model, 224, 224)
     assert 8.5e9 < flops < 10e9  # ViT-S/16 at 224: ~9.2 GFLOP (multiply + add)
     assert accel.model_seconds_per_image(model, 224, 224, "fp32") > 0
+
+
+def test_doctor_shows_choices(tmp_path, monkeypatch, capsys):
+    import json
+
+    from dinofeat.cli import main
+    assert main(["doctor", "--no-probe"]) == 0
+    assert "probing is off" in capsys.readouterr().out
+    monkeypatch.setenv("DINOFEAT_PROBE", "1")
+    monkeypatch.setenv("DINOFEAT_CACHE_DIR", str(tmp_path))
+    accel.probe("attention/cpu/bf16/256", lambda: {"choice": "fused",
+                                                   "seconds": {"fused": 0.1, "explicit": 0.2}})
+    assert main(["doctor", "--no-probe"]) == 0
+    out = capsys.readouterr().out
+    assert "attention/cpu/bf16/256" in out and "fused" in out and "explicit 200.0 ms" in out
+    assert main(["doctor", "--no-probe", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["probes"]["attention/cpu/bf16/256"]["choice"] == "fused"
