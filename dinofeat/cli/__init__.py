@@ -23,7 +23,7 @@ VERBS = ("models", "features", "search", "train", "evaluate", "demo", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
     parser = Parser(
         prog="dinofeat",
         description="DINO self-supervised vision features: pretrained models, embeddings, "

@@ -646,7 +646,7 @@ class KNNIndex:
 
     # ------------------------------------------------------------ saving
     def _header(self, generation: int, files: dict[str, str | None]) -> dict[str, Any]:
-        from .. import __version__
+        from ..version import __version__
         return {
             "format": storage.FORMAT_NAME, "format_version": storage.FORMAT_VERSION,
             "generation": generation, **files,
