@@ -1,4 +1,4 @@
-"""DINO's multi-crop data augmentation (DESIGN 3.3) on torchvision.transforms.v2.
+"""DINO's multi-crop data augmentation on torchvision.transforms.v2.
 
 One image becomes 2 global crops and N local crops, each independently augmented:
 

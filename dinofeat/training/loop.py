@@ -1,4 +1,4 @@
-"""The DINO training loop (DESIGN 3.4-3.5): :func:`train`.
+"""The DINO training loop: :func:`train`.
 
 One optimiser step, in order:
 
@@ -307,7 +307,7 @@ class _TensorBoard:
 @torch.no_grad()
 def _online_knn(backbone: nn.Module, cfg: TrainConfig, prep: Preprocessing,
                 device: torch.device, autocast_dtype) -> dict[str, float]:
-    """Weighted k-NN (k=20, T=0.07, DESIGN 3.7) of the teacher backbone's [CLS] features on
+    """Weighted k-NN (k=20, T=0.07, the paper's protocol) of the teacher backbone's [CLS] features on
     ``cfg.knn_eval_data``/train -> /val."""
     from ..eval.knn import knn_accuracy, knn_classify
     from ..images import ImageTransform, normalize_batch
