@@ -633,9 +633,12 @@ class KNNIndex:
                 missing = {self._labels[r] for r in rows[valid & (cls < 0)].tolist()}
                 raise ValueError(f"neighbours have labels {sorted(missing)[:10]} that are not "
                                  "among classes=")
-            w = np.exp(scores.astype(np.float64) / T)
-            qi = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
-            np.add.at(out, (qi[valid], cls[valid]), w[valid])
+            import torch
+
+            from ..eval.knn import weighted_vote  # the one implementation of the vote
+            out = weighted_vote(torch.from_numpy(scores.astype(np.float64)),
+                                torch.from_numpy(np.where(valid, cls, -1)), T,
+                                len(cols)).numpy()
         return out
 
     def predict(self, queries: Any, k: int = 20, T: float = 0.07, **kw: Any) -> list:

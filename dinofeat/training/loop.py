@@ -311,7 +311,7 @@ def _online_knn(backbone: nn.Module, cfg: TrainConfig, prep: Preprocessing,
     ``cfg.knn_eval_data``/train -> /val."""
     from ..eval.knn import knn_accuracy, knn_classify
     from ..images import ImageTransform, normalize_batch
-    from .data import LabelledImages
+    from ..datasets import LabeledImageDataset, image_folder
 
     root = Path(cfg.knn_eval_data)
     transform = ImageTransform(prep)
@@ -320,7 +320,7 @@ def _online_knn(backbone: nn.Module, cfg: TrainConfig, prep: Preprocessing,
     backbone.eval()
     try:
         for split in ("train", "val"):
-            ds = LabelledImages(root / split, transform, prep.crop_size)
+            ds = LabeledImageDataset(image_folder(root / split), transform, prep.crop_size)
             loader = torch.utils.data.DataLoader(
                 ds, batch_size=max(cfg.batch_size_per_gpu, 64),
                 num_workers=min(cfg.num_workers, 4), generator=torch.Generator())
