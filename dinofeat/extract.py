@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from . import runtime
 from .embedding import RUN_OPTIONS
 from .features import FeatureSpec, resolve_preprocessing
 from .images import list_images
@@ -436,18 +437,9 @@ class ExtractResult:
 
 def distributed_setup(device: str | torch.device | None) -> tuple[int, int, bool]:
     """``(rank, world_size, created)``: join the process group ``torchrun`` describes in
-    the environment (gloo on CPU, NCCL on CUDA), if there is one."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    cuda = (torch.device(device).type == "cuda") if device is not None else \
-        torch.cuda.is_available()
+    the environment (gloo on CPU, NCCL on this process's GPU), if there is one."""
     # Ranks with less work wait for the others at the barrier: allow long runs.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size(), True
+    return runtime.init_process_group(device, timeout=timedelta(hours=24))
 
 
 _distributed_setup = distributed_setup  # the name dinofeat.index imported
@@ -469,6 +461,8 @@ def embed_to_file(model: "DinoModel", images: Any, out: str | os.PathLike, *,
     _check_suffix(out)
     shard_dir = Path(shard_dir) if shard_dir is not None else out.with_name(out.name + ".shards")
     rank, world, created = distributed_setup(embed_options.get("device"))
+    if embed_options.get("device") is not None:  # "cuda" -> this process's GPU under torchrun
+        embed_options["device"] = runtime.resolve_device(embed_options["device"])
     import torch.distributed as dist
     try:
         extract_to_shards(model, images, shard_dir, shard_size=shard_size, rank=rank,

@@ -142,19 +142,37 @@ def embed_options(info: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def load_model(info: Mapping[str, Any] | None, weights: str | os.PathLike | None = None,
-               device: Any = None):
+               device: Any = None, *, folder: str | os.PathLike | None = None):
     """Load the model of identity ``info``: ``weights`` if given, else its zoo name, else
-    the weights file recorded at build time; its weights hash must match ``info``'s."""
+    the weights file recorded at build time (``source``) if it lies inside ``folder`` (the
+    index folder); its weights hash must match ``info``'s.
+
+    A recorded source outside the folder is not followed: an index folder may come from
+    someone else, and its header must not make dinofeat read files elsewhere. The error
+    names the file to pass as ``weights`` (``--weights``) instead."""
     from ..model import load
+    from ..utils import UnsafePathError, resolve_inside
     from ..zoo import MODELS
     info = info or {}
     name, source = info.get("name"), info.get("source")
+    inside = None
+    if source and folder is not None:
+        try:
+            inside = resolve_inside(folder, source, source=str(Path(folder) / "index.json"),
+                                    key="model.source")
+        except UnsafePathError:
+            inside = None
     if weights is not None:
         model = load(weights, device=device)
     elif name in MODELS:
         model = load(name, device=device)
+    elif inside is not None and inside.is_file():
+        model = load(inside, device=device)
     elif source and Path(source).exists():
-        model = load(source, device=device)
+        raise FileNotFoundError(
+            f"this index was built with the weights file {source} (model.source in its "
+            "index.json), which is outside the index folder and is not loaded without your "
+            f"say-so; pass it as --weights {source} (weights=)")
     elif not info:
         raise FileNotFoundError("this index records no model (it was built from "
                                 "feature vectors, not images); pass the weights file "
