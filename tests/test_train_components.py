@@ -1,5 +1,5 @@
 """DINO training components against independent computations of the paper's formulas:
-loss (DESIGN 3.4), centre update, teacher temperature, schedules and teacher momentum (3.5),
+loss, centre update, teacher temperature, schedules and teacher momentum,
 parameter groups, per-parameter clipping, last-layer freeze, EMA, head (3.2), multi-crop
 augmentation statistics (3.3) and the collapse/loss ablations (issue 11)."""
 
@@ -54,7 +54,7 @@ def random_outputs(ncrops=4, b=5, k=16, seed=0):
 
 
 def reference_dino_loss(student, teacher, center, ncrops, tau_s, tau_t):
-    """DESIGN 3.4 term by term: pairs (q, v) with v != q, each averaged over the batch."""
+    """The loss term by term: pairs (q, v) with v != q, each averaged over the batch."""
     s = student.double().numpy().reshape(ncrops, -1, student.shape[-1])
     t = teacher.double().numpy().reshape(2, -1, teacher.shape[-1])
     c = center.double().numpy()

@@ -24,7 +24,7 @@ VERBS = ("models", "features", "search", "serve", "train", "evaluate", "demo", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
     parser = Parser(
         prog="dinofeat",
         description="DINO self-supervised vision features: pretrained models, embeddings, "

@@ -642,9 +642,12 @@ class KNNIndex:
                 missing = {self._labels[r] for r in rows[valid & (cls < 0)].tolist()}
                 raise ValueError(f"neighbours have labels {sorted(missing)[:10]} that are not "
                                  "among classes=")
-            w = np.exp(scores.astype(np.float64) / T)
-            qi = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
-            np.add.at(out, (qi[valid], cls[valid]), w[valid])
+            import torch
+
+            from ..eval.knn import weighted_vote  # the one implementation of the vote
+            out = weighted_vote(torch.from_numpy(scores.astype(np.float64)),
+                                torch.from_numpy(np.where(valid, cls, -1)), T,
+                                len(cols)).numpy()
         return out
 
     def predict(self, queries: Any, k: int = 20, T: float = 0.07, **kw: Any) -> list:
@@ -655,7 +658,7 @@ class KNNIndex:
 
     # ------------------------------------------------------------ saving
     def _header(self, generation: int, files: dict[str, str | None]) -> dict[str, Any]:
-        from .. import __version__
+        from ..version import __version__
         return {
             "format": storage.FORMAT_NAME, "format_version": storage.FORMAT_VERSION,
             "generation": generation, **files,
