@@ -148,3 +148,60 @@ def test_index_info_prints_the_choice(tmp_path, capsys):
     assert f"{index.auto['recall']} (on 4,000 vectors, 300 held-out queries)" in out
     assert main(["index", "info", str(tmp_path / "a.idx"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["auto"]["recall_target"] == 0.95
+
+
+# ------------------------------------------------------------------ larger than memory
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8", "HNSW8", "IVF16,PQ4,RFlat"])
+def test_memory_mapped_index_searches_and_keeps_add(tmp_path, factory):
+    """``load(mmap=True)`` leaves the faiss data in the generation file (searches equal the
+    in-memory ones); add/remove copy it into memory first and save a new generation; a
+    mapped reader keeps searching after a writer replaced and deleted its generation."""
+    x = _clustered(2000, seed=9)
+    index = KNNIndex(factory=factory)
+    index.add(x[:1500])
+    folder = index.save(tmp_path / "big.idx")
+    mapped = KNNIndex.load(folder, mmap=True)
+    reader = KNNIndex.load(folder, mmap=True)
+    assert mapped._mapped and reader._mapped
+    s_mem, i_mem = index.search(x[:50], 10)
+    s_map, i_map = mapped.search(x[:50], 10)
+    np.testing.assert_array_equal(i_mem, i_map)
+    np.testing.assert_allclose(s_mem, s_map, atol=1e-6)
+    mapped.add(x[1500:])  # copies into memory, then adds
+    assert not mapped._mapped and len(mapped) == 2000
+    mapped.remove([0, 1])
+    mapped.save(folder)
+    mapped.save(folder)  # the generation the reader mapped is deleted now
+    assert not (folder / "index.1.faiss").exists()
+    np.testing.assert_array_equal(reader.search(x[:50], 10)[1], i_mem)
+    again = KNNIndex.load(folder, mmap=True)
+    assert len(again) == 1998 and 0 not in again.search(x[:1], 5)[1][0].tolist()
+
+
+def test_mapped_load_does_not_read_the_vectors(tmp_path):
+    """A 150 MB exact index loaded with mmap=True adds its records and id maps to the
+    process's resident memory, not its vectors; read normally it adds its size."""
+    import subprocess
+    import sys
+    import textwrap
+    rng = np.random.default_rng(0)
+    index = KNNIndex(dim=256, factory="Flat")
+    for _ in range(15):
+        index.add(rng.standard_normal((10_000, 256)).astype(np.float32))
+    folder = index.save(tmp_path / "flat.idx")
+    code = textwrap.dedent(f"""
+        import sys
+        from dinofeat.search import KNNIndex
+        def rss():
+            return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2 ** 20
+        before = rss()
+        index = KNNIndex.load({str(folder)!r}, mmap=sys.argv[1] == "1")
+        print(rss() - before)
+    """)
+    grown = {}
+    for mm in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", code, mm], capture_output=True, text=True,
+                             check=True).stdout
+        grown[mm] = float(out.strip().splitlines()[-1])
+    # mapped: the items and faiss's id maps only (~40 MB here), not the 150 MB of vectors
+    assert grown["0"] > 140 and grown["1"] < grown["0"] / 3, grown

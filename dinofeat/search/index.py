@@ -150,6 +150,7 @@ class KNNIndex:
         self._pending: faiss.Index | None = None  # exact buffer while the index is untrained
         self._gpu_index: faiss.Index | None = None
         self._gpu_failed = False
+        self._mapped = False  # faiss data memory-mapped from a generation file (read-only)
         self._tombstones: set[int] = set()  # removed ids an index cannot delete (HNSW)
         # per-item records, row-aligned
         self._ids: list[int] = []
@@ -333,6 +334,7 @@ class KNNIndex:
         paths, hashes, extra = self._split_meta(n, meta)
         if n == 0:
             return id_arr
+        self._own_memory()
         self._ensure_index(len(self) + n)
         target = self._index if self._index.is_trained else self._pending
         for s in range(0, n, _ADD_CHUNK):
@@ -428,6 +430,17 @@ class KNNIndex:
                 raise TypeError(f"meta entries must be paths or dicts, not {type(m).__name__}")
         return paths, hashes, extra
 
+    def _own_memory(self) -> None:
+        """A mapped index is read-only (faiss aborts on writing a mapped array): copy it
+        into memory before the first change."""
+        if not self._mapped or self._index is None:
+            return
+        _log.info("copying the memory-mapped index into memory to change it (%s vectors)",
+                  f"{int(self._index.ntotal):,}")
+        self._index = faiss.deserialize_index(faiss.serialize_index(self._index))
+        self._mapped = False
+        self._apply_search_params()
+
     def _invalidate(self) -> None:
         self._cache.clear()
         self._gpu_index = None
@@ -443,6 +456,7 @@ class KNNIndex:
             self._ensure_index(len(x))
         if self._index.is_trained:
             return
+        self._own_memory()
         if sample is not None:
             x = self._prepare(sample, "training sample")
         else:
@@ -632,6 +646,7 @@ class KNNIndex:
         if self._index is None:
             return
         new_factory = factory or self.resolved_factory
+        self._own_memory()
         live = self.ids
         new = build_faiss(new_factory, self.dim, self.metric)
         if not new.is_trained:
@@ -681,6 +696,7 @@ class KNNIndex:
         present = np.array([i for i in arr.tolist() if i in self._row], dtype=np.int64)
         if len(present) == 0:
             return 0
+        self._own_memory()
         sel = faiss.IDSelectorBatch(present)
         if self._pending is not None:
             self._pending.remove_ids(sel)
@@ -861,11 +877,17 @@ class KNNIndex:
         return storage.read_header(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto") -> "KNNIndex":
+    def load(cls, path: str | os.PathLike, device: str = "auto", *, mmap: bool = False
+             ) -> "KNNIndex":
         """Read an index folder written by :meth:`save`, checking that its files agree
-        (generation, counts, dimension, metric, ids)."""
+        (generation, counts, dimension, metric, ids).
+
+        ``mmap=True`` maps the faiss data instead of reading it (an index larger than
+        memory is searched with the OS paging in what searches touch; an IVF index touches
+        only the ``nprobe`` lists a query probes). Adding or removing vectors first copies
+        the index into memory, once, and says so."""
         path = Path(path)
-        stored = storage.read_generation(path)
+        stored = storage.read_generation(path, mmap=mmap)
         header, items = stored.header, stored.items
         items_name = str(header.get("items_file"))
 
@@ -886,6 +908,7 @@ class KNNIndex:
         self.build_state = dict(header.get("build") or {})
         self._next_id = int(header.get("next_id", 0))
         self._index, self._pending = stored.index, stored.pending
+        self._mapped = bool(mmap) and stored.index is not None
         ids = [int(i) for i in items.get("ids", [])]
         n = len(ids)
         if n != header.get("count"):
