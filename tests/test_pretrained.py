@@ -68,7 +68,8 @@ def _cls(model, x):
 
 # -------------------------------------------------- transformers DINO layout
 @pytest.mark.parametrize("arch,height,width", [("vit_s16", 224, 224), ("vit_s16", 480, 640),
-                                               ("vit_s8", 224, 224)])
+                                               pytest.param("vit_s8", 224, 224,
+                                                            marks=pytest.mark.slow)])
 def test_transformers_folder_matches_original(tmp_path, arch, height, width):
     sd, folder, _ = _hf_folder(tmp_path, arch)
     keys = json.loads((folder / "config.json").read_text())
