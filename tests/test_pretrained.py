@@ -369,7 +369,8 @@ def test_no_network_fails_fast_in_one_line(tmp_path, how):
                  f"backbone_url='http://127.0.0.1:{port}/dino/x_pretrain.pth')); ")
     # timed inside the child, after the imports (which take long on a loaded machine
     # and are not what the probe is about); stdout carries the time, stderr the error
-    pre = "import sys, time, dinofeat, dinofeat.cli; from dinofeat.cli import main; "
+    pre = ("import sys, time, dinofeat, dinofeat.cli, dinofeat.pretrained, "
+           "huggingface_hub.file_download; from dinofeat.cli import main; ")
     timed = ("t0 = time.monotonic()\ntry:\n    rc = {call}\nfinally:\n"
              "    print(f'{{time.monotonic() - t0:.2f}}')\nsys.exit(rc)")
     out = str(tmp_path / "f.npy")
