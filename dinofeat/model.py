@@ -23,6 +23,7 @@ from .backbones import DinoVisionTransformer, build_backbone
 from .zoo import MODELS, ModelSpec, Preprocessing, get_spec
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .export import OnnxModel
     from .features import FeatureSpec
 
 __all__ = ["DinoModel", "load", "CHECKPOINT_NAMES"]
@@ -246,25 +247,17 @@ class DinoModel(nn.Module):
     # ------------------------------------------------------- linear classifier
     def attach_classifier(self, head, *, n_last_blocks: int | None = None,
                           avgpool: bool | None = None, class_names=None):
-        """Attach a linear head for :meth:`classify`: a
-        :class:`~dinofeat.eval.linear.LinearProbe`, a head saved by ``dinofeat eval
-        linear`` (``.safetensors``) or an original release ``*_linearweights.pth``
-        (``n_last_blocks``/``avgpool`` inferred from its width unless given). Checks that
-        the head fits this model's features; returns the head."""
-        from .eval.linear import LinearProbe
-        source = None
-        if not isinstance(head, LinearProbe):
-            source = head
-            head = LinearProbe.load(head, embed_dim=self.embed_dim, n_last_blocks=n_last_blocks,
-                                    avgpool=avgpool, class_names=class_names)
-        try:
-            head.check_model(self)
-        except ValueError as e:
-            if source is None:
-                raise
-            raise ValueError(f"{source}: {e}") from None
-        self.classifier = head.to(self.device).eval()
-        return head
+        """Deprecated: use :func:`dinofeat.eval.linear.attach_classifier` (``model`` first);
+        same arguments and result."""
+        import warnings
+
+        from .eval.linear import attach_classifier  # here, so that the model never sits
+        # above the evaluation suite at import time
+        warnings.warn("DinoModel.attach_classifier is deprecated; use "
+                      "dinofeat.eval.linear.attach_classifier(model, head)",
+                      DeprecationWarning, stacklevel=2)
+        return attach_classifier(self, head, n_last_blocks=n_last_blocks, avgpool=avgpool,
+                                 class_names=class_names)
 
     def classify(self, images, k: int = 5, **embed_kw) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(class name, probability)`` pairs per image from the attached head
@@ -274,8 +267,9 @@ class DinoModel(nn.Module):
         from .embedding import EmbedStream, collect, crop_to_patches
         head = getattr(self, "classifier", None)
         if head is None:
-            raise RuntimeError("no classifier attached: call model.attach_classifier(path) "
-                               "with a linear head first")
+            raise RuntimeError("no classifier attached: call "
+                               "dinofeat.eval.linear.attach_classifier(model, path) with a "
+                               "linear head first")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
 
@@ -397,8 +391,10 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
          revision: str | None = None, cache_dir: str | os.PathLike | None = None,
          pos_embed_interp: str | None = None,
          preprocessing: Preprocessing | None = None, token: str | bool | None = None,
-         layer_norm_eps: float | str | None = None) -> DinoModel:
-    """Load a DINO backbone as a :class:`DinoModel` in eval mode.
+         layer_norm_eps: float | str | None = None) -> "DinoModel | OnnxModel":
+    """Load a DINO backbone as a :class:`DinoModel` in eval mode (an
+    :class:`~dinofeat.export.OnnxModel` for a ``.onnx`` file; both are
+    :class:`~dinofeat.protocol.FeatureModel` s).
 
     Args:
         name_or_path: a zoo name (``dinofeat.list_models()``), a weights file (original
@@ -409,7 +405,8 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
             repo (``hf-hub:org/name[@revision]``, or ``org/name`` when no such local path
             exists). A ``.onnx`` file written by ``dinofeat export`` gives a
             :class:`~dinofeat.export.OnnxModel` (ONNX Runtime, CPU) with the same ``embed``.
-        device: where to put the model (default: CUDA if available, else CPU).
+        device: where to put the model (default: CUDA if available, else CPU; under
+            ``torchrun`` this process's GPU, ``LOCAL_RANK``).
         arch: architecture for files; inferred from the tensors when omitted.
         checkpoint_key: ``"teacher"`` (default) or ``"student"`` for training checkpoints.
         revision: Hugging Face hub revision (branch, tag or commit) for zoo models and
@@ -459,7 +456,7 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"{path}: ONNX models run on CPU here; load the PyTorch "
                              "weights for a GPU")
-        return load_onnx(path)  # type: ignore[return-value]
+        return load_onnx(path)
     ckpt = weights.read_checkpoint(path)
     meta = {**weights.read_dinofeat_metadata(path, ckpt), **(folder.meta if folder else {})}
     sd = weights.backbone_state_dict(ckpt, checkpoint_key=checkpoint_key, source=str(path))
@@ -493,9 +490,8 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
     model = DinoModel(backbone, name=spec.name if spec else meta.get("name", name), spec=spec,
                       preprocessing=preprocessing, source=str(path))
     model.training_summary = pretrained.training_summary(ckpt)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    from .runtime import resolve_device
+    return model.to(resolve_device(device)).eval()
 
 
 def save_safetensors(model: DinoModel, path: str | os.PathLike, *,

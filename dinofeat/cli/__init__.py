@@ -19,7 +19,8 @@ from .common import Parser, UserError
 __all__ = ["main", "build_parser", "UserError", "VERBS"]
 
 #: Modules of this package that register verbs, in ``--help`` order.
-VERBS = ("models", "features", "search", "train", "evaluate", "demo", "export", "push")
+VERBS = ("models", "features", "search", "serve", "train", "evaluate", "demo", "export",
+         "push")
 
 
 def build_parser() -> argparse.ArgumentParser:
