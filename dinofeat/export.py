@@ -394,6 +394,7 @@ class OnnxModel:
         self.num_heads = self.meta.get("num_heads")
         self.session = _ort_session(self.path, num_threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.source = str(self.path)  # recorded by indexes, to reload the model
         self.device = torch.device("cpu")
         self.depth = None  # the export does not say; only the last block is reachable
 

@@ -508,11 +508,15 @@ def test_cli_build_info_search_add(photo_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "14" in text and "192-d, cosine, faiss Flat" in text and "776 bytes" in text
     query = photo_dir / "dogs" / "img004.png"
-    assert _cli("search", out, query, "-k", 3, "--json") == 0
+    # the weights file lies outside the index folder: its recorded path is not followed
+    assert _cli("search", out, query, "-k", 3) == 2
+    assert f"--weights {weights}" in capsys.readouterr().err
+    assert _cli("search", out, query, "-k", 3, "--json", "--weights", weights) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["results"][0]["path"] == os.path.abspath(query)
     assert res["results"][0]["score"] > 0.9999 and len(res["results"]) == 3
-    assert _cli("index", "add", out, photo_dir, "--num-workers", 0, "--no-progress") == 0
+    assert _cli("index", "add", out, photo_dir, "--weights", weights, "--num-workers", 0,
+                "--no-progress") == 0
     assert "added 0 images (14 already indexed" in capsys.readouterr().out
     # another model's weights are refused, in one line
     other = save_safetensors(_tiny_model(seed=3), tmp_path / "other.safetensors")

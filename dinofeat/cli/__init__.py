@@ -19,7 +19,8 @@ from .common import Parser, UserError
 __all__ = ["main", "build_parser", "UserError", "VERBS"]
 
 #: Modules of this package that register verbs, in ``--help`` order.
-VERBS = ("models", "features", "search", "train", "evaluate", "demo", "export", "serve")
+VERBS = ("models", "features", "search", "serve", "train", "evaluate", "demo", "export",
+         "push")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +50,8 @@ def _paths_safe_output() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _paths_safe_output()
+    from ..weights import set_interface
+    set_interface("cli")  # library errors name --model PATH, not dinofeat.load(...)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

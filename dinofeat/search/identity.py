@@ -16,12 +16,14 @@ __all__ = ["IncompatibleFeaturesError", "features_info", "as_info", "describe",
            "check_compatible", "embedding_identity", "embed_options", "load_model"]
 
 
-class IncompatibleFeaturesError(ValueError):
-    """Features from another model, pooling or dimension than the index holds."""
+from ..features import IncompatibleFeaturesError  # one error for every feature mismatch
 
 
-_IDENTITY_KEYS = ("weights_hash", "preprocessing", "pooling", "multiscale", "whitening")
-_IDENTITY_DEFAULTS = {"pooling": "cls", "multiscale": False, "whitening": None}
+_IDENTITY_KEYS = ("weights_hash", "preprocessing", "pooling", "multiscale", "whitening",
+                  "normalized", "n_last_blocks", "avgpool", "layout")
+# older records lack the block settings: they were made with the defaults
+_IDENTITY_DEFAULTS = {"pooling": "cls", "multiscale": False, "whitening": None,
+                      "normalized": True, "n_last_blocks": 1, "avgpool": False, "layout": None}
 
 
 def features_info(model: Any = None, pooling: str = "cls", **extra: Any) -> dict[str, Any]:
@@ -39,6 +41,10 @@ def features_info(model: Any = None, pooling: str = "cls", **extra: Any) -> dict
             info["source"] = os.path.abspath(src) if os.path.exists(src) else str(src)
     elif isinstance(model, Mapping):
         info = dict(model)
+        # a FeatureSpec.identity record: this index format names two of its keys otherwise
+        for key, ours in (("pool", "pooling"), ("normalize", "normalized")):
+            if key in info:
+                info.setdefault(ours, info.pop(key))
     else:
         raise TypeError(f"model info must be a DinoModel or a dict, not {type(model).__name__}")
     info.setdefault("pooling", pooling)
@@ -91,24 +97,28 @@ def check_compatible(index_info: Mapping[str, Any] | None, query_info: Mapping[s
 
 def embedding_identity(model: Any, *, pool: str = "cls", preprocessing: Any = None,
                        size: int | None = None, multiscale: bool = False,
-                       normalize: bool = True, **_ignored: Any) -> dict[str, Any]:
-    """:func:`features_info` for features made by ``model.embed(..., pool=pool, ...)``: the
-    preprocessing recorded is the one actually applied (``preprocessing`` and ``size``
-    overrides included)."""
-    from ..embedding import resolve_preprocessing
-    pre = resolve_preprocessing(model, preprocessing)
-    if size is not None:
-        if pre.mode == "dino":
-            pre = pre.replace(crop_size=size,
-                              resize_size=round(size * pre.resize_size / pre.crop_size))
-        else:
-            pre = pre.replace(crop_size=size)
-    extra: dict[str, Any] = {"preprocessing": pre.to_dict()}
-    if multiscale:
+                       normalize: bool = True, n_last_blocks: int = 1, avgpool: bool = False,
+                       layout: str | None = None, spec: Any = None,
+                       **_ignored: Any) -> dict[str, Any]:
+    """:func:`features_info` for features made by ``model.embed(..., pool=pool, ...)``
+    (or ``spec=``, a :class:`~dinofeat.features.FeatureSpec`): the preprocessing recorded
+    is the one actually applied (``preprocessing`` and ``size`` overrides included), and
+    every setting that changes the vectors is recorded."""
+    from ..features import FeatureSpec
+    if spec is None:
+        spec = FeatureSpec(pool=pool, normalize=normalize, multiscale=multiscale,
+                           n_last_blocks=n_last_blocks, avgpool=avgpool, layout=layout,
+                           preprocessing=preprocessing, size=size)
+    extra: dict[str, Any] = {"preprocessing": spec.effective_preprocessing(model).to_dict()}
+    if spec.multiscale:
         extra["multiscale"] = True
-    if not normalize:
+    if not spec.normalize:
         extra["normalized"] = False
-    return features_info(model, pooling=pool, **extra)
+    if spec.n_last_blocks != 1:
+        extra["n_last_blocks"] = spec.n_last_blocks
+    if spec.avgpool:
+        extra.update(avgpool=True, layout=spec.layout)
+    return features_info(model, pooling=spec.pool, **extra)
 
 
 def embed_options(info: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -125,23 +135,44 @@ def embed_options(info: Mapping[str, Any] | None) -> dict[str, Any]:
         opts["multiscale"] = True
     if info.get("normalized") is False:
         opts["normalize"] = False
+    for key in ("n_last_blocks", "avgpool", "layout"):
+        if info.get(key) not in (None, _IDENTITY_DEFAULTS[key]):
+            opts[key] = info[key]
     return opts
 
 
 def load_model(info: Mapping[str, Any] | None, weights: str | os.PathLike | None = None,
-               device: Any = None):
+               device: Any = None, *, folder: str | os.PathLike | None = None):
     """Load the model of identity ``info``: ``weights`` if given, else its zoo name, else
-    the weights file recorded at build time; its weights hash must match ``info``'s."""
+    the weights file recorded at build time (``source``) if it lies inside ``folder`` (the
+    index folder); its weights hash must match ``info``'s.
+
+    A recorded source outside the folder is not followed: an index folder may come from
+    someone else, and its header must not make dinofeat read files elsewhere. The error
+    names the file to pass as ``weights`` (``--weights``) instead."""
     from ..model import load
+    from ..utils import UnsafePathError, resolve_inside
     from ..zoo import MODELS
     info = info or {}
     name, source = info.get("name"), info.get("source")
+    inside = None
+    if source and folder is not None:
+        try:
+            inside = resolve_inside(folder, source, source=str(Path(folder) / "index.json"),
+                                    key="model.source")
+        except UnsafePathError:
+            inside = None
     if weights is not None:
         model = load(weights, device=device)
     elif name in MODELS:
         model = load(name, device=device)
+    elif inside is not None and inside.is_file():
+        model = load(inside, device=device)
     elif source and Path(source).exists():
-        model = load(source, device=device)
+        raise FileNotFoundError(
+            f"this index was built with the weights file {source} (model.source in its "
+            "index.json), which is outside the index folder and is not loaded without your "
+            f"say-so; pass it as --weights {source} (weights=)")
     elif not info:
         raise FileNotFoundError("this index records no model (it was built from "
                                 "feature vectors, not images); pass the weights file "

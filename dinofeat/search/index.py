@@ -131,6 +131,7 @@ class KNNIndex:
         self.search_params: dict[str, Any] = dict(search_params or {})
         self.device = device
         self.build_state: dict[str, Any] = {}  # free-form progress of from_images builds
+        self.folder: Path | None = None  # where it was last loaded from or saved to
         self.resolved_factory: str | None = None
         self._index: faiss.Index | None = None
         self._pending: faiss.Index | None = None  # exact buffer while the index is untrained
@@ -686,8 +687,10 @@ class KNNIndex:
                  "sha256": self._hashes if self._hash_set else None,
                  "meta": self._extra if any(e is not None for e in self._extra) else None,
                  "tombstones": sorted(self._tombstones)}
-        return storage.write_generation(path, index=self._index, pending=self._pending,
-                                        items=items, header=self._header)
+        out = storage.write_generation(path, index=self._index, pending=self._pending,
+                                       items=items, header=self._header)
+        self.folder = out
+        return out
 
     @staticmethod
     def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -711,6 +714,7 @@ class KNNIndex:
                    train_size=header.get("train_size"),
                    search_params=header.get("search_params") or {}, device=device)
         self.dim = header["dim"]
+        self.folder = path
         self.resolved_factory = header.get("resolved_factory")
         self.build_state = dict(header.get("build") or {})
         self._next_id = int(header.get("next_id", 0))
@@ -835,9 +839,10 @@ class KNNIndex:
 
     def load_model(self, weights: str | os.PathLike | None = None, device: Any = None):
         """Load the model this index was built with: ``weights`` if given, else its zoo
-        name, else the weights file recorded at build time; its weights hash must match
-        the index's."""
-        return identity.load_model(self.model_info, weights, device)
+        name, else the weights file recorded at build time if it lies inside the index
+        folder (a file elsewhere must be passed as ``weights``); its weights hash must
+        match the index's."""
+        return identity.load_model(self.model_info, weights, device, folder=self.folder)
 
     def search_images(self, images: Any, model: Any, k: int = 10, **embed_kw: Any
                       ) -> tuple[np.ndarray, np.ndarray, list]:

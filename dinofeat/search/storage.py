@@ -13,6 +13,13 @@ Saving writes a new generation of data files, then replaces ``index.json`` atomi
 deletes older generations: a crash at any moment leaves a folder whose ``index.json`` names
 complete files, and a reader that loads while a writer saves gets either the old or the new
 generation, never a mix. No pickle anywhere: faiss's own format and JSON.
+
+Index folders may come from someone else, so reading checks what the files claim: every
+file the header names must resolve inside the folder (symlinks included), and faiss may
+not allocate more for one stored array than the file holding it has bytes (a crafted
+730-byte file declaring 2^31 codes is refused at once instead of allocating 8 GB). faiss
+files are otherwise trusted like code: faiss does not promise that a hostile file only
+gives an error. Saving writes only into an empty folder or a dinofeat index folder.
 """
 
 from __future__ import annotations
@@ -20,17 +27,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import faiss
 
-from ..utils import atomic_path, atomic_write_json
+from ..utils import UnsafePathError, atomic_path, atomic_write_json, resolve_inside
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HEADER_NAME", "IndexFormatError",
            "generation_of", "read_header", "write_generation", "read_generation",
-           "StoredGeneration"]
+           "StoredGeneration", "read_faiss_bounded", "named_file"]
 
 FORMAT_NAME = "dinofeat.KNNIndex"
 FORMAT_VERSION = 1
@@ -84,11 +92,23 @@ def write_generation(path: str | os.PathLike, *, index: faiss.Index | None,
     if path.is_dir() and any(path.iterdir()) and not header_path.exists():
         raise FileExistsError(f"{path} is a non-empty folder that is not a dinofeat index; "
                               "refusing to write into it")
+    if header_path.exists() or header_path.is_symlink():
+        try:
+            old = read_header(path)
+        except (IndexFormatError, OSError) as e:
+            raise FileExistsError(f"{header_path} is not the header of a dinofeat index "
+                                  f"({str(e).splitlines()[0]}); refusing to write into "
+                                  f"{path}") from None
+        if header_path.is_symlink():
+            raise FileExistsError(f"{header_path} is a symbolic link; refusing to write "
+                                  f"into {path}")
+    else:
+        old = None
     path.mkdir(parents=True, exist_ok=True)
     gen = 1 + max([generation_of(p.name) for p in path.iterdir()] + [0])
-    if header_path.exists():
+    if old is not None:
         try:
-            gen = max(gen, int(json.loads(header_path.read_text())["generation"]) + 1)
+            gen = max(gen, int(old["generation"]) + 1)
         except (ValueError, KeyError, TypeError):
             pass
     files: dict[str, str | None] = {"faiss_file": None, "pending_file": None,
@@ -140,12 +160,40 @@ def read_generation(path: str | os.PathLike) -> StoredGeneration:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _read_faiss(path: Path, name: str) -> faiss.Index:
-    f = path / name
+# faiss's deserialization limit is one process-wide setting: set and restore it under a lock
+_limit_lock = threading.Lock()
+
+
+def read_faiss_bounded(f: str | os.PathLike, io_flags: int = 0) -> faiss.Index:
+    """``faiss.read_index`` with every stored array bounded by the file's size, so that a
+    file declaring a huge array fails fast instead of allocating it."""
+    limit = max(os.path.getsize(f), 1)
+    with _limit_lock:
+        previous = faiss.get_deserialization_vector_byte_limit()
+        faiss.set_deserialization_vector_byte_limit(limit)
+        try:
+            return faiss.read_index(str(f), io_flags)
+        finally:
+            faiss.set_deserialization_vector_byte_limit(previous)
+
+
+def named_file(path: Path, header: dict[str, Any], key: str) -> Path:
+    """The file the header's ``key`` names, refused unless it resolves inside ``path``."""
+    name = header.get(key)
+    if not isinstance(name, str) or not name:
+        raise IndexFormatError(f"{path / HEADER_NAME}: {key} is not a file name: {name!r}")
+    try:
+        return resolve_inside(path, name, source=str(path / HEADER_NAME), key=key)
+    except UnsafePathError as e:
+        raise IndexFormatError(str(e)) from None
+
+
+def _read_faiss(path: Path, header: dict[str, Any], key: str) -> faiss.Index:
+    f = named_file(path, header, key)
     if not f.is_file():
         raise FileNotFoundError(f"{f}: missing (named by {path / HEADER_NAME})")
     try:
-        return faiss.read_index(str(f))
+        return read_faiss_bounded(f)
     except RuntimeError as e:
         if not f.exists():  # deleted by a concurrent save after the check above
             raise FileNotFoundError(f"{f}: missing (named by {path / HEADER_NAME})") from None
@@ -154,7 +202,7 @@ def _read_faiss(path: Path, name: str) -> faiss.Index:
 
 
 def _read_files(path: Path, header: dict[str, Any]) -> StoredGeneration:
-    items_path = path / str(header.get("items_file"))
+    items_path = named_file(path, header, "items_file")
     if not items_path.is_file():
         raise FileNotFoundError(f"{items_path}: missing (named by {path / HEADER_NAME})")
     try:
@@ -164,6 +212,6 @@ def _read_files(path: Path, header: dict[str, Any]) -> StoredGeneration:
     if items.get("generation") != header["generation"]:
         raise IndexFormatError(f"{path}: {items_path.name} belongs to generation "
                                f"{items.get('generation')}, the header to {header['generation']}")
-    index = _read_faiss(path, header["faiss_file"]) if header.get("faiss_file") else None
-    pending = _read_faiss(path, header["pending_file"]) if header.get("pending_file") else None
+    index = _read_faiss(path, header, "faiss_file") if header.get("faiss_file") else None
+    pending = _read_faiss(path, header, "pending_file") if header.get("pending_file") else None
     return StoredGeneration(header, items, index, pending)

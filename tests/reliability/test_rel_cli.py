@@ -70,7 +70,7 @@ CASES = [
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--pool", "gem",
       "--n-last-blocks", "4"], "cannot be combined"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--avgpool",
-      "--n-last-blocks", "4"], "avgpool"),
+      "--pool", "gem"], "avgpool"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--size", "-5"], "size"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{missing}.pth"], "missing.pth"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{txt}"], "file.txt"),
