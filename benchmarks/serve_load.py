@@ -109,7 +109,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = open(work / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "dinofeat", "serve", str(work / "photos.idx"),
-                             "--port", str(port), "--workers", str(args.workers)],
+                             "--port", str(port), "--workers", str(args.workers),
+                             "--weights", str(weights)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         while True:

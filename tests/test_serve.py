@@ -35,7 +35,7 @@ def collection(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(collection):
-    srv = Server(collection["index"])
+    srv = Server(collection["index"], "--weights", str(collection["weights"]))
     yield srv
     srv.stop()
 
@@ -311,7 +311,7 @@ def test_searches_during_index_add_see_old_or_new_index(collection, tmp_path):
     index = tmp_path / "live.idx"
     shutil.copytree(collection["index"], index)
     new = write_photos(tmp_path / "new", 6, seed=7)
-    srv = Server(index)
+    srv = Server(index, "--model", str(collection["weights"]))  # --model: an alias
     try:
         before = get_json(srv.url + "/healthz")[1]
         query = collection["photos"][5].read_bytes()
@@ -329,6 +329,7 @@ def test_searches_during_index_add_see_old_or_new_index(collection, tmp_path):
         env = dict(os.environ, PYTHONPATH=str(REPO))
         add = subprocess.run([sys.executable, "-m", "dinofeat", "index", "add", str(index),
                               str(tmp_path / "new"), "--labels-from-folders",
+                              "--weights", str(collection["weights"]),
                               "--no-progress"], env=env, capture_output=True, text=True,
                              timeout=300)
         assert add.returncode == 0, add.stderr

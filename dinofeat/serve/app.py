@@ -243,8 +243,9 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
     """The ``dinofeat serve`` application for the index folder ``index``.
 
     The model is the one the index was built with, loaded once: pass it as ``model`` (a
-    :class:`~dinofeat.model.DinoModel`), or ``weights`` (a zoo name or file) when the file
-    recorded at build time moved; its weights hash must match the index's."""
+    :class:`~dinofeat.model.DinoModel`), or ``weights`` (a zoo name or file) when the index
+    records a weights file outside its folder (not followed without your say-so) or one
+    that moved; its weights hash must match the index's."""
     cfg = config or ServeConfig()
     served = ServedIndex(index)
     first = served.index
