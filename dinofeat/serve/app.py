@@ -26,9 +26,10 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -46,7 +48,7 @@ from ..search import DEFAULT_THRESHOLD
 from ..utils import get_logger
 from .state import ServedIndex, duplicate_view, similarity_histogram
 
-__all__ = ["create_app", "ServeConfig", "MAX_K", "STATIC_DIR"]
+__all__ = ["MAX_K", "STATIC_DIR", "ServeConfig", "create_app"]
 
 _log = get_logger("dinofeat.serve")
 
@@ -238,7 +240,7 @@ def _record(rec: dict) -> dict:
 
 
 # ------------------------------------------------------------------ the app
-def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | None = None,
+def create_app(index: str | Path, *, model: Any = None, weights: str | None = None,
                device: str | None = None, config: ServeConfig | None = None) -> Starlette:
     """The ``dinofeat serve`` application for the index folder ``index``.
 
@@ -353,10 +355,10 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
         q = request.query_params
         raw = q.get("threshold")
         try:
-            threshold = DEFAULT_THRESHOLD if raw in (None, "") else float(raw)
+            threshold = DEFAULT_THRESHOLD if not raw else float(raw)
         except ValueError:
             raise ApiError(400, f"threshold must be a number from -1 to 1, got "
-                                f"{raw[:40]!r}") from None
+                                f"{str(raw)[:40]!r}") from None
         if not -1.0 <= threshold <= 1.0:  # also refuses nan
             raise ApiError(400, f"threshold is a cosine similarity from -1 to 1, got {raw}")
         if idx.metric != "cosine":
@@ -416,10 +418,12 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    async def on_api_error(request: Request, exc: ApiError) -> Response:
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
         return _error(exc.status, exc.message)
 
-    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
         detail = exc.detail if exc.status_code != 404 else f"not found: {request.url.path}"
         return _error(exc.status_code, detail)
 
@@ -439,29 +443,29 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
         Route("/api/attention", attention, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={
-        ApiError: on_api_error, HTTPException: on_http_error, Exception: on_failure})
+    app = Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders)],
+                    exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
+                                        Exception: on_failure})
     app.state.served = served
     app.state.model = model
     app.state.config = cfg
-    return _SecurityHeaders(app)
+    return app
 
 
 class _SecurityHeaders:
     """Adds headers that keep the page's content its own: no scripts or images from
     elsewhere, no MIME sniffing, no framing by other sites."""
 
-    HEADERS = [
+    HEADERS = (
         (b"content-security-policy",
-         b"default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-         b"frame-ancestors 'none'; base-uri 'none'"),
+         (b"default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+          b"frame-ancestors 'none'; base-uri 'none'")),
         (b"x-content-type-options", b"nosniff"),
         (b"referrer-policy", b"no-referrer"),
-    ]
+    )
 
-    def __init__(self, app: Starlette):
+    def __init__(self, app: Any):
         self.app = app
-        self.state = app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -470,6 +474,6 @@ class _SecurityHeaders:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 message = {**message, "headers": list(message.get("headers", [])) +
-                           self.HEADERS}
+                           list(self.HEADERS)}
             await send(message)
         await self.app(scope, receive, send_with_headers)
