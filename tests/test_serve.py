@@ -357,3 +357,15 @@ def test_searches_during_index_add_see_old_or_new_index(collection, tmp_path):
         assert out["results"][0]["path"] == os.path.abspath(new[2])
     finally:
         srv.stop()
+
+
+def test_command_line_defaults_and_missing_extra(server, collection, monkeypatch, capsys):
+    # the default bind address is the loopback interface
+    assert f"at http://127.0.0.1:{server.port}/" in server.log()
+    from dinofeat.cli import main
+    assert main(["serve", str(collection["index"]), "--port", "70000"]) == 2
+    assert "--port must be from 0 to 65535" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the extra were not installed
+    assert main(["serve", str(collection["index"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'dinofeat[serve]'" in err
