@@ -18,7 +18,8 @@ from PIL import Image
 from dinofeat.training import (LARS, PRESETS, DINOHead, DINOLoss, MultiCropAugmentation,
                             MultiCropNetwork, Predictor, TrainConfig, apply_schedules,
                             build_optimizer, build_schedules, cancel_last_layer_gradients,
-                            clip_gradients, cosine_schedule, ema_update, param_groups)
+                            clip_gradients, cosine_schedule, ema_update, param_groups,
+                            WeightNormLinear)
 from dinofeat.training.augment import RandomGaussianBlur, blur_kernel_size
 from dinofeat.training.loss import batch_softmax, sinkhorn_knopp
 
@@ -885,3 +886,65 @@ def test_loss_and_clipping_make_no_host_sync(monkeypatch, loss_type):
     clip_gradients(net, 0.5)
     monkeypatch.undo()
     assert math.isfinite(loss.item())
+
+
+def test_last_layer_initialised_like_nn_linear():
+    # the release builds its weight-normed last layer after the trunc-normal(0.02) pass, so
+    # V keeps nn.Linear's default: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
+    in_dim, out_dim = 256, 4096
+    torch.manual_seed(3)
+    layer = WeightNormLinear(in_dim, out_dim, fix_gain=True)
+    torch.manual_seed(3)
+    ref = nn.Linear(in_dim, out_dim, bias=False)
+    torch.testing.assert_close(layer.weight_v.detach(), ref.weight.detach(), rtol=0, atol=0)
+    v = DINOHead(24, out_dim, hidden_dim=32, bottleneck_dim=in_dim).last_layer.weight_v.detach()
+    bound = 1 / math.sqrt(in_dim)
+    assert v.abs().max().item() <= bound
+    # uniform on [-b, b]: std b/sqrt(3), row norm sqrt(in) * b / sqrt(3) = 1/sqrt(3) ~ 0.577
+    assert v.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    norms = v.norm(dim=1)
+    assert norms.mean().item() == pytest.approx(1 / math.sqrt(3), rel=0.02)
+    assert norms.min().item() > 0.45  # trunc-normal 0.02 would give ~0.32
+    # the quartiles of a uniform distribution, not a bell curve
+    q = torch.quantile(v.flatten()[:100_000], torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(q, torch.tensor([-bound / 2, bound / 2]), atol=bound * 0.03, rtol=0)
+
+
+def test_short_run_scales_warmups_unless_set(caplog, tmp_path):
+    import argparse
+    import logging
+
+    from dinofeat.training.config import add_arguments
+    parser = add_arguments(argparse.ArgumentParser())
+    with caplog.at_level(logging.INFO, logger="dinofeat"):
+        cfg = TrainConfig.from_args(parser.parse_args(["--epochs", "1"])).validate()
+    assert (cfg.epochs, cfg.warmup_epochs) == (1, 1)
+    lines = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert len(lines) == 1 and "learning-rate warm-up 10 -> 1 epoch" in lines[0]
+    # a preset's teacher-temperature warm-up (30 epochs) is scaled too: a tenth of the run
+    cfg = TrainConfig.from_args(parser.parse_args(["--preset", "vit_s16_300ep", "--epochs",
+                                                   "20"])).validate()
+    assert (cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs) == (10, 2)
+    # long enough runs keep the release's warm-ups
+    cfg = TrainConfig.from_args(parser.parse_args(["--epochs", "12"]))
+    assert cfg.warmup_epochs == 10
+    # set explicitly (command line or config file): the error stays
+    with pytest.raises(ValueError, match="warm-up epochs exceed --epochs 1"):
+        TrainConfig.from_args(parser.parse_args(["--epochs", "1", "--warmup-epochs", "5"])
+                              ).validate()
+    f = tmp_path / "c.json"
+    f.write_text('{"warmup_epochs": 5}')
+    with pytest.raises(ValueError, match="warm-up epochs exceed --epochs 2"):
+        TrainConfig.from_args(parser.parse_args(["--config", str(f), "--epochs", "2"])
+                              ).validate()
+
+
+def test_help_says_defaults_are_not_the_papers_recipe():
+    import argparse
+
+    from dinofeat.training.config import PRESETS, add_arguments
+    text = " ".join(add_arguments(argparse.ArgumentParser()).format_help().split())
+    assert "not the paper's ViT-S/16 recipe; that one is --preset vit_s16_800ep" in text
+    paper = PRESETS["vit_s16_800ep"]
+    assert (paper["epochs"], paper["local_crops_number"]) == (800, 10)
+    assert (TrainConfig().epochs, TrainConfig().local_crops_number) == (100, 8)

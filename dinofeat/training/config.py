@@ -156,6 +156,10 @@ class TrainConfig:
                                            "in pixels of the output crop (the release's, "
                                            "for 224/96-px crops; scale it down with the "
                                            "crop size for small images)")
+    batch_augment: bool = _opt(False, "augment whole batches of equal-size images at once "
+                               "(the same random recipe per image; several times faster "
+                               "for small images such as 28-px photos, crops resampled "
+                               "by bicubic grid sampling without antialiasing)")
     grayscale: bool = _opt(False, "convert images to one channel repeated three times "
                            "(grayscale data such as Fashion-MNIST)")
     mean: tuple[float, float, float] = _opt(IMAGENET_MEAN, "per-channel normalisation mean")
@@ -292,10 +296,31 @@ class TrainConfig:
         if config_file and preset:
             raise ValueError("give either --config or --preset, not both")
         if config_file:
-            return cls.from_json_file(config_file).replace(**given)
+            with open(config_file, encoding="utf-8") as f:
+                explicit = set(given) | set(json.load(f))
+            return cls.from_json_file(config_file).replace(**given)._fit_warmups(explicit)
         if preset:
-            return cls.from_preset(preset, **given)
-        return cls.from_dict(given)
+            return cls.from_preset(preset, **given)._fit_warmups(set(given))
+        return cls.from_dict(given)._fit_warmups(set(given))
+
+    def _fit_warmups(self, explicit: set[str]) -> "TrainConfig":
+        """Shorten the warm-ups (learning rate, teacher temperature) that are longer than
+        ``epochs`` to a tenth of the run (at least one epoch), unless the user set them
+        (``explicit``): a short trial run (``--epochs 1``) should run, not fail on the
+        release's 10-epoch warm-up. Says so in one log line."""
+        names = ("warmup_epochs", "warmup_teacher_temp_epochs")
+        changes = {n: max(1, self.epochs // 10) for n in names
+                   if getattr(self, n) > self.epochs and n not in explicit}
+        if not changes:
+            return self
+        from ..utils import get_logger
+        get_logger("dinofeat.train").info(
+            "--epochs %d is shorter than the warm-up: %s (set --warmup-epochs / "
+            "--warmup-teacher-temp-epochs to choose)", self.epochs, ", ".join(
+                f"{'learning-rate' if n == 'warmup_epochs' else 'teacher-temperature'} "
+                f"warm-up {getattr(self, n)} -> {v} epoch{'s' if v > 1 else ''}"
+                for n, v in changes.items()))
+        return dataclasses.replace(self, **changes)
 
     def _with(self, changes: Mapping[str, Any], source: str) -> "TrainConfig":
         known = {f.name: f for f in dataclasses.fields(self)}
@@ -625,6 +650,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: One line for ``train --help`` and docs/training.md: the defaults are not the paper's recipe.
+PAPER_VS_DEFAULTS = ("The defaults (e.g. --arch vit_s16 alone) reproduce the release "
+                     "script's defaults (100 epochs, 8 local crops, teacher temperature "
+                     "0.04), not the paper's ViT-S/16 recipe; that one is --preset "
+                     "vit_s16_800ep (800 epochs, 10 local crops, teacher temperature 0.04 -> "
+                     "0.07, the published weights).")
+
+
 # ------------------------------------------------------------------ argparse
 def _option_strings(name: str) -> list[str]:
     strings = [f"--{name.replace('_', '-')}"]
@@ -653,7 +686,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> argparse.ArgumentPar
     work: ``--batch-size-per-gpu`` and the release's ``--batch_size_per_gpu``; booleans are
     ``--norm-last-layer`` / ``--no-norm-last-layer`` (dashes only); pairs take two values (``--global-crops-scale 0.14 1``).
     """
-    group = parser.add_argument_group("recipe")
+    group = parser.add_argument_group("recipe", PAPER_VS_DEFAULTS)
     group.add_argument("--preset", choices=list(PRESETS), default=None,
                        help="start from a paper recipe (fields given explicitly override it)")
     group.add_argument("--config", default=None, metavar="FILE.json",
@@ -699,7 +732,7 @@ _SECTIONS.update({name: "teacher, loss and ablations" for name in (
     "sinkhorn_iters", "loss")})
 _SECTIONS.update({name: "multi-crop augmentation" for name in (
     "global_crops_scale", "local_crops_number", "local_crops_scale", "global_crop_size",
-    "local_crop_size", "blur_sigma", "grayscale", "mean", "std")})
+    "local_crop_size", "blur_sigma", "batch_augment", "grayscale", "mean", "std")})
 _SECTIONS.update({name: "data, output and logging" for name in (
     "data", "output_dir", "resume", "resume_from", "saveckp_freq", "save_every_iters",
     "num_workers", "log_every", "tensorboard", "knn_eval_data", "knn_eval_every", "device")})

@@ -47,6 +47,7 @@ from ..zoo import Preprocessing
 from .. import runtime
 from . import distributed as D
 from .augment import MultiCropAugmentation
+from .batch_augment import BatchMultiCropAugmentation
 from .checkpoint import (CHECKPOINT_NAME, RELEASE_ARCH_FIELDS, capture_rng_state,
                          load_checkpoint, numbered_checkpoint_name, read_release_checkpoint,
                          restore_rng_state, save_checkpoint)
@@ -227,7 +228,19 @@ class _JsonLog:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self._f = open(path, "a", encoding="utf-8") if path is not None else None
+        self._f = None
+        if path is not None:
+            # O_NOFOLLOW: a link planted at log.jsonl (dangling or not) is refused, never
+            # appended through
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                             0o644)
+            except OSError as e:
+                if Path(path).is_symlink():
+                    raise OSError(f"{path} is a symbolic link; the training log is not "
+                                  "written through links") from None
+                raise
+            self._f = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._f is not None:
@@ -311,8 +324,12 @@ class _Run:
     # .............................................................. setup
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        self.augment = MultiCropAugmentation.from_config(cfg)
-        self.dataset = TrainImages(cfg.data, self.augment)  # bad --data fails before mkdir
+        if cfg.batch_augment:  # per image: decode + seed; per batch: the crops
+            self.augment = BatchMultiCropAugmentation.from_config(cfg)
+            self.dataset = TrainImages(cfg.data, self.augment.prepare)
+        else:
+            self.augment = MultiCropAugmentation.from_config(cfg)
+            self.dataset = TrainImages(cfg.data, self.augment)  # bad --data fails before mkdir
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -334,7 +351,8 @@ class _Run:
         self.loader, self.sampler = build_train_loader(
             self.dataset, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers,
             seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-            pin_memory=self.device.type == "cuda")
+            pin_memory=self.device.type == "cuda",
+            collate_fn=self.augment.collate if cfg.batch_augment else None)
         micro_per_epoch = len(self.loader)
         ipe = micro_per_epoch // cfg.grad_accum_steps
         if cfg.max_iters_per_epoch is not None:
