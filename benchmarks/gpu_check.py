@@ -105,8 +105,8 @@ DRY = Sizes(arch="vit_tiny", global_size=32, local_size=16, nlocal=2, batch=4, o
             fmnist_steps=2, fmnist_bank=200, fmnist_test=100)
 
 #: Seconds each part may take on the GPU (the whole check: 8 minutes at most).
-BUDGET = {"train": 60, "loader": 50, "resume": 40, "nccl_accum": 25, "compile": 80,
-          "embed": 40, "attention": 20, "fashion_mnist": 155}
+BUDGET = {"train": 60, "loader": 50, "resume": 40, "nccl_accum": 25, "compile": 110,
+          "embed": 40, "attention": 20, "fashion_mnist": 130}
 RELEASE_PEAK_GB = 15.4  # published: ViT-S/16, 2x224 + 10x96, batch 64 per GPU
 
 
@@ -349,8 +349,8 @@ def part_loader(S: Sizes, dev: torch.device, rec: Part, deadline: float, work: P
         rec.update({
             "images_per_s": statistics.median(r["images_per_s"] for r in steps),
             "data_wait_frac": statistics.median(r["data_wait_frac"] for r in steps),
-            "peak_memory_gb": max(r.get("cuda_max_allocated_mb", 0) for r in steps) / 1e3
-            if dev.type == "cuda" else None,
+            "peak_memory_gb": max(r.get("cuda_max_allocated_mb", 0) for r in steps) * 2 ** 20
+            / 1e9 if dev.type == "cuda" else None,
             "steps_measured": len(steps)})
 
 
@@ -464,10 +464,15 @@ def part_compile(S: Sizes, dev: torch.device, rec: Part, deadline: float, work: 
     if dry:  # no C++ compiler needed: dynamo tracing with the eager backend
         torch.compile = functools.partial(torch.compile, backend="eager")
     t0 = time.perf_counter()
+
+    def progress(state):  # kept if the time box ends the part
+        if state.event == "step":
+            rec.update({"steps_done": state.iteration,
+                        "seconds_to_step": time.perf_counter() - t0})
     res = dinofeat.train(small_config(S, data, work / "compile_run", epochs=1, warmup_epochs=0,
                                       batch_size_per_gpu=S.compile_batch, precision="bf16",
                                       num_workers=workers(S), compile=True, device=str(dev),
-                                      resume=False))
+                                      resume=False), callbacks=[progress])
     steps = [r for r in read_log(res.run_dir) if r.get("type") == "step"]
     rec.update({"steps": res.iteration, "seconds_total": time.perf_counter() - t0,
                 "loss": [r["loss"] for r in steps],
@@ -572,11 +577,21 @@ def part_fashion_mnist(S: Sizes, dev: torch.device, rec: Part, deadline: float,
     rec.update({"train_seconds": time.perf_counter() - t0, "collapsed": res.collapsed,
                 "final_loss": res.history[-1]["loss"]})
     model = dinofeat.load(res.run_dir, device=dev)
-    save_safetensors(model, work / "vit_t_fmnist_gpu.safetensors")
-    rec["weights_file"] = str(work / "vit_t_fmnist_gpu.safetensors")
+    # kept outside the scratch folder (runs/ is not committed): the file to ship if it wins
+    weights = (work if S is DRY else ROOT / "runs" / "gpu_check") / "vit_t_fmnist_gpu.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model, weights)
+    rec["weights_file"] = str(weights)
     knn = demo.knn_evaluation(model, xtr[:S.fmnist_bank], ytr[:S.fmnist_bank],
                               xte[:S.fmnist_test], yte[:S.fmnist_test])
-    rec.update({"knn": knn, "goal_90_met": bool(knn["top1"] >= 90.0)})
+    shipped = None
+    with contextlib.suppress(OSError, KeyError, ValueError):
+        shipped = json.loads((HERE / "results" / "fashion_mnist_ship.json").read_text()
+                             )["knn"]["dino"]["top1"]
+    rec.update({"knn": knn, "goal_90_met": bool(knn["top1"] >= 90.0),
+                "shipped_vit_t_fmnist_top1": shipped,
+                "beats_shipped": shipped is not None and knn["top1"] > shipped
+                and S is not DRY})
 
 
 # ------------------------------------------------------------------ driver
@@ -650,9 +665,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dry-run", action="store_true",
                     help="every part on the CPU with tiny sizes, in this process (CI)")
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run")
-    ap.add_argument("--budget", type=float, default=480.0,
-                    help="seconds for the whole check (default 480); parts are skipped "
-                         "when it runs out")
+    ap.add_argument("--budget", type=float, default=470.0,
+                    help="seconds for the whole check (default 470); a part gets at most "
+                         "what is left, and is skipped under 10 s")
     ap.add_argument("--out", default=None, help="results JSON (default "
                     "benchmarks/results/gpu_check.json, gpu_check_dry_run.json with --dry-run)")
     ap.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
