@@ -41,6 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
+from .. import runtime
 from ..utils import get_logger
 from . import auto as autos
 from . import build as builder
@@ -151,6 +152,7 @@ class KNNIndex:
         self._gpu_index: faiss.Index | None = None
         self._gpu_failed = False
         self._mapped = False  # faiss data memory-mapped from a generation file (read-only)
+        self._gpu_res = None  # faiss.StandardGpuResources of the GPU copy
         self._tombstones: set[int] = set()  # removed ids an index cannot delete (HNSW)
         # per-item records, row-aligned
         self._ids: list[int] = []
@@ -734,7 +736,11 @@ class KNNIndex:
         if self.device != "cpu" and not self._gpu_failed and gpu_available():
             if self._gpu_index is None:
                 try:
-                    self._gpu_index = faiss.index_cpu_to_all_gpus(self._index)
+                    # this process's GPU only (its local rank's under torchrun), not a
+                    # copy on every visible GPU
+                    self._gpu_res = faiss.StandardGpuResources()
+                    self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, _gpu_device(),
+                                                             self._index)
                 except RuntimeError as e:  # e.g. HNSW has no GPU version
                     self._gpu_failed = True
                     _log.info("searching on CPU: faiss-gpu cannot hold a %s index (%s)",
@@ -762,7 +768,15 @@ class KNNIndex:
             return (np.full((nq, k), empty_score, np.float32), np.full((nq, k), -1, np.int64))
         extra = len(self._tombstones)
         kk = min(k + extra, int(index.ntotal))
-        scores, ids = index.search(q, kk)
+        try:
+            scores, ids = index.search(q, kk)
+        except RuntimeError as e:  # a faiss-gpu failure (out of memory...): the CPU copy
+            if index is not self._gpu_index or self._gpu_index is None:
+                raise
+            self._gpu_failed, self._gpu_index = True, None
+            _log.warning("faiss GPU search failed (%s); searching on the CPU from now on",
+                         str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+            scores, ids = self._index.search(q, kk)
         if extra:
             dead = np.isin(ids, np.fromiter(self._tombstones, np.int64, extra))
             ids = np.where(dead, -1, ids)
@@ -1064,3 +1078,9 @@ class KNNIndex:
         for k in ("generation", "build", "saved_at", "next_id"):
             h.pop(k, None)
         return h
+
+
+def _gpu_device() -> int:
+    """The GPU faiss uses in this process: the one :mod:`dinofeat.runtime` gives it."""
+    dev = runtime.default_device()
+    return (dev.index or 0) if dev.type == "cuda" else 0
