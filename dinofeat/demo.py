@@ -35,7 +35,7 @@ __all__ = ["Recipe", "RECIPES", "fashion_mnist_stats", "fashion_mnist_preprocess
            "recipe_config", "export_training_images", "to_pil", "knn_evaluation",
            "silhouette_jaccard", "random_weights_model", "neighbour_grid",
            "attention_picture", "bank_index", "search_pictures", "DemoResult", "demo_split",
-           "run_demo", "set_threads"]
+           "run_demo", "set_threads", "pixel_knn", "knn_top1"]
 
 log = get_logger("dinofeat.demo")
 
@@ -93,14 +93,16 @@ class Recipe:
 #   fraction of the run; the release's 0.996-0.9995 would leave it near its random start;
 # - lr 0.002 per 256 images (4x the release) with a one-chunk warm-up (3x that was worse);
 # - no frozen last layer (the first chunk is already the warm-up), bf16 autocast (CPU
-#   autocast is supported; ~1.4x faster here), grey images.
+#   autocast is supported; ~1.4x faster on AMD, ~2x on Intel AMX), grey images;
+# - the augmentation of whole batches (28-px photos all have one size): per image it was
+#   half of the step's time on 2 cores (benchmarks/fashion_mnist_step.py).
 _COMMON: dict[str, Any] = dict(
     arch=FMNIST_ARCH, patch_size=7, global_crop_size=28, local_crop_size=14,
     global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), local_crops_number=4,
     blur_sigma=(0.1, 0.5), out_dim=1024, hidden_dim=512, use_bn_in_head=True,
     momentum_teacher=0.99, lr=0.002, min_lr=1e-6, warmup_epochs=1,
     freeze_last_layer=0, norm_last_layer=True, drop_path_rate=0.1, precision="bf16",
-    grayscale=True, num_workers=1, saveckp_freq=0, log_every=5)
+    grayscale=True, num_workers=1, saveckp_freq=0, log_every=5, batch_augment=True)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("demo", steps=300, chunks=6, description="the offline demo: a few minutes on a "
@@ -220,6 +222,29 @@ def knn_evaluation(model, bank_images: np.ndarray, bank_labels: np.ndarray,
     acc = knn_accuracy(scores, torch.as_tensor(test_labels), (1, 5))
     return {"top1": acc[1], "top5": acc[5], "k": k, "T": T, "bank": len(bank_images),
             "test": len(test_images), "embed_s": embed_s}
+
+
+def knn_top1(bank: torch.Tensor, bank_labels: np.ndarray, test: torch.Tensor,
+             test_labels: np.ndarray, *, k: int = 20, T: float = 0.07) -> float:
+    """k-NN top-1 (percent) of features ``test`` against the memory bank ``bank``:
+    :func:`dinofeat.eval.knn_classify` (cosine, ``k`` neighbours, weights exp(s/T))."""
+    from .eval.knn import knn_accuracy, knn_classify
+    n_cls = int(max(np.max(bank_labels), np.max(test_labels))) + 1
+    scores = knn_classify(bank, torch.as_tensor(bank_labels), test, k=k, T=T,
+                          num_classes=n_cls)
+    return knn_accuracy(scores, torch.as_tensor(test_labels), (1,))[1]
+
+
+def pixel_knn(bank_images: np.ndarray, bank_labels: np.ndarray, test_images: np.ndarray,
+              test_labels: np.ndarray, centre: bool = True) -> float:
+    """The raw-pixel baseline: :func:`knn_top1` of the flattened pixels (L2-normalised
+    by the k-NN), ``centre``: minus the mean bank image first (the stronger baseline)."""
+    a = torch.from_numpy(bank_images.reshape(len(bank_images), -1)).float()
+    b = torch.from_numpy(test_images.reshape(len(test_images), -1)).float()
+    if centre:
+        mu = a.mean(0, keepdim=True)
+        a, b = a - mu, b - mu
+    return knn_top1(a, bank_labels, b, test_labels)
 
 
 def silhouette_jaccard(model, images: np.ndarray, *, threshold: float = 0.6,
@@ -361,6 +386,7 @@ class DemoResult:
     out_dir: Path
     knn_top1: float
     random_knn_top1: float
+    pixels_knn_top1: float
     train_seconds: float
     total_seconds: float
     steps: int
@@ -373,7 +399,8 @@ class DemoResult:
     def summary(self) -> str:
         rows = [(f"DINO, this demo ({self.steps} steps x {self.images_seen // max(self.steps, 1)}"
                  f" photos, {self.train_seconds / 60:.1f} min)", self.knn_top1),
-                ("the same network with random weights", self.random_knn_top1)]
+                ("the same network with random weights", self.random_knn_top1),
+                ("raw pixels (minus the mean image), same bank", self.pixels_knn_top1)]
         if self.shipped_knn_top1 is not None:
             rows.append(("vit_t_fmnist (same code, recipe 'ship', shipped)",
                          self.shipped_knn_top1))
@@ -390,26 +417,28 @@ def _shipped_available() -> bool:
     return bool(spec and spec.local_file and (PACKAGE_WEIGHTS / spec.local_file).is_file())
 
 
-def bank_index(model, images: np.ndarray, labels: np.ndarray, progress: bool = False):
+def bank_index(model, images: np.ndarray, labels: np.ndarray, progress: bool = False,
+               feats: torch.Tensor | None = None):
     """A cosine :class:`~dinofeat.KNNIndex` of ``model.embed`` of ``images`` (uint8
-    ``[N, H, W]``, as grey PIL photos), labelled with the Fashion-MNIST class names of
-    ``labels``; ids are the positions in ``images``."""
+    ``[N, H, W]``, as grey PIL photos; ``feats``: already computed), labelled with the
+    Fashion-MNIST class names of ``labels``; ids are the positions in ``images``."""
     from .datasets import FASHION_MNIST_CLASSES
     from .index import KNNIndex
-    feats = model.embed(to_pil(images), batch_size=256, progress=progress)
+    if feats is None:
+        feats = model.embed(to_pil(images), batch_size=256, progress=progress)
     index = KNNIndex(feats.shape[1], metric="cosine", model_info=model)
     index.add(feats, labels=[FASHION_MNIST_CLASSES[int(y)] for y in labels])
     return index
 
 
-def _accuracy(index, model, images: np.ndarray, labels: np.ndarray, progress: bool
-              ) -> tuple[float, torch.Tensor]:
-    from .datasets import FASHION_MNIST_CLASSES
-    feats = model.embed(to_pil(images), batch_size=256, progress=progress)
-    scores = index.classify(feats, k=20, T=0.07, classes=list(FASHION_MNIST_CLASSES),
-                            model_info=model)
-    pred = scores.argmax(1)
-    return 100.0 * float((pred == labels).mean()), feats
+def _model_knn(model, bank: np.ndarray, bank_labels: np.ndarray, test: np.ndarray,
+               test_labels: np.ndarray, progress: bool
+               ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """``(top-1, bank features, test features)`` of ``model`` by :func:`knn_top1`."""
+    kw = dict(batch_size=256, progress=progress)
+    bank_feats = model.embed(to_pil(bank), **kw)
+    test_feats = model.embed(to_pil(test), **kw)
+    return knn_top1(bank_feats, bank_labels, test_feats, test_labels), bank_feats, test_feats
 
 
 def demo_split(n_train: int, n_test: int, train_images: int, bank: int, test: int,
@@ -503,18 +532,16 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
     # 2. k-NN index and accuracy, next to random weights
     echo(f"[2/4] k-NN index of {len(bank_idx)} labelled training photos; "
          f"classifying {len(test_idx)} test photos")
-    index = bank_index(model, x_train[bank_idx], y_train[bank_idx], progress)
-    acc, test_feats = _accuracy(index, model, x_test[test_idx], y_test[test_idx], progress)
+    split = (x_train[bank_idx], y_train[bank_idx], x_test[test_idx], y_test[test_idx])
+    acc, bank_feats, test_feats = _model_knn(model, *split, progress)
+    index = bank_index(model, x_train[bank_idx], y_train[bank_idx], feats=bank_feats)
     rand = random_weights_model(FMNIST_ARCH, prep, seed=seed)
-    rand_index = bank_index(rand, x_train[bank_idx], y_train[bank_idx], progress)
-    rand_acc, _ = _accuracy(rand_index, rand, x_test[test_idx], y_test[test_idx], progress)
+    rand_acc = _model_knn(rand, *split, progress)[0]
+    pixels_acc = pixel_knn(*split)
     files.append(index.save(out / "train.idx"))
     shipped_acc = None
     if compare_shipped and _shipped_available():
-        shipped = load("vit_t_fmnist", device="cpu")
-        shipped_index = bank_index(shipped, x_train[bank_idx], y_train[bank_idx], progress)
-        shipped_acc, _ = _accuracy(shipped_index, shipped, x_test[test_idx],
-                                   y_test[test_idx], progress)
+        shipped_acc = _model_knn(load("vit_t_fmnist", device="cpu"), *split, progress)[0]
 
     # 3. search, 4. attention maps
     echo(f"[3/4] searching the index with {queries} test photos")
@@ -525,11 +552,13 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
                              neighbours=neighbours, query_feats=test_feats[q])
     total_s = time.perf_counter() - t_start
     result = DemoResult(out_dir=out, knn_top1=acc, random_knn_top1=rand_acc,
-                        train_seconds=train_s, total_seconds=total_s, steps=recipe.steps,
+                        pixels_knn_top1=pixels_acc, train_seconds=train_s, total_seconds=total_s, steps=recipe.steps,
                         images_seen=recipe.images_seen, bank=len(bank_idx),
                         test=len(test_idx), files=files, shipped_knn_top1=shipped_acc)
     atomic_write_json(out / "results.json", {
-        "knn_top1": acc, "random_knn_top1": rand_acc, "shipped_knn_top1": shipped_acc,
+        "knn_top1": acc, "random_knn_top1": rand_acc, "pixels_knn_top1": pixels_acc,
+        "dino_minus_random": acc - rand_acc, "shipped_knn_top1": shipped_acc,
+        "k": 20, "T": 0.07, "load_average": [round(v, 2) for v in os.getloadavg()],
         "train_seconds": train_s,
         "total_seconds": total_s, "steps": recipe.steps, "batch": recipe.batch,
         "pretrain_images": len(pretrain), "bank": len(bank_idx), "test": len(test_idx),
