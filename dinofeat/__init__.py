@@ -8,7 +8,7 @@ and the complete DINO training core::
     feats = model.embed("photos/")            # [N, 384]
 """
 
-from .index import KNNIndex
+from .search import KNNIndex
 from .attention import AttentionMaps
 from .images import ImageReadError, list_images, open_image
 from .model import DinoModel, load
@@ -19,10 +19,12 @@ from .training.config import TrainConfig
 from . import eval  # the paper's evaluations: dinofeat.eval.knn_classify, compute_map...
 from . import accel  # the platform's fastest correct kernels (fast_inference...)
 from .export import OnnxModel, export_model
+from .features import FeatureSpec
+from .protocol import FeatureModel
 
 __version__ = "0.1.0"
 
 __all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__",
            "embed", "attention_maps", "AttentionMaps", "open_image", "list_images",
            "ImageReadError", "train", "TrainConfig", "accel", "export_model",
-           "OnnxModel"]
+           "OnnxModel", "FeatureSpec", "FeatureModel"]

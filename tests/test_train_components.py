@@ -14,14 +14,13 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
-from torchvision.transforms import v2
 
 from dinofeat.training import (LARS, PRESETS, DINOHead, DINOLoss, MultiCropAugmentation,
                             MultiCropNetwork, Predictor, TrainConfig, apply_schedules,
                             build_optimizer, build_schedules, cancel_last_layer_gradients,
                             clip_gradients, cosine_schedule, ema_update, param_groups,
                             WeightNormLinear)
-from dinofeat.training.augment import blur_kernel_size
+from dinofeat.training.augment import RandomGaussianBlur, blur_kernel_size
 from dinofeat.training.loss import batch_softmax, sinkhorn_knopp
 
 
@@ -359,7 +358,8 @@ def test_per_parameter_clipping():
         p.grad = g / g.norm() * n
     before = [p.grad.clone() for p in model.parameters()]
     norms = clip_gradients(model, 3.0)
-    assert norms == pytest.approx(targets, rel=1e-5)
+    assert isinstance(norms, torch.Tensor)  # stays on the device: no host sync per step
+    assert norms.tolist() == pytest.approx(targets, rel=1e-5)
     for p, g0, n in zip(model.parameters(), before, targets):
         if n <= 3.0:
             assert torch.equal(p.grad, g0)  # untouched
@@ -368,7 +368,7 @@ def test_per_parameter_clipping():
             torch.testing.assert_close(p.grad, g0 * (3.0 / (n + 1e-6)))  # same direction
     # a global-norm clip would have scaled the small gradients too
     assert torch.equal(list(model.parameters())[0].grad, before[0])
-    assert clip_gradients(model, 0) == pytest.approx([0.5, 3.0, 2.9, 3.0], rel=1e-5)
+    assert clip_gradients(model, 0).tolist() == pytest.approx([0.5, 3.0, 2.9, 3.0], rel=1e-5)
 
 
 def _head_net(out_dim=16, norm_last_layer=True):
@@ -565,13 +565,15 @@ def test_augmentation_probabilities(monkeypatch):
     aug = MultiCropAugmentation(local_crops_number=nlocal, global_crop_size=12,
                                 local_crop_size=8)
     blur_calls: dict[int, int] = {}
-    original = v2.GaussianBlur.forward
+    sigmas: list[float] = []
+    original = RandomGaussianBlur.blur
 
-    def counting(self, *args):
+    def counting(self, img, sigma):
         blur_calls[id(self)] = blur_calls.get(id(self), 0) + 1
-        return original(self, *args)
+        sigmas.append(sigma)
+        return original(self, img, sigma)
 
-    monkeypatch.setattr(v2.GaussianBlur, "forward", counting)
+    monkeypatch.setattr(RandomGaussianBlur, "blur", counting)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     # white: colour jitter keeps it >= 0.6 * 255 > 128, so solarisation always shows
     white = torch.full((3, 16, 16), 255, dtype=torch.uint8)
@@ -597,7 +599,7 @@ def test_augmentation_probabilities(monkeypatch):
     def blur_of(pipeline):
         for step in pipeline.transforms:
             for t in getattr(step, "transforms", [step]):
-                if isinstance(t, v2.GaussianBlur):
+                if isinstance(t, RandomGaussianBlur):
                     return t
         raise AssertionError("no blur step")
 
@@ -607,6 +609,11 @@ def test_augmentation_probabilities(monkeypatch):
     assert rates[0] == 1.0
     assert abs(rates[1] - 0.1) < 3 * math.sqrt(0.1 * 0.9 / (2 * n))
     assert abs(rates[2] - 0.5) < 3 * math.sqrt(0.25 / (2 * n * nlocal))
+    # sigma ~ U[0.1, 2]: range, mean and variance within 4 standard errors
+    s = np.array(sigmas)
+    assert s.min() >= 0.1 and s.max() <= 2.0
+    assert abs(s.mean() - 1.05) < 4 * (1.9 / math.sqrt(12)) / math.sqrt(len(s))
+    assert abs(s.var() - 1.9 ** 2 / 12) < 4 * (1.9 ** 2 / math.sqrt(180)) / math.sqrt(len(s))
 
 
 def test_blur_kernel_rule():
@@ -735,9 +742,23 @@ def test_autocast_choice():
     assert TrainConfig().uses_loss_scaling("cuda") and not TrainConfig().uses_loss_scaling("cpu")
 
 
-def test_adamw_not_fused_on_cpu():
-    opt = build_optimizer(TrainConfig(), param_groups(_Toy()))
-    assert not opt.defaults.get("fused")
+def test_adamw_fused_on_cpu_when_asked():
+    """The fused AdamW kernel exists on CPU too (one pass instead of foreach ops); it is
+    used when fused_optimizer is on, and gives AdamW's numbers."""
+    torch.manual_seed(0)
+    a, b = _Toy(), _Toy()
+    b.load_state_dict(a.state_dict())
+    fused = build_optimizer(TrainConfig(), param_groups(a))
+    plain = build_optimizer(TrainConfig(fused_optimizer=False), param_groups(b))
+    assert fused.defaults.get("fused") and not plain.defaults.get("fused")
+    x = torch.randn(5, 4)
+    for net, opt in ((a, fused), (b, plain)):
+        for _ in range(3):
+            opt.zero_grad()
+            (net.norm(net.fc(x)) + net.token[0]).square().sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
 def test_training_step_end_to_end():
@@ -777,12 +798,18 @@ def test_training_step_end_to_end():
 
 
 _WORKER = """
-import importlib.util, sys
+import importlib, os, sys, types
 import torch
 import torch.distributed as dist
-spec = importlib.util.spec_from_file_location("dino_loss", sys.argv[1])
-loss_mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(loss_mod)  # loss.py needs only torch and numpy: a light child
+# a light child: loss.py and dinofeat/runtime.py need only torch and numpy, so bare
+# package shells stand in for dinofeat/__init__.py and dinofeat/training/__init__.py
+training_dir = os.path.dirname(sys.argv[1])
+for name, folder in (("dinofeat", os.path.dirname(training_dir)),
+                     ("dinofeat.training", training_dir)):
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [folder]
+    sys.modules[name] = pkg
+loss_mod = importlib.import_module("dinofeat.training.loss")
 rank, world, init_file, out = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank,
@@ -843,6 +870,36 @@ def test_cuda_fused_adamw_and_fp16_loss():
     net(torch.randn(2, 3, 4, 4, device="cuda")).sum().backward()
     clip_gradients(net, 0.01)
     assert all(p.grad.norm() <= 0.01 + 1e-6 for p in net.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("loss_type", ["ce", "mse"])
+def test_loss_and_clipping_make_no_host_sync(monkeypatch, loss_type):
+    """No operation that waits for the GPU in every step: boolean-mask indexing, .item(),
+    .tolist(), .nonzero() or a tensor's truth value (checked on CPU by trapping them)."""
+    from dinofeat.training.loss import DINOLoss
+
+    def trap(name):
+        def f(*a, **k):
+            raise AssertionError(f"host sync: Tensor.{name}")
+        return f
+    loss_fn = DINOLoss(16, 4, 0.04, 0.04, 0, 10, loss=loss_type)
+    net = nn.Linear(8, 16)
+    x = torch.randn(12, 8)
+    getitem = torch.Tensor.__getitem__
+
+    def no_mask(self, idx):
+        if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
+            raise AssertionError("host sync: boolean-mask indexing")
+        return getitem(self, idx)
+    for name in ("item", "tolist", "nonzero", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, trap(name))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", no_mask)
+    out = net(x)
+    loss = loss_fn(out, out[:6].detach(), 0)
+    loss.backward()
+    clip_gradients(net, 0.5)
+    monkeypatch.undo()
+    assert math.isfinite(loss.item())
 
 
 def test_last_layer_initialised_like_nn_linear():

@@ -41,7 +41,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..utils import atomic_write_json, get_logger
+from ..utils import atomic_write_json, get_logger, resolve_inside
 
 __all__ = [
     "average_precision",
@@ -361,8 +361,10 @@ def load_revisited(name: str, data_root: str | os.PathLike, *, ext: str = ".jpg"
         raise FileNotFoundError(f"ground truth {gnd_path} not found")
     cfg = read_gnd(gnd_path)
     jpg = base / "jpg"
-    images = [jpg / f"{n}{ext}" for n in cfg["imlist"]]
-    queries = [jpg / f"{n}{ext}" for n in cfg["qimlist"]]
+    src = str(gnd_path)
+    images = [resolve_inside(jpg, f"{n}{ext}", source=src, key="imlist") for n in cfg["imlist"]]
+    queries = [resolve_inside(jpg, f"{n}{ext}", source=src, key="qimlist")
+               for n in cfg["qimlist"]]
     missing = [str(p) for p in images + queries if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) of {name} missing, e.g. "

@@ -39,7 +39,7 @@ def paths(tmp_path_factory, tiny_weights):
     (d / "file.txt").write_text("hello")
     (d / "not-an-index").mkdir()
     (d / "not-an-index" / "x.txt").write_text("x")
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     import numpy as np
     ix = KNNIndex(dim=4)
     ix.add(np.eye(4, dtype=np.float32))
@@ -70,7 +70,7 @@ CASES = [
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--pool", "gem",
       "--n-last-blocks", "4"], "cannot be combined"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--avgpool",
-      "--n-last-blocks", "4"], "avgpool"),
+      "--pool", "gem"], "avgpool"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--size", "-5"], "size"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{missing}.pth"], "missing.pth"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{txt}"], "file.txt"),
