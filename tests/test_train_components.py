@@ -742,23 +742,9 @@ def test_autocast_choice():
     assert TrainConfig().uses_loss_scaling("cuda") and not TrainConfig().uses_loss_scaling("cpu")
 
 
-def test_adamw_fused_on_cpu_when_asked():
-    """The fused AdamW kernel exists on CPU too (one pass instead of foreach ops); it is
-    used when fused_optimizer is on, and gives AdamW's numbers."""
-    torch.manual_seed(0)
-    a, b = _Toy(), _Toy()
-    b.load_state_dict(a.state_dict())
-    fused = build_optimizer(TrainConfig(), param_groups(a))
-    plain = build_optimizer(TrainConfig(fused_optimizer=False), param_groups(b))
-    assert fused.defaults.get("fused") and not plain.defaults.get("fused")
-    x = torch.randn(5, 4)
-    for net, opt in ((a, fused), (b, plain)):
-        for _ in range(3):
-            opt.zero_grad()
-            (net.norm(net.fc(x)) + net.token[0]).square().sum().backward()
-            opt.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+def test_adamw_not_fused_on_cpu():
+    opt = build_optimizer(TrainConfig(), param_groups(_Toy()))
+    assert not opt.defaults.get("fused")
 
 
 def test_training_step_end_to_end():
