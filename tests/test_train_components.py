@@ -962,3 +962,13 @@ def test_help_says_defaults_are_not_the_papers_recipe():
     paper = PRESETS["vit_s16_800ep"]
     assert (paper["epochs"], paper["local_crops_number"]) == (800, 10)
     assert (TrainConfig().epochs, TrainConfig().local_crops_number) == (100, 8)
+
+
+def test_fashion_mnist_recipes_come_from_the_one_preset():
+    from dinofeat.demo import RECIPES
+    from dinofeat.training.config import PRESETS
+    cfg = TrainConfig.from_preset("fashion_mnist").validate()
+    assert (cfg.arch, cfg.patch_size, cfg.batch_augment) == ("vit_mini7", 7, True)
+    for recipe in RECIPES.values():
+        for k, v in recipe.options.items():
+            assert PRESETS["fashion_mnist"][k] == v, (recipe.name, k)
