@@ -22,6 +22,7 @@ import torch
 
 from . import images as _images
 from .accel import fast_inference
+from .runtime import AUTOCAST_DTYPES, resolve_device
 from .features import (GEM_P, MULTISCALE_FACTORS, POOLS, FeatureSpec, crop_to_patches, gem,
                        multiscale_features, pooled_features, resolve_preprocessing)
 from .utils import get_logger
@@ -34,7 +35,8 @@ __all__ = ["POOLS", "PRECISIONS", "MULTISCALE_FACTORS", "GEM_P", "gem", "crop_to
            "feature_dim", "EmbedStream", "resolve_preprocessing", "embed", "iter_embed",
            "pooled_features", "multiscale_features", "collect", "patch_fn", "RUN_OPTIONS"]
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the compute dtype of each precision name of dinofeat.runtime (fp32: no autocast)
+PRECISIONS = {k: v or torch.float32 for k, v in AUTOCAST_DTYPES.items()}
 # Keywords of embed/iter_embed that say how to run, not what to compute.
 RUN_OPTIONS = ("batch_size", "num_workers", "precision", "device", "progress",
                "skip_unreadable")
@@ -106,7 +108,8 @@ class EmbedStream:
                              f"{self.precision!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        self.device = torch.device(self.device) if self.device is not None else self.model.device
+        # "cuda" without an index: this process's GPU under torchrun (dinofeat.runtime)
+        self.device = resolve_device(self.device) if self.device is not None else self.model.device
         pre = resolve_preprocessing(self.model, self.preprocessing)
         self.normalization = (pre.mean, pre.std)
         if self.transform is None:
