@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from . import images as _images
+from . import runtime
 from .accel import fast_inference
 from .runtime import AUTOCAST_DTYPES, resolve_device
 from .features import (GEM_P, MULTISCALE_FACTORS, POOLS, FeatureSpec, crop_to_patches, gem,
@@ -103,9 +104,7 @@ class EmbedStream:
             raise ValueError(f"bad range [{self.start}, {self.stop}) for {n} images")
         if self.skip_unreadable is None:
             self.skip_unreadable = self.resolved.from_folder
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                             f"{self.precision!r}")
+        runtime.check_precision(self.precision)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         # "cuda" without an index: this process's GPU under torchrun (dinofeat.runtime)

@@ -1,5 +1,5 @@
 """DINO training components against independent computations of the paper's formulas:
-loss (DESIGN 3.4), centre update, teacher temperature, schedules and teacher momentum (3.5),
+loss, centre update, teacher temperature, schedules and teacher momentum,
 parameter groups, per-parameter clipping, last-layer freeze, EMA, head (3.2), multi-crop
 augmentation statistics (3.3) and the collapse/loss ablations (issue 11)."""
 
@@ -54,7 +54,7 @@ def random_outputs(ncrops=4, b=5, k=16, seed=0):
 
 
 def reference_dino_loss(student, teacher, center, ncrops, tau_s, tau_t):
-    """DESIGN 3.4 term by term: pairs (q, v) with v != q, each averaged over the batch."""
+    """The loss term by term: pairs (q, v) with v != q, each averaged over the batch."""
     s = student.double().numpy().reshape(ncrops, -1, student.shape[-1])
     t = teacher.double().numpy().reshape(2, -1, teacher.shape[-1])
     c = center.double().numpy()
@@ -948,6 +948,16 @@ def test_help_says_defaults_are_not_the_papers_recipe():
     paper = PRESETS["vit_s16_800ep"]
     assert (paper["epochs"], paper["local_crops_number"]) == (800, 10)
     assert (TrainConfig().epochs, TrainConfig().local_crops_number) == (100, 8)
+
+
+def test_fashion_mnist_recipes_come_from_the_one_preset():
+    from dinofeat.demo import RECIPES
+    from dinofeat.training.config import PRESETS
+    cfg = TrainConfig.from_preset("fashion_mnist").validate()
+    assert (cfg.arch, cfg.patch_size, cfg.batch_augment) == ("vit_mini7", 7, True)
+    for recipe in RECIPES.values():
+        for k, v in recipe.options.items():
+            assert PRESETS["fashion_mnist"][k] == v, (recipe.name, k)
 
 
 def test_crop_areas_and_colour_jitter_follow_the_recipe(monkeypatch):

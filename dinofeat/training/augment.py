@@ -1,4 +1,4 @@
-"""DINO's multi-crop data augmentation (DESIGN 3.3), on PIL images in the loader workers.
+"""DINO's multi-crop data augmentation, on PIL images in the loader workers.
 
 One image becomes 2 global crops and N local crops, each independently augmented:
 
