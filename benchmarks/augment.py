@@ -173,9 +173,8 @@ def docs_section(r: dict) -> str:
 ## Multi-crop augmentation: CPU cost per image (benchmarks/augment.py)
 
 What one data-loader worker spends to turn one decoded 500x375 photo into the paper's best
-crops (2 x 224 + {r['local_crops']} x 96),
-one thread, CPU time of the process (median of {r['rounds']} interleaved rounds of
-{r['images_per_round']} photos: {r['photos']}). `release` is the original recipe written with
+crops (2 x 224 + {r['local_crops']} x 96), one thread, CPU time of the process (median of
+{r['rounds']} interleaved rounds of {r['images_per_round']} photos: {r['photos']}). `release` is the original recipe written with
 torchvision.transforms v1 on PIL images (PIL Gaussian blur); `dinofeat` is
 `dinofeat.training.MultiCropAugmentation`, what `dinofeat train` runs; `tensor_v2` is the
 earlier dinofeat pipeline (torchvision v2 on uint8 tensors with a 13x13 convolution blur).
@@ -186,8 +185,11 @@ earlier dinofeat pipeline (torchvision v2 on uint8 tensors with a 13x13 convolut
 
 {r['cpu']}, torch {r['torch']}, torchvision {r['torchvision']}, Pillow {r['pillow']};
 {r['date']}; 1-minute load average {min(loads):.1f}-{max(loads):.1f} on 2 shared cores.
-Command: `{r['command']}`. A worker at this cost feeds about 1000 / (ms per image) images per
-second: a GPU that trains at P images/s needs about P x ms / 1000 loader workers.
+Command: `{r['command']}`. On these shared cores the ratio itself moves between runs (short
+runs of 3 rounds of 16 photos gave from 0.74x to 1.18x for `dinofeat`): read it with the
+rounds in `benchmarks/results/augment.json`, and rerun with more `--rounds` to narrow it.
+A worker at this cost feeds about 1000 / (ms per image) images per second: a GPU that
+trains at P images/s needs about P x ms / 1000 loader workers.
 {END}"""
 
 

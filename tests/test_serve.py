@@ -263,6 +263,18 @@ def test_upload_limit_is_configurable(collection):
         status, body = post_search(srv.url, photo)
         assert status == 413 and "larger than the limit" in _one_line_error(body)
         assert get_json(srv.url + "/healthz")[0] == 200
+        # without a Content-Length (chunked), reading stops at the limit
+        import http.client
+        big, ctype = multipart({}, {"image": ("big.jpg", photo * 4)})
+        conn = http.client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]),
+                                          timeout=60)
+        conn.request("POST", "/api/search", headers={"Content-Type": ctype},
+                     body=(big[i:i + 4096] for i in range(0, len(big), 4096)),
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and "limit" in _one_line_error(json.loads(resp.read()))
+        conn.close()
+        assert get_json(srv.url + "/healthz")[0] == 200
     finally:
         srv.stop()
     with pytest.raises(ValueError, match="weights"):
