@@ -9,9 +9,9 @@ This module holds what the demo (``dinofeat demo``), the benchmark
   patches, 2 global 28-px crops + local 12-px crops, a short schedule);
 * :func:`fashion_mnist_preprocessing`: how the models see a 28x28 photo (as it is: no
   resize, no crop; grey repeated to three channels; the training set's mean/std);
-* :func:`knn_evaluation`: DINO's weighted k-NN (DESIGN 3.7) of a model's [CLS] features,
+* :func:`knn_evaluation`: DINO's weighted k-NN (k = 20, T = 0.07) of a model's [CLS] features,
   computed through ``model.embed`` on PIL images, the path users take;
-* :func:`silhouette_jaccard`: the attention property of DESIGN 3.8 on real data;
+* :func:`silhouette_jaccard`: the paper's attention-mask property on real data;
 * :func:`run_demo`: the short end-to-end demo (train, index, evaluate, search, pictures).
 """
 
@@ -182,7 +182,7 @@ def knn_evaluation(model, bank_images: np.ndarray, bank_labels: np.ndarray,
                    test_images: np.ndarray, test_labels: np.ndarray, *, k: int = 20,
                    T: float = 0.07, batch_size: int = 256, progress: bool = False,
                    precision: str = "fp32") -> dict[str, Any]:
-    """DINO's weighted k-NN (DESIGN 3.7) with ``bank_images`` as the memory bank.
+    """DINO's weighted k-NN (k = 20, T = 0.07) with ``bank_images`` as the memory bank.
 
     Features are ``model.embed`` of the images as grey PIL images (the model's own
     preprocessing, L2-normalised [CLS]); the vote is
@@ -226,7 +226,7 @@ def pixel_knn(bank_images: np.ndarray, bank_labels: np.ndarray, test_images: np.
 
 def silhouette_jaccard(model, images: np.ndarray, *, threshold: float = 0.6,
                        progress: bool = False) -> dict[str, float]:
-    """How well the last block's [CLS] attention finds the garment (DESIGN 3.8 on real data).
+    """How well the last block's [CLS] attention finds the garment (the paper's 60%-mass masks, on real data).
 
     For every image (uint8 ``[N, H, W]``, dark background): the silhouette is the set of
     pixels above 0; :meth:`~dinofeat.model.DinoModel.attention_maps` gives each head's

@@ -6,7 +6,7 @@ folder stores it as JSON (:meth:`TrainConfig.to_dict`), and :data:`PRESETS` hold
 paper's recipes as plain override dictionaries. Field names follow the options of the
 original release (``--out_dim``, ``--momentum_teacher``, ...) so its recipes carry over.
 
-The defaults are the release's vanilla ViT-S/16 run (DESIGN 3.2-3.5). The ablation switches
+The defaults are the release's vanilla ViT-S/16 run (docs/training.md lists them). The ablation switches
 of the paper (collapse avoidance, sharpening, teacher type, loss, predictor, head shape,
 multi-crop) are fields too; each one's help says what the paper found.
 """
@@ -35,7 +35,7 @@ COLLAPSE_MODES = ("center", "batch_softmax", "sinkhorn", "none")
 TEACHER_MODES = ("momentum", "prev_epoch", "prev_iter")
 LOSSES = ("ce", "mse")
 
-#: Above this teacher temperature the paper reports collapse (DESIGN 3.4 / 3.6).
+#: Above this teacher temperature the paper reports collapse (its ablation table).
 MAX_STABLE_TEACHER_TEMP = 0.07
 
 
@@ -612,7 +612,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The release README's vanilla run: 100 epochs of ViT-S/16, every default.
     "vit_s16_100ep": dict(arch="vit_small", patch_size=16),
     # The README's "boosting" advice for ViT-S: 300 epochs, teacher 0.04 -> 0.07 over 30
-    # epochs, free last-layer norm (DESIGN 3.5: 76.1% linear after 300 epochs with 10 locals).
+    # epochs, free last-layer norm (the release: 76.1% linear after 300 epochs with 10 locals).
     "vit_s16_300ep": dict(arch="vit_small", patch_size=16, epochs=300, teacher_temp=0.07,
                           warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
                           norm_last_layer=False),
