@@ -16,7 +16,7 @@ from .shortcuts import attention_maps, embed
 from .zoo import list_models
 from .training.loop import train  # dinofeat.train(config, **overrides): a plain function
 from .training.config import TrainConfig
-from . import eval  # the paper's evaluations: dinofeat.eval.knn_classify, compute_map...
+from . import eval as eval  # the paper's evaluations: dinofeat.eval.knn_classify, compute_map...
 from . import accel  # the platform's fastest correct kernels (fast_inference...)
 from .export import OnnxModel, export_model
 from .features import FeatureSpec

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (UserError, add_model_args, features_device,
-                     load_model_arg, model_args_fixup, rank)
+                     load_model_arg, model_args_fixup)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
