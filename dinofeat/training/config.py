@@ -27,7 +27,8 @@ from typing import Any, Mapping
 from ..zoo import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["TrainConfig", "PRESETS", "small_data_preset", "add_arguments",
-           "PRECISIONS", "OPTIMIZERS", "COLLAPSE_MODES", "TEACHER_MODES", "LOSSES"]
+           "PRECISIONS", "OPTIMIZERS", "COLLAPSE_MODES", "TEACHER_MODES", "LOSSES",
+           "CLI_NAMES", "cli_option"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd", "lars")
@@ -326,7 +327,7 @@ class TrainConfig:
         Returns ``self`` so that calls chain.
         """
         def bad(option: str, problem: str) -> ValueError:
-            return ValueError(f"--{option.replace('_', '-')}: {problem}")
+            return ValueError(f"{cli_option(option)}: {problem}")
 
         def choice(option: str, allowed: tuple[str, ...]) -> None:
             if getattr(self, option) not in allowed:
@@ -629,12 +630,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------ argparse
+#: Fields whose command-line name is the one every verb uses for the concept (the CLI
+#: keeps the old spellings as hidden aliases).
+CLI_NAMES = {"output_dir": "--out", "batch_size_per_gpu": "--batch-size"}
+
+
+def cli_option(name: str) -> str:
+    """The command-line spelling of a :class:`TrainConfig` field."""
+    return CLI_NAMES.get(name) or f"--{name.replace('_', '-')}"
+
+
 def _option_strings(name: str) -> list[str]:
-    strings = [f"--{name.replace('_', '-')}"]
-    if "_" in name and not isinstance(_DEFAULTS[name], bool):
+    strings = [cli_option(name)]
+    if "_" in name and name not in CLI_NAMES and not isinstance(_DEFAULTS[name], bool):
         strings.append(f"--{name}")  # the release's spelling
-    if name == "output_dir":
-        strings.insert(0, "--output")
     return strings
 
 
@@ -653,7 +662,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> argparse.ArgumentPar
 
     Options left out of the command line are absent from the parsed namespace, so
     :meth:`TrainConfig.from_args` can put the given ones on top of a preset. Both spellings
-    work: ``--batch-size-per-gpu`` and the release's ``--batch_size_per_gpu``; booleans are
+    work: ``--local-crops-number`` and the release's ``--local_crops_number``; booleans are
     ``--norm-last-layer`` / ``--no-norm-last-layer`` (dashes only); pairs take two values (``--global-crops-scale 0.14 1``).
     """
     group = parser.add_argument_group("recipe")

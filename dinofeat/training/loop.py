@@ -467,7 +467,7 @@ class _Run:
             bad.insert(0, f"arch: {old_arch} in the checkpoint, {canonical_arch(cfg)} now")
         if bad:
             raise ValueError(f"{path} was made with different networks ({'; '.join(bad)}); "
-                             "use the same options, another --output, or --no-resume")
+                             "use the same options, another --out, or --no-resume")
         load_network_state(self.student, ckpt["student"], f"{path} (student)")
         load_network_state(self.teacher, ckpt["teacher"], f"{path} (teacher)")
         self._load_optimizer_state(ckpt["optimizer"])
