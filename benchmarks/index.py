@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 import torch
 
-from dinofeat.index import BLAS_THRESHOLD, KNNIndex, choose_factory, configure_threads
+from dinofeat.search import BLAS_THRESHOLD, KNNIndex, choose_factory, configure_threads
 
 
 # ------------------------------------------------------------------ data

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 # Public names are imported on first use (PEP 562), so that ``import dinofeat`` and the
 # command line's ``--help`` do not pay for torch, torchvision and faiss until needed.
 _LAZY = {
-    "KNNIndex": ".index", "AttentionMaps": ".attention", "ImageReadError": ".images",
+    "KNNIndex": ".search", "AttentionMaps": ".attention", "ImageReadError": ".images",
     "list_images": ".images", "open_image": ".images", "DinoModel": ".model",
     "load": ".model", "attention_maps": ".shortcuts", "embed": ".shortcuts",
     "list_models": ".zoo", "train": ".training.loop", "TrainConfig": ".training.config",
-    "OnnxModel": ".export", "export_model": ".export",
+    "OnnxModel": ".export", "export_model": ".export", "FeatureSpec": ".features",
+    "FeatureModel": ".protocol",
 }
 _SUBMODULES = ("eval", "accel")  # dinofeat.eval.knn_classify, dinofeat.accel...
 
@@ -27,7 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .attention import AttentionMaps  # noqa: F401
     from .export import OnnxModel, export_model  # noqa: F401
     from .images import ImageReadError, list_images, open_image  # noqa: F401
-    from .index import KNNIndex  # noqa: F401
+    from .features import FeatureSpec  # noqa: F401
+    from .protocol import FeatureModel  # noqa: F401
+    from .search import KNNIndex  # noqa: F401
     from .model import DinoModel, load  # noqa: F401
     from .shortcuts import attention_maps, embed  # noqa: F401
     from .training.config import TrainConfig  # noqa: F401
@@ -55,4 +58,4 @@ __version__ = "0.1.0"
 __all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__",
            "embed", "attention_maps", "AttentionMaps", "open_image", "list_images",
            "ImageReadError", "train", "TrainConfig", "accel", "export_model",
-           "OnnxModel"]
+           "OnnxModel", "FeatureSpec", "FeatureModel"]

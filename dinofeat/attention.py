@@ -1,7 +1,7 @@
 """Attention maps of the last block's [CLS] query, their masks and pictures.
 
-:func:`attention_maps` follows the paper's visualisation (DESIGN 3.8): the image at its
-own resolution (optionally resized so that its short side is ``size``) is cropped at the
+:func:`attention_maps` follows the paper's visualisation of the last block's
+self-attention: the image at its own resolution (optionally resized so that its short side is ``size``) is cropped at the
 bottom/right to a multiple of the patch size, the last block's attention of the [CLS]
 query over the patch tokens is taken for every head, and the patch grid is upsampled to
 pixels by repetition (nearest). Only the [CLS] row is computed
@@ -30,7 +30,7 @@ from . import images as _images
 from .utils import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import DinoModel
+    from .protocol import FeatureModel
 
 __all__ = ["AttentionMaps", "attention_maps", "mass_masks", "colorize", "overlay"]
 
@@ -168,7 +168,7 @@ def _single_image(img: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return _images.load_source(resolved.sources[0]), None
 
 
-def attention_maps(model: "DinoModel", img: Any, *, size: int | None = None,
+def attention_maps(model: "FeatureModel", img: Any, *, size: int | None = None,
                    threshold: float = 0.6, device: str | torch.device | None = None,
                    precision: str = "fp32") -> AttentionMaps:
     """The [CLS] attention maps of ``model``'s last block for one image.
@@ -179,14 +179,16 @@ def attention_maps(model: "DinoModel", img: Any, *, size: int | None = None,
     gives mean/std and the grey-scale flag; its crop is not applied. Raises ``TypeError``
     for models without self-attention (ResNet, XCiT).
     """
-    from .embedding import _autocast
-    vit = model._require_vit("attention_maps")
+    from .accel import fast_inference
+    if not model.is_vit:
+        raise TypeError(f"attention_maps needs a ViT; {model.name} has no self-attention "
+                        "blocks")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     if size is not None and (not isinstance(size, int) or size < 1):
         raise ValueError(f"size must be a positive integer, got {size!r}")
     pre = model.preprocessing
-    p = vit.patch_size
+    p = int(model.patch_size)
     dev = torch.device(device) if device is not None else model.device
     if model.device != dev:
         model.to(dev)
@@ -219,7 +221,8 @@ def attention_maps(model: "DinoModel", img: Any, *, size: int | None = None,
         x = x[..., :H, :W].to(dev)
         rgb = (x[0].cpu() * std[0] + mean[0]).clamp(0, 1)
         shown = (rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    with torch.inference_mode(), _autocast(dev, precision, model):
+    module = model if isinstance(model, torch.nn.Module) else None
+    with torch.inference_mode(), fast_inference(module, precision, dev):
         cls_attn = model.last_cls_attention(x)  # [1, heads, 1 + h*w]
     h, w = H // p, W // p
     grid = cls_attn[0, :, 1:].float().reshape(-1, h, w).cpu().numpy()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .utils import atomic_path
+
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx", "load_fashion_mnist",
            "export_image_folder"]
 
@@ -85,8 +87,8 @@ def export_image_folder(images: np.ndarray, labels: np.ndarray | None, out_dir: 
         path = folder / f"{prefix}_{i:0{width}d}.png"
         if path.exists():
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.png")
-        Image.fromarray(img).save(tmp)
-        os.replace(tmp, path)
+        # a fresh, unpredictable temporary name: a link planted at a fixed name is never
+        # written through
+        with atomic_path(path) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
     return out

@@ -395,7 +395,7 @@ def bank_index(model, images: np.ndarray, labels: np.ndarray, progress: bool = F
     ``[N, H, W]``, as grey PIL photos), labelled with the Fashion-MNIST class names of
     ``labels``; ids are the positions in ``images``."""
     from .datasets import FASHION_MNIST_CLASSES
-    from .index import KNNIndex
+    from .search import KNNIndex
     feats = model.embed(to_pil(images), batch_size=256, progress=progress)
     index = KNNIndex(feats.shape[1], metric="cosine", model_info=model)
     index.add(feats, labels=[FASHION_MNIST_CLASSES[int(y)] for y in labels])

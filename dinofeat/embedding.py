@@ -1,163 +1,52 @@
-"""From images to feature vectors: pooling, multi-scale, batching and streaming.
+"""From images to feature vectors: batching, decoding workers, streaming.
 
-:class:`EmbedStream` is the engine behind ``DinoModel.embed`` / ``iter_embed`` /
-``patch_features``: it resolves the input (:func:`dinofeat.images.resolve_images`),
-decodes and preprocesses in ``DataLoader`` workers (``uint8`` until the model's device),
-normalises there, runs the backbone under ``torch.inference_mode`` (and autocast when a
-lower precision is asked for) and yields ``(keys, features)`` batch by batch, in input
-order. The pooling functions below are the paper's representations:
+:class:`EmbedStream` is the engine behind ``embed`` / ``iter_embed`` /
+``patch_features`` of every model (:class:`~dinofeat.model.DinoModel` and
+:class:`~dinofeat.export.OnnxModel` alike): it resolves the input
+(:func:`dinofeat.images.resolve_images`), decodes and preprocesses in ``DataLoader``
+workers (``uint8`` until the model's device), normalises there, runs a function of the
+normalised batch under ``torch.inference_mode`` (and autocast when a lower precision is
+asked for) and yields ``(keys, features)`` batch by batch, in input order.
 
-* ``pool="cls"``: the final-normed [CLS] token (k-NN, retrieval; DESIGN 3.7);
-* ``n_last_blocks=n``: the [CLS] tokens of the last ``n`` blocks, each through the final
-  LayerNorm, concatenated (linear evaluation of ViT-S: ``n = 4``);
-* ``avgpool=True``: [CLS] of the last block with the average of its patch tokens, in the
-  release's *interleaved* layout ``[cls_0, avg_0, cls_1, avg_1, ...]`` (what
-  ``torch.cat((cls[..., None], avg[..., None]), -1).reshape(B, -1)`` gives), so the
-  published ViT-B linear heads apply unchanged;
-* ``pool="mean"``: the average output patch token; ``pool="gem"``: GeM (p = 4) over the
-  output patch tokens, ``(mean(max(x, 1e-6) ** 4)) ** (1 / 4)`` per channel;
-  ``pool="cls+gem"``: [CLS] followed by GeM (copy detection);
-* ``multiscale=True``: the chosen representation of the input tensor resized (bilinear)
-  by 1, 1/sqrt(2) and 1/2, averaged (then L2-normalised when ``normalize``).
+What that function computes for ``embed`` is a :class:`~dinofeat.features.FeatureSpec`
+(pooling, blocks, multi-scale, normalisation, preprocessing); :func:`embed` and
+:func:`iter_embed` take one, or the same settings as keywords.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import images as _images
+from .accel import fast_inference
+from .features import (GEM_P, MULTISCALE_FACTORS, POOLS, FeatureSpec, crop_to_patches, gem,
+                       multiscale_features, pooled_features, resolve_preprocessing)
 from .utils import get_logger
 from .zoo import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import DinoModel
+    from .protocol import FeatureModel
 
 __all__ = ["POOLS", "PRECISIONS", "MULTISCALE_FACTORS", "GEM_P", "gem", "crop_to_patches",
-           "feature_dim", "EmbedStream", "resolve_preprocessing"]
+           "feature_dim", "EmbedStream", "resolve_preprocessing", "embed", "iter_embed",
+           "pooled_features", "multiscale_features", "collect", "patch_fn", "RUN_OPTIONS"]
 
-POOLS = ("cls", "mean", "gem", "cls+gem")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MULTISCALE_FACTORS = (1.0, 1.0 / math.sqrt(2.0), 0.5)
-GEM_P = 4.0
+# Keywords of embed/iter_embed that say how to run, not what to compute.
+RUN_OPTIONS = ("batch_size", "num_workers", "precision", "device", "progress",
+               "skip_unreadable")
 
 log = get_logger(__name__)
 
 
-def gem(tokens: torch.Tensor, p: float = GEM_P, eps: float = 1e-6) -> torch.Tensor:
-    """Generalised-mean pooling of patch tokens ``[B, N, D]`` -> ``[B, D]`` (in fp32):
-    ``(mean_n max(x, eps) ** p) ** (1 / p)``."""
-    return tokens.float().clamp(min=eps).pow(p).mean(dim=1).pow(1.0 / p)
-
-
-def crop_to_patches(x: torch.Tensor, patch_size: int | None) -> torch.Tensor:
-    """Crop ``[B, C, H, W]`` to the top-left ``(H // p * p, W // p * p)``: exactly the
-    pixels a stride-``p`` patch convolution uses, which is what the original DINO ViT does
-    with a remainder (timm's patch embedding refuses one)."""
-    if not patch_size:
-        return x
-    h, w = x.shape[-2] // patch_size * patch_size, x.shape[-1] // patch_size * patch_size
-    if h == 0 or w == 0:
-        raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than one {patch_size}-pixel "
-                         "patch")
-    return x[..., :h, :w]
-
-
-def feature_dim(model: "DinoModel", pool: str = "cls", n_last_blocks: int = 1,
+def feature_dim(model: "FeatureModel", pool: str = "cls", n_last_blocks: int = 1,
                 avgpool: bool = False) -> int:
-    """Length of the vectors ``embed`` returns for these options."""
-    d = model.embed_dim
-    if n_last_blocks > 1 or avgpool:
-        return d * n_last_blocks + (d if avgpool else 0)
-    return 2 * d if pool == "cls+gem" else d
-
-
-def resolve_preprocessing(model: "DinoModel", preprocessing: None | str | Preprocessing
-                          ) -> Preprocessing:
-    """The model's own preprocessing, with ``mode`` replaced by a string, or a given one."""
-    if preprocessing is None:
-        return model.preprocessing
-    if isinstance(preprocessing, str):
-        if preprocessing not in ("dino", "whole"):
-            raise ValueError(f"preprocessing must be 'dino', 'whole' or a Preprocessing, got "
-                             f"{preprocessing!r}")
-        return model.preprocessing.replace(mode=preprocessing)
-    if isinstance(preprocessing, Preprocessing):
-        return preprocessing
-    raise TypeError(f"preprocessing must be None, 'dino', 'whole' or a Preprocessing, got "
-                    f"{type(preprocessing).__name__}")
-
-
-def _check_options(model: "DinoModel", pool: str, n_last_blocks: int, avgpool: bool) -> None:
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    if not isinstance(n_last_blocks, int) or n_last_blocks < 1:
-        raise ValueError(f"n_last_blocks must be a positive integer, got {n_last_blocks!r}")
-    if (n_last_blocks > 1 or avgpool) and pool != "cls":
-        raise ValueError("n_last_blocks/avgpool build the linear-evaluation [CLS] "
-                         f"representation; they cannot be combined with pool={pool!r}")
-    if avgpool and n_last_blocks > 1:
-        raise ValueError("avgpool=True is defined (as in the DINO release) for the last block "
-                         "only: use n_last_blocks=1 with it")
-    if not model.is_vit:
-        if n_last_blocks > 1 or avgpool:
-            raise TypeError(f"n_last_blocks/avgpool need a ViT; {model.name} is not one")
-        if pool != "cls" and not hasattr(model.backbone, "forward_tokens"):
-            raise TypeError(f"pool={pool!r} needs patch tokens; {model.name} is a ResNet "
-                            "(its feature is the global average pool: use pool='cls')")
-    if model.is_vit and n_last_blocks > model.backbone.depth:
-        raise ValueError(f"n_last_blocks={n_last_blocks} but the model has "
-                         f"{model.backbone.depth} blocks")
-
-
-def pooled_features(model: "DinoModel", x: torch.Tensor, *, pool: str = "cls",
-                    n_last_blocks: int = 1, avgpool: bool = False) -> torch.Tensor:
-    """Normalised images ``[B, 3, H, W]`` -> representation ``[B, D']`` (not L2-normed).
-    See the module docstring for the options."""
-    x = crop_to_patches(x, model.patch_size)
-    if n_last_blocks > 1 or avgpool:
-        blocks = model.intermediate_tokens(x, n_last_blocks, norm=True)
-        cls = torch.cat([t[:, 0] for t in blocks], dim=-1)
-        if avgpool:
-            avg = blocks[-1][:, 1:].mean(dim=1)
-            cls = torch.stack([cls, avg], dim=-1).reshape(x.shape[0], -1)
-        return cls
-    if pool == "cls":
-        return model(x)
-    tokens = model.forward_tokens(x)
-    patches = tokens[:, 1:]
-    if pool == "mean":
-        return patches.mean(dim=1)
-    g = gem(patches)
-    return g if pool == "gem" else torch.cat([tokens[:, 0].float(), g], dim=-1)
-
-
-def multiscale_features(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                        scales: Sequence[float] = MULTISCALE_FACTORS) -> torch.Tensor:
-    """Average of ``fn`` over bilinear rescalings of ``x`` by ``scales``."""
-    total = None
-    for s in scales:
-        xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear",
-                                            align_corners=False)
-        f = fn(xs).float()
-        total = f if total is None else total + f
-    return total / len(scales)
-
-
-@contextlib.contextmanager
-def _autocast(device: torch.device, precision: str, model=None):
-    """Autocast for ``precision`` plus the platform's fastest correct kernels
-    (:func:`dinofeat.accel.fast_inference`); global settings are restored on exit."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    from .accel import fast_inference
-    with fast_inference(model, precision, device):
-        yield
+    """Length of the vectors ``embed`` returns for these options
+    (``FeatureSpec(pool=..., ...).dim(model)``)."""
+    return FeatureSpec(pool=pool, n_last_blocks=n_last_blocks, avgpool=avgpool).dim(model)
 
 
 @dataclass
@@ -177,9 +66,14 @@ class EmbedStream:
     of different sizes ("whole" preprocessing) go through it in same-size groups, and
     their outputs are put back in input order (so every group's output must have the same
     trailing shape, else a ``ValueError`` says so).
+
+    ``transform`` replaces the preprocessing's resize and crop by any callable on
+    ``uint8 [3, H, W]`` (training augmentation, a square resize...); the preprocessing's
+    mean and std still normalise. With ``positions`` the keys are the input positions
+    (also for files), which tells repeated paths apart.
     """
 
-    model: "DinoModel"
+    model: "FeatureModel"
     images: Any
     fn: Callable[[torch.Tensor], torch.Tensor]
     preprocessing: Preprocessing | None = None
@@ -194,6 +88,9 @@ class EmbedStream:
     start: int = 0  # with `stop`: only embed positions [start, stop) of the input
     stop: int | None = None
     quiet: bool = False  # no skip warnings (a caller that reports them itself)
+    spec: FeatureSpec | None = None  # what fn computes, when it is embed's
+    transform: Callable | None = None
+    positions: bool = False
     skipped: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -210,9 +107,10 @@ class EmbedStream:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         self.device = torch.device(self.device) if self.device is not None else self.model.device
-        self.transform = _images.ImageTransform(
-            resolve_preprocessing(self.model, self.preprocessing), self.model.patch_size,
-            self.size)
+        pre = resolve_preprocessing(self.model, self.preprocessing)
+        self.normalization = (pre.mean, pre.std)
+        if self.transform is None:
+            self.transform = _images.ImageTransform(pre, self.model.patch_size, self.size)
 
     @property
     def sources(self) -> list[_images.ImageSource]:
@@ -231,13 +129,16 @@ class EmbedStream:
                     dynamic_ncols=True, smoothing=0.1)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        with _autocast(self.device, self.precision, self.model):
+        # inference mode only around the model: a generator that yielded inside it would
+        # leave the caller's code (a training step on the features...) in it too
+        module = self.model if isinstance(self.model, torch.nn.Module) else None
+        with torch.inference_mode(), fast_inference(module, self.precision, self.device):
             out = self.fn(x)
         return out.float() if out.is_floating_point() else out
 
     def _channels_last(self) -> torch.memory_format:
-        return torch.channels_last if not self.model.is_vit and \
-            not hasattr(self.model.backbone, "forward_tokens") else torch.contiguous_format
+        # convolutional backbones (ResNet) run faster on channels-last batches
+        return torch.contiguous_format if self.model.has_tokens else torch.channels_last
 
     def __iter__(self) -> Iterator[tuple[list, torch.Tensor]]:
         model = self.model
@@ -248,11 +149,10 @@ class EmbedStream:
             model.to(memory_format=torch.channels_last)
         bar = self._progress_bar()
         try:
-            with torch.inference_mode():
-                if self.resolved.tensor is not None:
-                    yield from self._iter_tensor(bar, fmt)
-                else:
-                    yield from self._iter_loader(bar, fmt)
+            if self.resolved.tensor is not None:
+                yield from self._iter_tensor(bar, fmt)
+            else:
+                yield from self._iter_loader(bar, fmt)
         finally:
             bar.close()
         if self.skipped and not self.quiet:  # each file was named once as it was met
@@ -269,7 +169,7 @@ class EmbedStream:
 
     def _iter_loader(self, bar, fmt):
         sources = self.resolved.sources[self.start:self.stop]
-        pre = self.transform.preprocessing
+        mean, std = self.normalization
         loader = _images.image_loader(
             sources, self.transform, batch_size=self.batch_size,
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
@@ -283,7 +183,7 @@ class EmbedStream:
                 self.skipped.append(_images.SkippedImage(self.start + pos, src.key, reason))
             outs: dict[int, torch.Tensor] = {}
             for positions, imgs in batch.groups:
-                x = _images.normalize_batch(imgs, pre.mean, pre.std, device=self.device,
+                x = _images.normalize_batch(imgs, mean, std, device=self.device,
                                             memory_format=fmt)
                 res = self._run(x).cpu()
                 outs.update(zip(positions, res.unbind(0)))
@@ -295,7 +195,9 @@ class EmbedStream:
             if len(shapes) > 1:
                 raise ValueError(f"images of different sizes give outputs of shapes "
                                  f"{sorted(shapes)}; use a fixed size or one image at a time")
-            yield [sources[p].key for p in order], torch.stack([outs[p] for p in order])
+            keys = [self.start + p for p in order] if self.positions else \
+                [sources[p].key for p in order]
+            yield keys, torch.stack([outs[p] for p in order])
 
 
 def collect(stream: EmbedStream) -> tuple[list, torch.Tensor | None]:
@@ -309,32 +211,15 @@ def collect(stream: EmbedStream) -> tuple[list, torch.Tensor | None]:
     return keys, (torch.cat(chunks) if chunks else None)
 
 
-def embed_fn(model: "DinoModel", *, pool: str = "cls", normalize: bool = True,
-             multiscale: bool = False, n_last_blocks: int = 1, avgpool: bool = False
-             ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function ``embed`` applies to each normalised batch (options checked here)."""
-    _check_options(model, pool, n_last_blocks, avgpool)
-
-    def single(x: torch.Tensor) -> torch.Tensor:
-        return pooled_features(model, x, pool=pool, n_last_blocks=n_last_blocks,
-                               avgpool=avgpool).float()
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        f = multiscale_features(single, x) if multiscale else single(x)
-        return F.normalize(f, dim=-1) if normalize else f
-
-    return fn
-
-
-def patch_fn(model: "DinoModel", blocks: int | Sequence[int] | None = None, *,
+def patch_fn(model: "FeatureModel", blocks: int | Sequence[int] | None = None, *,
              norm: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """Normalised batch -> patch tokens on their grid, ``[B, h, w, D]`` (output tokens, or
     those of block ``blocks``), or ``[B, len(blocks), h, w, D]`` for a list of blocks."""
-    if not hasattr(model.backbone, "forward_tokens"):
+    if not model.has_tokens:
         raise TypeError(f"patch features need a transformer; {model.name} is a ResNet")
     if blocks is not None and not model.is_vit:
         raise TypeError(f"blocks= needs a ViT; {model.name} is not one")
-    depth = getattr(model.backbone, "depth", None)
+    depth = model.depth
     many = blocks is not None and not isinstance(blocks, int)
     wanted = None if blocks is None else ([blocks] if isinstance(blocks, int) else list(blocks))
     if wanted is not None:
@@ -359,3 +244,32 @@ def patch_fn(model: "DinoModel", blocks: int | Sequence[int] | None = None, *,
         return torch.stack(grids, dim=1) if many else grids[0]
 
     return fn
+
+
+def iter_embed(model: "FeatureModel", images: Any, spec: FeatureSpec | None = None, *,
+               batch_size: int = 64, num_workers: int | None = None, precision: str = "fp32",
+               device: "str | torch.device | None" = None, progress: bool | None = None,
+               skip_unreadable: bool | None = None, **overrides: Any) -> EmbedStream:
+    """An :class:`EmbedStream` of ``model``'s features of ``images`` as ``spec`` (default
+    :class:`FeatureSpec()`) with ``overrides`` (its field names: ``pool``, ``normalize``,
+    ``multiscale``, ``n_last_blocks``, ``avgpool``, ``layout``, ``preprocessing``,
+    ``size``) says. The other keywords say how to run it. ``stream.spec`` is the spec
+    used."""
+    spec = FeatureSpec.from_options(spec, **overrides)
+    fn = spec.function(model)
+    return EmbedStream(model, images, fn, preprocessing=spec.preprocessing, size=spec.size,
+                       batch_size=batch_size, num_workers=num_workers, precision=precision,
+                       device=device, progress=progress, skip_unreadable=skip_unreadable,
+                       spec=spec)
+
+
+def embed(model: "FeatureModel", images: Any, spec: FeatureSpec | None = None, *,
+          return_keys: bool = False, **options: Any):
+    """All features of :func:`iter_embed` at once: ``Tensor [N, D']`` (CPU, float32), one
+    row per readable image in input order; with ``return_keys`` also the path (or input
+    position) of every row."""
+    stream = iter_embed(model, images, spec, **options)
+    keys, feats = collect(stream)
+    if feats is None:
+        feats = torch.zeros(0, stream.spec.dim(model))
+    return (feats, keys) if return_keys else feats

@@ -40,6 +40,7 @@ from torch import nn
 from .utils import atomic_path, get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .features import FeatureSpec
     from .model import DinoModel
 
 __all__ = ["FORMATS", "ExportReport", "ExportedViT", "bicubic_matrix", "export_model",
@@ -328,6 +329,24 @@ def _ort_session(path: str | os.PathLike, num_threads: int | None = None):
         raise ValueError(f"{path}: not a loadable ONNX model ({e})") from e
 
 
+def _external_tensors(graph) -> list[str]:
+    """Names of the tensors of ``graph`` (subgraphs included) whose data lives in an
+    external file (``data_location == EXTERNAL``)."""
+    from onnx import AttributeProto, TensorProto
+    found: list[str] = []
+    tensors = list(graph.initializer) + [s.values for s in graph.sparse_initializer]
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == AttributeProto.TENSOR:
+                tensors.append(a.t)
+            tensors.extend(a.tensors)
+            for g in ([a.g] if a.type == AttributeProto.GRAPH else []) + list(a.graphs):
+                found += _external_tensors(g)
+    found += [t.name or "<unnamed>" for t in tensors
+              if t.data_location == TensorProto.EXTERNAL or len(t.external_data)]
+    return found
+
+
 class OnnxModel:
     """An exported DINO ViT run by ONNX Runtime on CPU (``dinofeat.load("x.onnx")``).
 
@@ -340,6 +359,7 @@ class OnnxModel:
     """
 
     is_vit = True
+    has_tokens = True
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
         import onnx
@@ -351,22 +371,32 @@ class OnnxModel:
         except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
             raise ValueError(f"{self.path}: not a readable ONNX file (truncated or not "
                              f"ONNX?): {type(e).__name__}: {e}") from None
+        external = _external_tensors(proto.graph)
+        if external:
+            raise ValueError(
+                f"{self.path}: tensor(s) {', '.join(external[:3])} keep their data in "
+                "external files; dinofeat's exports never do, and such a file could make "
+                "ONNX Runtime read any file on this machine, so it is refused")
         meta = {p.key: p.value for p in proto.metadata_props}
         if "dinofeat" not in meta:
             raise ValueError(f"{self.path}: ONNX file without dinofeat metadata (write it "
                              "with 'dinofeat export --format onnx')")
         self.meta = json.loads(meta["dinofeat"])
         from .zoo import Preprocessing
-        self.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                                              for k, v in self.meta["preprocessing"].items()})
+        try:
+            self.preprocessing = Preprocessing.from_dict(self.meta["preprocessing"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{self.path}: bad preprocessing in its dinofeat metadata: {e}") \
+                from None
         self.name = self.meta["name"]
         self.embed_dim = int(self.meta["embed_dim"])
         self.patch_size = int(self.meta["patch_size"])
         self.num_heads = self.meta.get("num_heads")
         self.session = _ort_session(self.path, num_threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.source = str(self.path)  # recorded by indexes, to reload the model
         self.device = torch.device("cpu")
-        self.backbone = self  # EmbedStream looks for backbone.forward_tokens
+        self.depth = None  # the export does not say; only the last block is reachable
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r}, name={self.name!r}, embed_dim={self.embed_dim})"
@@ -387,9 +417,6 @@ class OnnxModel:
 
     def eval(self) -> "OnnxModel":
         return self
-
-    def modules(self):
-        return iter(())
 
     def _run(self, x) -> list[torch.Tensor]:
         arr = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else \
@@ -415,41 +442,66 @@ class OnnxModel:
                             "'dinofeat export --attention')")
         return self._run(x)[self.output_names.index("cls_attention")]
 
-    def iter_embed(self, images, *, pool: str = "cls", normalize: bool = True,
-                   batch_size: int = 64, num_workers: int | None = None,
-                   preprocessing=None, size: int | None = None,
-                   progress: bool | None = None, skip_unreadable: bool | None = None):
-        """Like :meth:`dinofeat.DinoModel.iter_embed` (``multiscale``, ``n_last_blocks``
-        and ``avgpool`` are PyTorch-only)."""
-        from .embedding import POOLS, EmbedStream, gem
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    def intermediate_tokens(self, x, n: int | Sequence[int] = 1,
+                            norm: bool = True) -> list[torch.Tensor]:
+        """The last block's final-normed tokens, the only block an exported file gives:
+        ``n`` must be 1 (or ``[-1]``) and ``norm`` true."""
+        last = n == 1 or (not isinstance(n, int) and list(n) in ([-1],))
+        if not last or not norm:
+            raise TypeError(f"{self.path} is an ONNX export, which holds only the last block's "
+                            f"normed tokens: n_last_blocks/blocks={n!r}"
+                            f"{'' if norm else ', norm=False'} needs the PyTorch weights")
+        return [self.forward_tokens(x)]
 
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            cls, patches = self._run(x)[:2]
-            if pool == "cls":
-                f = cls
-            elif pool == "mean":
-                f = patches.mean(dim=1)
-            else:
-                g = gem(patches)
-                f = g if pool == "gem" else torch.cat([cls, g], dim=-1)
-            return F.normalize(f, dim=-1) if normalize else f
+    def _check_run(self, precision: str = "fp32", device=None) -> None:
+        if precision != "fp32":
+            raise ValueError(f"precision={precision!r}: {self.path} is an ONNX export run in "
+                             "fp32 by ONNX Runtime; use precision='fp32' (or the PyTorch "
+                             "weights for bf16/fp16)")
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"device={str(device)!r}: ONNX models run on CPU here; load the "
+                             "PyTorch weights for a GPU")
 
-        return EmbedStream(self, images, fn, preprocessing=preprocessing, size=size,
-                           batch_size=batch_size, num_workers=num_workers, precision="fp32",
-                           device=torch.device("cpu"), progress=progress,
-                           skip_unreadable=skip_unreadable)
+    def iter_embed(self, images, spec: "FeatureSpec | None" = None, **options):
+        """Like :meth:`dinofeat.DinoModel.iter_embed`, with the same options. Features
+        that need intermediate blocks (``n_last_blocks > 1``) and precisions other than
+        fp32 are refused with an error naming the option."""
+        from .embedding import iter_embed
+        self._check_run(options.get("precision", "fp32"), options.get("device"))
+        options["precision"], options["device"] = "fp32", torch.device("cpu")
+        return iter_embed(self, images, spec, **options)
 
-    def embed(self, images, *, return_keys: bool = False, **kwargs):
-        """Feature vectors ``[N, D']`` of ``images`` (see :meth:`iter_embed`)."""
-        from .embedding import collect
-        stream = self.iter_embed(images, **kwargs)
-        keys, feats = collect(stream)
-        if feats is None:
-            d = self.embed_dim * (2 if kwargs.get("pool") == "cls+gem" else 1)
-            feats = torch.zeros(0, d)
-        return (feats, keys) if return_keys else feats
+    def embed(self, images, spec: "FeatureSpec | None" = None, **options):
+        """Feature vectors ``[N, D']`` of ``images``, as :meth:`dinofeat.DinoModel.embed`
+        (see :meth:`iter_embed` for what an export cannot do)."""
+        from .embedding import embed
+        self._check_run(options.get("precision", "fp32"), options.get("device"))
+        options["precision"], options["device"] = "fp32", torch.device("cpu")
+        return embed(self, images, spec, **options)
+
+    def patch_features(self, images, *, blocks=None, norm: bool = True, preprocessing=None,
+                       size: int | None = None, batch_size: int = 16,
+                       num_workers: int | None = None, precision: str = "fp32",
+                       device=None, progress: bool | None = None) -> torch.Tensor:
+        """Output patch tokens on their grid ``[N, h, w, D]``, as
+        :meth:`dinofeat.DinoModel.patch_features` (``blocks`` other than the last need
+        the PyTorch weights)."""
+        from .embedding import EmbedStream, collect, patch_fn
+        self._check_run(precision, device)
+        stream = EmbedStream(self, images, patch_fn(self, blocks, norm=norm),
+                             preprocessing=preprocessing, size=size, batch_size=batch_size,
+                             num_workers=num_workers, device=torch.device("cpu"),
+                             progress=progress, skip_unreadable=False, desc="patches")
+        return collect(stream)[1]
+
+    def attention_maps(self, img, *, size: int | None = None, threshold: float = 0.6,
+                       device=None, precision: str = "fp32"):
+        """The last block's [CLS] attention maps, as
+        :meth:`dinofeat.DinoModel.attention_maps`; the file must have been exported with
+        ``dinofeat export --attention`` (else a ``TypeError`` says so)."""
+        from .attention import attention_maps
+        self._check_run(precision, device)
+        return attention_maps(self, img, size=size, threshold=threshold)
 
 
 def load_onnx(path: str | os.PathLike, num_threads: int | None = None) -> OnnxModel:

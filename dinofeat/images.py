@@ -42,6 +42,7 @@ __all__ = [
     "MAX_PIXELS",
     "ImageReadError",
     "open_image",
+    "open_label_image",
     "read_image",
     "list_images",
     "to_rgb",
@@ -220,6 +221,18 @@ def _decode_pil(img: Image.Image, path, background=_WHITE) -> Image.Image:
         raise
     except Exception as e:  # noqa: BLE001
         raise ImageReadError(path, _reason(e)) from None
+
+
+def open_label_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Image.Image:
+    """Read an image file in its own mode (no conversion, no EXIF rotation), for label
+    maps and masks whose palette indices are the data; the same decompression-bomb limit
+    and :class:`ImageReadError` as :func:`open_image`."""
+    img = _open_pil(_read_bytes(path), path, max_pixels)
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001
+        raise ImageReadError(path, _reason(e)) from None
+    return img
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

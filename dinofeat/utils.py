@@ -13,7 +13,37 @@ from typing import Any, Iterator
 import torch
 
 __all__ = ["atomic_path", "atomic_write_json", "atomic_write_bytes", "default_device",
-           "get_logger"]
+           "get_logger", "resolve_inside", "UnsafePathError", "printable"]
+
+
+class UnsafePathError(ValueError):
+    """A file names a path that leads outside the folder it must stay in."""
+
+
+def resolve_inside(root: str | os.PathLike, name: str | os.PathLike, *, source: str = "",
+                   key: str = "") -> Path:
+    """``root / name`` if it stays inside ``root`` once ``..`` and symlinks are resolved.
+
+    Names read from files (an index header, a sidecar, a dataset listing) are data written
+    by someone else: an absolute name, ``../x`` or a symlink that leads out of ``root`` is
+    refused with an :class:`UnsafePathError` naming ``source`` and ``key``."""
+    root_real = Path(root).resolve()
+    text = os.fspath(name)
+    target = (root_real / text).resolve()
+    if "\0" in text or not (target == root_real or root_real in target.parents):
+        where = f"{source}: " if source else ""
+        what = f"{key} " if key else ""
+        raise UnsafePathError(f"{where}{what}{text!r} points outside {root_real}")
+    return target
+
+
+def printable(text: object) -> str:
+    """``text`` with terminal control characters (ESC, CR, BEL ...) shown as escapes, so
+    that names read from files or folders cannot rewrite a terminal when printed."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in s)
 
 
 @contextlib.contextmanager

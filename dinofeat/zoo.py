@@ -10,7 +10,9 @@ anything: :mod:`dinofeat.backbones` builds, :mod:`dinofeat.weights` fetches.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -24,6 +26,11 @@ __all__ = [
     "format_table",
     "format_markdown_table",
 ]
+
+PREPROCESSING_MODES = ("dino", "whole")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+#: The largest resize or crop side preprocessing may ask for (8192 px: 200 MB as uint8 RGB).
+MAX_INPUT_SIDE = 8192
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +56,46 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     grayscale: bool = False  # convert to one channel and repeat it three times
 
+    def __post_init__(self) -> None:
+        # Preprocessing is also read from files (weights metadata, index headers, ONNX
+        # exports): a value that would make a 28-px image allocate gigabytes, or a mode
+        # nobody implements, is refused here rather than deep inside a resize.
+        if self.mode not in PREPROCESSING_MODES:
+            raise ValueError(f"preprocessing mode must be one of {', '.join(PREPROCESSING_MODES)},"
+                             f" got {self.mode!r}")
+        for key in ("resize_size", "crop_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_INPUT_SIDE:
+                raise ValueError(f"preprocessing {key} must be a whole number of pixels from 1 "
+                                 f"to {MAX_INPUT_SIDE}, got {v!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocessing interpolation must be one of "
+                             f"{', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            ok = isinstance(v, (tuple, list)) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                for x in v)
+            if not ok or (key == "std" and min(v) <= 0):
+                raise ValueError(f"preprocessing {key} must be three finite numbers"
+                                 f"{' above 0' if key == 'std' else ''}, got {v!r}")
+            object.__setattr__(self, key, tuple(float(x) for x in v))
+        if not isinstance(self.grayscale, bool):
+            raise ValueError(f"preprocessing grayscale must be true or false, got "
+                             f"{self.grayscale!r}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Preprocessing":
+        """Read preprocessing stored as JSON (lists for tuples); unknown keys and bad
+        values are refused with a :class:`ValueError` naming them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing field(s): {', '.join(map(str, unknown))}")
+        return cls(**d)
+
     def replace(self, **changes) -> "Preprocessing":
         return dataclasses.replace(self, **changes)
 
@@ -71,7 +118,11 @@ class ModelSpec:
     knn_top1: float | None
     linear_top1: float | None
     hf_hub_id: str | None = None  # timm copy of the weights on the Hugging Face hub
+    # Pin of the hub copy: a 40-hex commit is immune to later pushes to the repo; the
+    # SHA-256 of its model.safetensors, when filled, is checked on every load at that
+    # revision. Both need a look at the hub; see docs/weights.md for filling them in.
     hf_revision: str = "main"
+    hf_sha256: str | None = None
     backbone_url: str | None = None  # original release files
     full_checkpoint_url: str | None = None
     linear_head_url: str | None = None
@@ -217,10 +268,12 @@ def list_models(as_dicts: bool = False):
     ]
 
 
-def format_table() -> str:
-    """The zoo as a plain-text table (what ``dinofeat models`` prints)."""
+def format_table(local: "dict[str, object] | None" = None) -> str:
+    """The zoo as a plain-text table (what ``dinofeat models`` prints). ``local`` maps a
+    name to where its weights already are on this machine (``None``: not here), as
+    :func:`dinofeat.weights.local_weights` finds them; given, a "here" column shows it."""
     head = ("name", "arch", "dim", "patch", "params", "k-NN", "linear", "weights",
-            "top-1 on")
+            "top-1 on") + (("here",) if local is not None else ())
     rows = [head]
     for s in MODELS.values():
         src = s.hf_hub_id or ("package" if s.local_file else "release .pth")
@@ -229,7 +282,7 @@ def format_table() -> str:
             f"{s.knn_top1:.1f}" if s.knn_top1 is not None else "-",
             f"{s.linear_top1:.1f}" if s.linear_top1 is not None else "-",
             src, s.dataset,
-        ))
+        ) + (("yes" if local.get(s.name) else "no",) if local is not None else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -1,6 +1,6 @@
 """Find near-duplicate photos in a folder: resized, re-encoded, lightly edited copies.
 
-What it shows: ``dinofeat.dedup.dedup_folder`` embeds every image with DINO's
+What it shows: ``dinofeat.search.dedup.dedup_folder`` embeds every image with DINO's
 copy-detection features ([CLS] + GeM-pooled patch tokens, paper section 3.8), links the
 pairs whose cosine similarity reaches ``--threshold`` and returns the connected groups,
 each with a suggested keeper (most pixels, then oldest file). The groups are printed and
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 import dinofeat
-from dinofeat.dedup import DEFAULT_THRESHOLD, dedup_folder
+from dinofeat.search.dedup import DEFAULT_THRESHOLD, dedup_folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,8 +110,10 @@ def test_every_verb_uses_one_vocabulary():
         for a in visible:
             for s in a.option_strings:
                 meaning.setdefault(s, set()).add(a.dest)
-            shown_old = set(a.option_strings) & OLD - ({"--arch"} if verb.endswith("train")
-                                                       else set())
+            # --arch is an architecture name: what train builds, or what push reads a
+            # weights file as; never a trained model
+            shown_old = set(a.option_strings) & OLD - (
+                {"--arch"} if verb.endswith(("train", "push")) else set())
             assert not shown_old, f"{verb} shows the old spelling {shown_old}"
             if a.dest in CANON and a.option_strings:
                 assert CANON[a.dest] in a.option_strings, (verb, a.option_strings)
@@ -263,7 +265,7 @@ def test_control_characters_are_escaped_everywhere(weights, photos, tmp_path, ca
     for argv in (["index", "build", str(photos), "--model", str(weights), "--out", idx,
                   "--no-progress", "--num-workers", "0"],
                  ["index", "info", idx],
-                 ["search", idx, str(photos / "im0.png"), "-k", "2"],
+                 ["search", idx, str(photos / "im0.png"), "-k", "2", "--model", str(weights)],
                  ["dedup", str(photos), "--model", str(weights), "--threshold", "0.5",
                   "--no-progress", "--num-workers", "0"]):
         rc, out, err = in_process(argv, capsys)
@@ -339,3 +341,9 @@ def test_docs_cli_md_is_generated_from_help():
     committed = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
     assert committed == render(), ("docs/cli.md is stale: run "
                                    "python -m dinofeat.cli.reference")
+
+
+def test_training_options_name_the_runtime_precisions():
+    from dinofeat.runtime import PRECISIONS
+    from dinofeat.training.config import PRECISIONS as OPTION_PRECISIONS
+    assert OPTION_PRECISIONS == PRECISIONS

@@ -18,8 +18,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dinofeat.dedup import (DedupResult, connected_groups, dedup_folder,
-                            find_duplicate_pairs, find_duplicates)
+from dinofeat.search.dedup import (DedupResult, connected_groups, dedup_folder,
+                                   duplicate_groups, find_duplicate_pairs, find_duplicates,
+                                   group_pairs)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,14 +76,55 @@ def test_pairs_and_groups_equal_brute_force():
     bi, bj = np.nonzero(np.triu(sim >= threshold, k=1))
     assert sorted(zip(i.tolist(), j.tolist())) == sorted(zip(bi.tolist(), bj.tolist()))
     np.testing.assert_allclose(s, sim[i, j], atol=1e-5)
+    # connected components chain: a -> b -> c is one component
+    components = connected_groups(len(x), i, j)
+    assert components == _brute_groups(x, threshold) and [50, 51, 52] in components
+    # groups do not: every member is at the threshold or above to the row kept
     groups = find_duplicates(x, threshold)
-    assert groups == _brute_groups(x, threshold)
-    assert [3, 10, 11] in groups and [50, 51, 52] in groups  # the chain is one group
+    assert sorted(r for g in groups for r in g) == sorted(r for c in components for r in c)
+    for g in groups:
+        assert all(sim[g[0], m] >= threshold for m in g[1:])
+    assert [51, 50, 52] in groups  # the middle of the chain is linked to both ends
+    # if the chain's end is the one to keep, the far end is not in its group
+    prefer_50 = [0 if r == 50 else 1 for r in range(len(x))]
+    split = find_duplicates(x, threshold, priority=prefer_50)
+    assert [50, 51] in split and not any(52 in g and 50 in g for g in split)
     # neighbours-only search finds the same groups when k covers them
     assert find_duplicates(x, threshold, k=5) == groups
     assert find_duplicates(x[:1], 0.5) == [] and find_duplicates(x, 1.0) == []
     with pytest.raises(ValueError, match="threshold"):
         find_duplicates(x, 1.5)
+
+
+def test_group_pairs_never_chains_random_graphs():
+    """On random similarity graphs every member of every group is linked to its kept
+    item, no item is in two groups, and a pair's two items are never both left out."""
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(5, 40))
+        x = rng.standard_normal((n, 4)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        sim = x @ x.T
+        threshold = float(rng.uniform(0.5, 0.95))
+        i, j, s = find_duplicate_pairs(x, threshold)
+        groups = group_pairs(n, i, j, s, priority=rng.permutation(n).tolist())
+        seen = [r for g in groups for r in g.rows]
+        assert len(seen) == len(set(seen))
+        for g in groups:
+            assert all(sim[g.keep, m] >= threshold - 1e-6 for m in g.rows[1:])
+            np.testing.assert_allclose(g.similarity[1:], sim[g.keep, g.rows[1:]], atol=1e-5)
+            assert all(v >= threshold for v in g.similarity)
+        grouped = set(seen)
+        assert all(a in grouped or b in grouped for a, b in zip(i.tolist(), j.tolist()))
+
+
+def test_duplicate_groups_prefers_the_given_keeper():
+    x = np.array([[1, 0], [0.9, 0.1], [0.8, 0.3]], dtype=np.float32)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    t = float(min((xn[0] @ xn[1]), (xn[1] @ xn[2])) - 1e-4)
+    assert xn[0] @ xn[2] < t
+    assert [g.rows for g in duplicate_groups(x, t, priority=[2, 1, 0])] == [[2, 1]]
+    assert [g.rows for g in duplicate_groups(x, t)] == [[1, 0, 2]]  # the most links
 
 
 def test_connected_groups_order():
@@ -140,7 +182,7 @@ def _tiny_model():
 
 # The model has random weights: its [CLS]+GeM features still separate these generated
 # pictures, but with a narrow margin (copies >= ~0.97, distinct pairs <= ~0.96), so the
-# threshold is set for it. Real DINO weights want another threshold (see dinofeat.dedup).
+# threshold is set for it. Real DINO weights want another threshold (see dinofeat.search.dedup).
 RANDOM_MODEL_THRESHOLD = 0.965
 
 
@@ -156,7 +198,7 @@ def test_dedup_folder_finds_planted_copies(collection, tmp_path):
     for g in result.groups:
         assert g.keep.endswith(".png") and "originals" in g.keep  # most pixels, oldest
         assert g.similarity[0] == pytest.approx(1.0, abs=1e-5)
-        assert min(g.similarity) >= RANDOM_MODEL_THRESHOLD - 0.02
+        assert min(g.similarity) >= RANDOM_MODEL_THRESHOLD
     assert len(result.duplicates) == 15
     assert result.model["pooling"] == "cls+gem"
     assert result.model["weights_hash"] == model.weights_hash
@@ -192,6 +234,39 @@ def test_dedup_folder_finds_planted_copies(collection, tmp_path):
     text = "".join(page.text)
     assert "re&encoded<0>.jpg" in text  # escaped in the page, intact once parsed
     assert "<0>" not in (tmp_path / "report.html").read_text()
+    # every thumbnail links to its full-size file, and the page has the histogram
+    html_text = (tmp_path / "report.html").read_text()
+    for g in result.groups:
+        for p in g.paths:
+            assert f'href="{Path(p).as_uri()}"'.replace("&", "&amp;") in html_text
+    assert "<svg" in html_text and f"threshold {RANDOM_MODEL_THRESHOLD}" in html_text
+    hist = doc["nearest_histogram"]
+    assert sum(hist["counts"]) == 45 and len(hist["edges"]) == len(hist["counts"]) + 1
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.95, RANDOM_MODEL_THRESHOLD])
+def test_dedup_folder_members_at_threshold_to_kept(collection, threshold):
+    """At low thresholds the random model links many distinct pictures (connected
+    components would chain them into one big group); every member must still be at the
+    threshold or above to the image kept, measured here from independently embedded
+    features."""
+    root, _ = collection
+    model = _tiny_model()
+    result = dedup_folder(root, model, threshold, num_workers=0, batch_size=16)
+    feats = model.embed(result.paths, pool="cls+gem", num_workers=0).numpy()
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    row = {p: r for r, p in enumerate(result.paths)}
+    assert result.groups
+    for g in result.groups:
+        keep = feats[row[g.keep]]
+        for p, s in zip(g.paths[1:], g.similarity[1:]):
+            assert s >= threshold
+            assert float(feats[row[p]] @ keep) >= threshold - 1e-5
+    if threshold == 0.9:  # the chaining case: components are larger than any group
+        x = feats
+        i, j, _ = find_duplicate_pairs(x, threshold)
+        biggest = max(len(c) for c in connected_groups(len(x), i, j))
+        assert biggest > max(len(g.paths) for g in result.groups)
 
 
 def test_dedup_with_whitening(collection, tmp_path):

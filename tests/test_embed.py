@@ -82,6 +82,11 @@ def test_every_pool_against_direct_computation(tiny_vit, pics):
     assert avg.shape == (5, 2 * D) == (5, feature_dim(m, "cls", 1, True))
     torch.testing.assert_close(avg[:, 0::2], cls, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(avg[:, 1::2], patches.mean(1), atol=2e-5, rtol=1e-4)
+    # more blocks with the average token: the concatenated layout, as linear heads take it
+    cat = m.embed(pics, n_last_blocks=2, avgpool=True, normalize=False)
+    assert cat.shape == (5, 3 * D) == (5, feature_dim(m, "cls", 2, True))
+    torch.testing.assert_close(cat, torch.cat([normed[-2][:, 0], cls, patches.mean(1)], 1),
+                               atol=2e-5, rtol=1e-4)
 
 
 def test_multiscale_average(tiny_vit, pics):
@@ -184,8 +189,10 @@ def test_option_errors(tiny_vit, pics):
         tiny_vit.embed(pics, pool="max")
     with pytest.raises(ValueError, match="n_last_blocks=5"):
         tiny_vit.embed(pics, n_last_blocks=5)
-    with pytest.raises(ValueError, match="n_last_blocks=1"):
-        tiny_vit.embed(pics, n_last_blocks=4, avgpool=True)
+    with pytest.raises(ValueError, match="interleaved"):
+        tiny_vit.embed(pics, n_last_blocks=2, avgpool=True, layout="interleaved")
+    with pytest.raises(TypeError, match="unknown feature option.*poll"):
+        tiny_vit.embed(pics, poll="cls")
     with pytest.raises(ValueError, match="cannot be combined"):
         tiny_vit.embed(pics, n_last_blocks=2, pool="gem")
     with pytest.raises(ValueError, match="preprocessing must be"):

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import dinofeat.index as index_mod
-from dinofeat.index import (AUTO_EXACT_LIMIT, IncompatibleFeaturesError, IndexFormatError,
-                            KNNIndex, choose_factory, features_info)
+import dinofeat.search.factory as factory_mod
+import dinofeat.search.storage as storage_mod
+from dinofeat.search import (AUTO_EXACT_LIMIT, IncompatibleFeaturesError, IndexFormatError,
+                             KNNIndex, choose_factory, features_info)
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -173,7 +174,7 @@ def test_save_load_round_trip(tmp_path, factory):
                                        "meta": {"camera": "x"}}
     assert loaded.classes == index.classes and loaded.search_params == index.search_params
     header = KNNIndex.read_header(out)
-    assert header["format_version"] == index_mod.FORMAT_VERSION
+    assert header["format_version"] == storage_mod.FORMAT_VERSION
     assert header["count"] == 298 and header["dim"] == 16 and header["metric"] == "cosine"
     assert header["model"]["weights_hash"] == "aaaa" and header["normalization"] == "l2"
     # ids continue after the largest one
@@ -333,7 +334,7 @@ if given is not None:
 def test_ivf_trains_automatically_at_train_size(caplog):
     x, _ = _clustered(1000, 16, centers=8, seed=2)
     index = KNNIndex(factory="IVF8,Flat")
-    assert index_mod._default_train_size("IVF8,Flat", 16) == 39 * 8
+    assert factory_mod.default_train_size("IVF8,Flat", 16) == 39 * 8
     index.add(x[:300])  # below 312: buffered, searched exactly
     assert not index.is_trained and index.info()["pending"] == 300
     exact = index.search(x[:20], k=5)
@@ -368,7 +369,7 @@ def test_auto_factory_rule_and_conversion(monkeypatch, caplog):
     assert big.resolved_factory == "IVF8192,PQ48" and big.bytes_per_vector == 48 + 8
     assert "auto -> IVF8192,PQ48" in caplog.text and "56 bytes per vector" in caplog.text
     # without expected_size an exact index converts itself once it outgrows the limit
-    monkeypatch.setattr(index_mod, "AUTO_EXACT_LIMIT", 500)
+    monkeypatch.setattr(factory_mod, "AUTO_EXACT_LIMIT", 500)
     x, lab = _clustered(1200, 16, centers=10, seed=4)
     index = KNNIndex(factory="auto")
     index.add(x[:500])
@@ -510,11 +511,15 @@ def test_cli_build_info_search_add(photo_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "14" in text and "192-d, cosine, faiss Flat" in text and "776 bytes" in text
     query = photo_dir / "dogs" / "img004.png"
-    assert _cli("search", out, query, "-k", 3, "--json") == 0
+    # the weights file lies outside the index folder: its recorded path is not followed
+    assert _cli("search", out, query, "-k", 3) == 2
+    assert f"--model {weights}" in capsys.readouterr().err
+    assert _cli("search", out, query, "-k", 3, "--json", "--model", weights) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["results"][0]["path"] == os.path.abspath(query)
     assert res["results"][0]["score"] > 0.9999 and len(res["results"]) == 3
-    assert _cli("index", "add", out, photo_dir, "--num-workers", 0, "--no-progress") == 0
+    assert _cli("index", "add", out, photo_dir, "--model", weights, "--num-workers", 0,
+                "--no-progress") == 0
     assert "added 0 images (14 already indexed" in capsys.readouterr().out
     # another model's weights are refused, in one line
     other = save_safetensors(_tiny_model(seed=3), tmp_path / "other.safetensors")

@@ -20,7 +20,8 @@ from .output import install_output, safe
 __all__ = ["main", "build_parser", "UserError", "VERBS"]
 
 #: Modules of this package that register verbs, in ``--help`` order.
-VERBS = ("models", "features", "search", "train", "evaluate", "demo", "export")
+VERBS = ("models", "features", "search", "serve", "train", "evaluate", "demo", "export",
+         "push")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2 if not argv else 0
     see = f" (see '{verb.prog} --help')"
     try:
+        if getattr(args, "command", None) != "models" or "dinofeat.weights" in sys.modules:
+            # library errors name --model PATH, not dinofeat.load(...); imported here, not
+            # at start-up, because the weights module needs torch
+            from ..weights import set_interface
+            set_interface("cli")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("dinofeat: interrupted", file=sys.stderr)

@@ -18,7 +18,8 @@ VOCABULARY = [
     ("--model NAME_OR_PATH", "the trained model: a zoo name (`dinofeat models`), a weights "
      "file (.pth, .safetensors) or a training run folder. In `search` and `index add`: the "
      "index's own model, when its weights file moved"),
-    ("--arch NAME", "`train` only: the architecture of a new, untrained network"),
+    ("--arch NAME", "an architecture, never a trained model: in `train` the untrained network "
+     "to build; in `push` the architecture of a weights file when it cannot be inferred"),
     ("--data DIR", "`train` only: the training images (verbs that read one input take it as "
      "their first argument)"),
     ("--out PATH", "what the verb writes: a file (features, index, results JSON, export) or "

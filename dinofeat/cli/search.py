@@ -20,7 +20,7 @@ def _print_add_report(report, index, out) -> None:
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..index import KNNIndex
+    from ..search import KNNIndex
     if not Path(args.folder).exists():
         raise FileNotFoundError(f"no such image folder: {args.folder}")
     if args.checkpoint_every < 1 or args.shard_size < 1:
@@ -65,7 +65,7 @@ def _index_model(index, args: argparse.Namespace):
 
 
 def _cmd_index_add(args: argparse.Namespace) -> int:
-    from ..index import KNNIndex
+    from ..search import KNNIndex
     index = KNNIndex.load(args.index)
     features_device(args)
     model = _index_model(index, args)
@@ -82,7 +82,7 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
 def _cmd_index_info(args: argparse.Namespace) -> int:
     import json
 
-    from ..index import KNNIndex
+    from ..search import KNNIndex
     header = KNNIndex.read_header(args.index)
     if args.json:
         print(json.dumps(header, indent=1))
@@ -132,7 +132,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ..index import KNNIndex
+    from ..search import KNNIndex
     if args.k < 1:
         raise UserError("-k must be at least 1")
     for q in args.queries:
@@ -170,7 +170,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_dedup(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..dedup import dedup_folder
+    from ..search.dedup import dedup_folder
     if not Path(args.folder).exists():
         raise FileNotFoundError(f"no such image folder: {args.folder}")
     args.threshold = resolve_default(args.threshold)
@@ -296,7 +296,7 @@ def register(sub) -> None:
         "thumbnails to review. The threshold depends on the model: check the page.")
     q.add_argument("folder", help="image folder (recursive)")
     q.add_argument("--threshold", type=float,
-                   default=LibraryDefault("..dedup", "DEFAULT_THRESHOLD"),
+                   default=LibraryDefault("..search.dedup", "DEFAULT_THRESHOLD"),
                    help="cosine similarity linking two images (default %(default)s)")
     q.add_argument("--out", default=None, help="groups file, .json or .csv")
     q.add_argument("--html", default=None, help="review page with thumbnails, e.g. report.html")

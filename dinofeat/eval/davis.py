@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..utils import atomic_path, get_logger
+from ..utils import atomic_path, get_logger, resolve_inside
 
 __all__ = [
     "davis_palette",
@@ -199,7 +199,8 @@ def _read_frame(path: Path, size: tuple[int, int], mean, std) -> torch.Tensor:
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    img = Image.open(path)
+    from ..images import open_label_image
+    img = open_label_image(path)
     if img.mode not in ("P", "L"):
         raise ValueError(f"{path}: annotations must be indexed (palette) or greyscale PNGs, "
                          f"got mode {img.mode}")
@@ -396,6 +397,9 @@ def _davis_videos(root: Path, resolution: str, split: str, sequences: Sequence[s
             log.warning("%s not found: evaluating every video under %s", listing, jpeg)
     videos = []
     for name in sequences:
+        # names come from a listing file: they must stay inside the dataset's folders
+        resolve_inside(jpeg, name, source=str(root / "ImageSets"), key="sequence")
+        resolve_inside(ann, name, source=str(root / "ImageSets"), key="sequence")
         frames = sorted((jpeg / name).glob("*.jpg"))
         if not frames:
             raise FileNotFoundError(f"video {name}: no .jpg frames in {jpeg / name}")
@@ -433,7 +437,8 @@ def evaluate_davis(model, data_root: str | os.PathLike, output_dir: str | os.Pat
         preds = segment_video(v.frames, first, patch_features, model.patch_size,
                               n_last_frames=n_last_frames, topk=topk, temperature=temperature,
                               radius=radius, short_side=short_side, mean=pp.mean, std=pp.std,
-                              out_dir=out / v.name, device=device, progress=progress)
+                              out_dir=resolve_inside(out, v.name, key="video"),
+                              device=device, progress=progress)
         if all(a.is_file() for a in v.annotations):
             gts = [_read_labels(a) for a in v.annotations]
             scores = evaluate_sequence(preds, gts, void_label=255)

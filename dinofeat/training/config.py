@@ -24,13 +24,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+# The precision names of dinofeat.runtime.PRECISIONS (the one list; tests/test_cli.py checks
+# they agree), spelt here so that reading the options (``dinofeat --help``) needs no torch.
+PRECISIONS = ("fp32", "bf16", "fp16")
 from ..zoo import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["TrainConfig", "PRESETS", "small_data_preset", "add_arguments",
            "PRECISIONS", "OPTIMIZERS", "COLLAPSE_MODES", "TEACHER_MODES", "LOSSES",
            "CLI_NAMES", "cli_option"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 COLLAPSE_MODES = ("center", "batch_softmax", "sinkhorn", "none")
 TEACHER_MODES = ("momentum", "prev_epoch", "prev_iter")
@@ -157,6 +159,10 @@ class TrainConfig:
                                            "in pixels of the output crop (the release's, "
                                            "for 224/96-px crops; scale it down with the "
                                            "crop size for small images)")
+    batch_augment: bool = _opt(False, "augment whole batches of equal-size images at once "
+                               "(the same random recipe per image; several times faster "
+                               "for small images such as 28-px photos, crops resampled "
+                               "by bicubic grid sampling without antialiasing)")
     grayscale: bool = _opt(False, "convert images to one channel repeated three times "
                            "(grayscale data such as Fashion-MNIST)")
     mean: tuple[float, float, float] = _opt(IMAGENET_MEAN, "per-channel normalisation mean")
@@ -218,16 +224,13 @@ class TrainConfig:
         are slow or missing, so fp16 honestly falls back to fp32 there (bf16 is kept: CPU
         autocast supports it).
         """
-        import torch
-        if self.precision == "bf16":
-            return torch.bfloat16
-        if self.precision == "fp16" and device_type == "cuda":
-            return torch.float16
-        return None
+        from ..runtime import autocast_dtype
+        return autocast_dtype(self.precision, device_type, cpu_fp16=False)
 
     def uses_loss_scaling(self, device_type: str) -> bool:
         """Whether a gradient scaler is needed (fp16 autocast on CUDA)."""
-        return self.precision == "fp16" and device_type == "cuda"
+        from ..runtime import needs_loss_scaling
+        return needs_loss_scaling(self.precision, device_type)
 
     # ------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
@@ -296,10 +299,31 @@ class TrainConfig:
         if config_file and preset:
             raise ValueError("give either --config or --preset, not both")
         if config_file:
-            return cls.from_json_file(config_file).replace(**given)
+            with open(config_file, encoding="utf-8") as f:
+                explicit = set(given) | set(json.load(f))
+            return cls.from_json_file(config_file).replace(**given)._fit_warmups(explicit)
         if preset:
-            return cls.from_preset(preset, **given)
-        return cls.from_dict(given)
+            return cls.from_preset(preset, **given)._fit_warmups(set(given))
+        return cls.from_dict(given)._fit_warmups(set(given))
+
+    def _fit_warmups(self, explicit: set[str]) -> "TrainConfig":
+        """Shorten the warm-ups (learning rate, teacher temperature) that are longer than
+        ``epochs`` to a tenth of the run (at least one epoch), unless the user set them
+        (``explicit``): a short trial run (``--epochs 1``) should run, not fail on the
+        release's 10-epoch warm-up. Says so in one log line."""
+        names = ("warmup_epochs", "warmup_teacher_temp_epochs")
+        changes = {n: max(1, self.epochs // 10) for n in names
+                   if getattr(self, n) > self.epochs and n not in explicit}
+        if not changes:
+            return self
+        from ..utils import get_logger
+        get_logger("dinofeat.train").info(
+            "--epochs %d is shorter than the warm-up: %s (set --warmup-epochs / "
+            "--warmup-teacher-temp-epochs to choose)", self.epochs, ", ".join(
+                f"{'learning-rate' if n == 'warmup_epochs' else 'teacher-temperature'} "
+                f"warm-up {getattr(self, n)} -> {v} epoch{'s' if v > 1 else ''}"
+                for n, v in changes.items()))
+        return dataclasses.replace(self, **changes)
 
     def _with(self, changes: Mapping[str, Any], source: str) -> "TrainConfig":
         known = {f.name: f for f in dataclasses.fields(self)}
@@ -521,8 +545,9 @@ def small_data_preset(image_size: int = 32, batch_size: int = 256, *,
       **warm-ups** scale with the run: lr warm-up ``min(10, epochs // 10)`` epochs. The
       teacher temperature stays at a constant 0.04 (the stable vanilla setting),
       ``norm_last_layer`` stays on (stability over the last few tenths of a point).
-    - ``num_workers`` 2 and ``precision`` fp32: small runs are often on CPU, where fp16
-      autocast is not available and fp32 is the honest setting.
+    - ``num_workers`` 2. ``precision`` is left at the release's fp16: on GPUs that is
+      autocast with loss scaling, on CPUs fp16 runs in fp32 (``--precision bf16`` is the
+      fast choice on CPUs with bf16 units).
     """
     if image_size < 8:
         raise ValueError(f"small_data_preset: image_size {image_size} is too small (min 8)")
@@ -559,7 +584,6 @@ def small_data_preset(image_size: int = 32, batch_size: int = 256, *,
         warmup_teacher_temp_epochs=0,
         norm_last_layer=True,
         num_workers=2,
-        precision="fp32",
     )
 
 
@@ -629,6 +653,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: One line for ``train --help`` and docs/training.md: the defaults are not the paper's recipe.
+PAPER_VS_DEFAULTS = ("The defaults (e.g. --arch vit_s16 alone) reproduce the release "
+                     "script's defaults (100 epochs, 8 local crops, teacher temperature "
+                     "0.04), not the paper's ViT-S/16 recipe; that one is --preset "
+                     "vit_s16_800ep (800 epochs, 10 local crops, teacher temperature 0.04 -> "
+                     "0.07, the published weights).")
+
+
 # ------------------------------------------------------------------ argparse
 #: Fields whose command-line name is the one every verb uses for the concept (the CLI
 #: keeps the old spellings as hidden aliases).
@@ -665,7 +697,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> argparse.ArgumentPar
     work: ``--local-crops-number`` and the release's ``--local_crops_number``; booleans are
     ``--norm-last-layer`` / ``--no-norm-last-layer`` (dashes only); pairs take two values (``--global-crops-scale 0.14 1``).
     """
-    group = parser.add_argument_group("recipe")
+    group = parser.add_argument_group("recipe", PAPER_VS_DEFAULTS)
     group.add_argument("--preset", choices=list(PRESETS), default=None,
                        help="start from a paper recipe (fields given explicitly override it)")
     group.add_argument("--config", default=None, metavar="FILE.json",
@@ -711,7 +743,7 @@ _SECTIONS.update({name: "teacher, loss and ablations" for name in (
     "sinkhorn_iters", "loss")})
 _SECTIONS.update({name: "multi-crop augmentation" for name in (
     "global_crops_scale", "local_crops_number", "local_crops_scale", "global_crop_size",
-    "local_crop_size", "blur_sigma", "grayscale", "mean", "std")})
+    "local_crop_size", "blur_sigma", "batch_augment", "grayscale", "mean", "std")})
 _SECTIONS.update({name: "data, output and logging" for name in (
     "data", "output_dir", "resume", "resume_from", "saveckp_freq", "save_every_iters",
     "num_workers", "log_every", "tensorboard", "knn_eval_data", "knn_eval_every", "device")})

@@ -237,13 +237,15 @@ def collate_crops(batch: list[tuple[list[torch.Tensor], list[str]]]
 
 def build_train_loader(dataset: TrainImages, *, batch_size: int, num_workers: int = 8,
                        seed: int = 0, rank: int = 0, world_size: int = 1,
-                       pin_memory: bool = False) -> tuple[DataLoader,
+                       pin_memory: bool = False, collate_fn: Callable | None = None
+                       ) -> tuple[DataLoader,
                                                           ResumableDistributedSampler]:
     """DataLoader + sampler for training: shuffled, sharded over ``world_size`` processes,
     incomplete last batches dropped, workers kept alive between epochs.
 
     The loader has its own random generator, so creating its iterator does not advance
-    the global torch RNG (which drop-path uses): needed for an exact resume."""
+    the global torch RNG (which drop-path uses): needed for an exact resume. ``collate_fn``
+    replaces :func:`collate_crops` (e.g. an augmentation of whole batches)."""
     if len(dataset) < batch_size * world_size:
         raise ValueError(f"{dataset.source}: {len(dataset)} images are fewer than one batch "
                          f"({batch_size} per process x {world_size} processes); lower "
@@ -254,6 +256,6 @@ def build_train_loader(dataset: TrainImages, *, batch_size: int, num_workers: in
     gen.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                         num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
-                        collate_fn=collate_crops, persistent_workers=num_workers > 0,
+                        collate_fn=collate_fn or collate_crops, persistent_workers=num_workers > 0,
                         generator=gen, prefetch_factor=2 if num_workers > 0 else None)
     return loader, sampler

@@ -2,7 +2,7 @@
 
 - :func:`param_groups`: weight decay on weight matrices only (none on biases and
   one-dimensional parameters such as norms);
-- :func:`build_optimizer`: AdamW (fused on CUDA), SGD with momentum 0.9, or :class:`LARS`;
+- :func:`build_optimizer`: AdamW (fused kernel on CUDA and CPU), SGD with momentum 0.9, or :class:`LARS`;
 - :func:`apply_schedules`: put an iteration's lr and weight decay into the optimiser;
 - :func:`clip_gradients`: clip each parameter's gradient norm on its own;
 - :func:`cancel_last_layer_gradients`: freeze the head's last layer in the first epoch(s);
@@ -96,14 +96,18 @@ def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
 
     Initial lr / weight decay are ``cfg.lr`` / ``cfg.weight_decay``; the training loop sets
     both every iteration with :func:`apply_schedules`. AdamW uses the fused kernel when
-    ``cfg.fused_optimizer`` is on and every parameter is on CUDA.
+    ``cfg.fused_optimizer`` is on and the parameters are all on CUDA or all on the CPU.
     """
     groups = [dict(g) for g in groups]
     for g in groups:
         g.setdefault("weight_decay", cfg.weight_decay if g.get("decay", True) else 0.0)
     params = [p for g in groups for p in g["params"]]
     if cfg.optimizer == "adamw":
-        fused = bool(cfg.fused_optimizer and params and all(p.is_cuda for p in params))
+        # the fused kernel exists for CUDA and (torch >= 2.4) CPU float tensors; on CPU it
+        # is one pass over all parameters instead of ~10 foreach ops per group
+        fused = bool(cfg.fused_optimizer and params and (
+            all(p.is_cuda for p in params) or all(p.device.type == "cpu" for p in params))
+            and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params))
         for g in groups:
             g.pop("lars_exclude", None)
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
@@ -125,22 +129,23 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
 
 
 @torch.no_grad()
-def clip_gradients(module: nn.Module, clip: float) -> list[float]:
+def clip_gradients(module: nn.Module, clip: float) -> torch.Tensor:
     """Clip every parameter's gradient to norm ``clip`` on its own (not a global norm).
 
     A gradient with L2 norm ``n`` is multiplied by ``clip / (n + 1e-6)`` when that factor is
     below 1; others are left untouched. ``clip <= 0`` only measures. Returns the norms before
-    clipping, one per parameter with a gradient, in ``named_parameters`` order. (With fp16
-    loss scaling, unscale the gradients first.)
+    clipping as a 1-D fp32 tensor on the gradients' device (no host sync: read it only
+    when needed), one per parameter with a gradient, in ``named_parameters`` order. (With
+    fp16 loss scaling, unscale the gradients first.)
     """
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
-        return []
+        return torch.zeros(0)
     norms = torch._foreach_norm(grads)
     if clip > 0:
         factors = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
         torch._foreach_mul_(grads, factors)
-    return torch.stack([n.float() for n in norms]).tolist()
+    return torch.stack([n.float() for n in norms])
 
 
 def cancel_last_layer_gradients(module: nn.Module, epoch: int, freeze_last_layer: int) -> None:

@@ -40,7 +40,7 @@ def paths(tmp_path_factory, tiny_weights):
     (d / "file.txt").write_text("hello")
     (d / "not-an-index").mkdir()
     (d / "not-an-index" / "x.txt").write_text("x")
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     import numpy as np
     ix = KNNIndex(dim=4)
     ix.add(np.eye(4, dtype=np.float32))
@@ -71,7 +71,7 @@ CASES = [
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--pool", "gem",
       "--n-last-blocks", "4"], "cannot be combined"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--avgpool",
-      "--n-last-blocks", "4"], "avgpool"),
+      "--pool", "gem"], "avgpool"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--size", "-5"], "size"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{missing}.pth"], "missing.pth"),
     (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{txt}"], "file.txt"),
@@ -120,7 +120,8 @@ CASES = [
     (["train", "--data", "{missing}", "--out", "{o}/r"], "missing"),
     (["train", "--data", "{txt}", "--out", "{o}/r"], "file.txt"),
     (["train", "--data", "{imgs}", "--out", "{o}/r", "--epochs", "-1"], "epochs"),
-    (["train", "--data", "{imgs}", "--out", "{o}/r", "--epochs", "2"], "warm-up"),
+    (["train", "--data", "{imgs}", "--out", "{o}/r", "--epochs", "2", "--warmup-epochs", "5"],
+     "warm-up"),
     (["train", "--data", "{imgs}", "--out", "{o}/r", "--arch", "vit_giant"], "vit_giant"),
     (["train", "--data", "{imgs}", "--out", "{o}/r", "--preset", "bogus"], "invalid choice"),
     (["train", "--data", "{imgs}", "--out", "{o}/r", "--resume-from", "{missing}.pth",
@@ -207,7 +208,7 @@ def test_user_mistake_is_one_line_and_nonzero(argv, expect, paths, offline, tmp_
 def test_debug_shows_the_traceback(paths, offline, tally):
     with pytest.raises(FileNotFoundError):
         main(["--debug", "embed", paths["missing"], "--out", paths["d"] + "/f.npy",
-              "--weights", paths["w"]])
+              "--model", paths["w"]])
     tally.add("CLI: user mistakes", inputs=1, checks=1)
 
 

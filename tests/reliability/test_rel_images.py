@@ -169,7 +169,7 @@ def test_cli_embed_subprocess_no_traceback(tiny_weights, tmp_path, tally):
 # ----------------------------------------------------------------------- index build
 def test_index_build_api_and_cli(tiny_model, tiny_weights, zoo_dir, unreadable_by_permission,
                                  tmp_path, caplog, capsys, tally):
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     root, files = zoo_dir
     readable, unreadable = _expect(files)
     with caplog.at_level(logging.INFO, logger="dinofeat"):
@@ -197,7 +197,7 @@ def test_index_build_api_and_cli(tiny_model, tiny_weights, zoo_dir, unreadable_b
 # ----------------------------------------------------------------------------- dedup
 def test_dedup_api_and_cli(tiny_model, tiny_weights, zoo_dir, unreadable_by_permission,
                            tmp_path, caplog, capsys, tally):
-    from dinofeat.dedup import dedup_folder
+    from dinofeat.search.dedup import dedup_folder
     root, files = zoo_dir
     readable, unreadable = _expect(files)
     with caplog.at_level(logging.INFO, logger="dinofeat"):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dinofeat.cli import main
-from dinofeat.index import IncompatibleFeaturesError, IndexFormatError, KNNIndex
+from dinofeat.search import IncompatibleFeaturesError, IndexFormatError, KNNIndex
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ def test_search_with_another_models_weights_cli(tiny_model, tiny_weights, tmp_pa
 # ------------------------------------------------------- readers while saving
 _WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     path, rounds = sys.argv[1], int(sys.argv[2])
     for g in range(rounds):
         n = 10 + g % 7
@@ -129,7 +129,7 @@ _WRITER = textwrap.dedent("""
 
 _READER = textwrap.dedent("""
     import os, sys, time, json, numpy as np
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     path, stop = sys.argv[1], sys.argv[2]
     ok, errors, gens = 0, [], set()
     while not os.path.exists(os.path.join(path, "index.json")):

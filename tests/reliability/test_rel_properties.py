@@ -22,7 +22,7 @@ from hypothesis import strategies as st  # noqa: E402
 from dinofeat import images as I  # noqa: E402
 from dinofeat.attention import mass_masks  # noqa: E402
 from dinofeat.eval.knn import knn_classify  # noqa: E402
-from dinofeat.index import KNNIndex  # noqa: E402
+from dinofeat.search import KNNIndex  # noqa: E402
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                       HealthCheck.function_scoped_fixture])

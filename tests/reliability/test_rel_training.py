@@ -267,7 +267,7 @@ def test_disk_full_in_other_writers(tiny_model, tmp_path, monkeypatch, tally):
     import faiss
 
     from dinofeat.extract import load_features, save_features
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     ix = KNNIndex(dim=4)
     ix.add(np.eye(4, dtype=np.float32))
     path = ix.save(tmp_path / "a.idx")

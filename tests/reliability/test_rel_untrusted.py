@@ -41,6 +41,7 @@ from PIL import Image
 import dinofeat
 from _zoo import picture
 from dinofeat.cli import main
+from dinofeat.eval.linear import attach_classifier
 
 PACKAGE = Path(dinofeat.__file__).resolve().parent
 
@@ -240,7 +241,7 @@ def _load_head(c: Ctx, p: Path):
 
 def _attach(c: Ctx, p: Path):
     import copy
-    return copy.deepcopy(c.model).attach_classifier(p)
+    return attach_classifier(copy.deepcopy(c.model), p)
 
 
 def _probe_data(c: Ctx):
@@ -280,13 +281,13 @@ def _load_whitening(c: Ctx, p: Path):
 
 
 def _dedup_whitening(c: Ctx, p: Path):
-    from dinofeat.dedup import dedup_folder
+    from dinofeat.search.dedup import dedup_folder
     return dedup_folder(c.images, c.model, whitening=p, num_workers=0, progress=False)
 
 
 def _index_file(which: str):
     def make(c: Ctx) -> Path:
-        from dinofeat.index import KNNIndex
+        from dinofeat.search import KNNIndex
         ix = KNNIndex(dim=8)
         ix.add(np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
         d = ix.save(c.tmp / "x.idx")
@@ -297,7 +298,7 @@ def _index_file(which: str):
 
 
 def _load_index(c: Ctx, p: Path):
-    from dinofeat.index import KNNIndex
+    from dinofeat.search import KNNIndex
     return KNNIndex.load(p.parent)
 
 
@@ -540,7 +541,7 @@ def test_safetensors_wrong_dtype_or_shape_for_each_reader(tiny_model, tmp_path, 
     wide = tmp_path / "wide.safetensors"
     save_file({"linear.weight": torch.zeros(3, 100), "linear.bias": torch.zeros(3)}, str(wide))
     with pytest.raises(ValueError, match="wide.safetensors"):
-        tiny_model.attach_classifier(wide, n_last_blocks=1, avgpool=False)
+        tiny_attach_classifier(model, wide, n_last_blocks=1, avgpool=False)
     # whitening: projection of the wrong shape
     w = learn_whitening(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)))
     good = w.save(tmp_path / "w.safetensors")

@@ -1,0 +1,864 @@
+"""KNNIndex: a faiss-backed nearest-neighbour index over DINO features.
+
+``KNNIndex`` keeps vectors in a faiss index and everything else a person needs next to them:
+the user's int64 ids, optional labels (ints or strings), source paths, content hashes and
+per-item metadata, and the identity of the model that made the features (name, weights
+hash, preprocessing, pooling), so that features from another model are refused::
+
+    index = KNNIndex(metric="cosine")                 # exact (faiss "Flat") by default
+    index.add(feats, labels=labels, meta=paths)       # feats: numpy or torch [N, D]
+    scores, ids = index.search(queries, k=10)         # numpy [Q, k] each
+    class_scores = index.classify(queries, k=20, T=0.07)   # DINO's weighted vote, [Q, C]
+    index.save("photos.idx"); index = KNNIndex.load("photos.idx")
+
+Metrics: ``"cosine"`` (default) L2-normalises vectors in ``add`` and ``search`` and uses
+inner product, so scores are cosine similarities (larger is nearer); ``"l2"`` keeps vectors
+as they are and scores are *squared* Euclidean distances (smaller is nearer). Where fewer
+than ``k`` vectors exist, missing neighbours have id ``-1`` and score ``-inf`` (cosine) or
+``+inf`` (l2).
+
+Index types: any faiss factory string (``"Flat"``, ``"IVF1024,Flat"``, ``"IVF4096,PQ48"``,
+``"HNSW32"``, ``"PCA128,IVF256,SQ8"`` ...) or ``"auto"`` (see :mod:`dinofeat.search.factory`).
+User ids are kept by faiss itself (IVF indexes natively, everything else inside an
+``IndexIDMap2``). An index that needs training (IVF, PQ, ...) is trained automatically:
+vectors added before it is trained wait in an exact flat buffer (searchable, saved with the
+index) until ``train_size`` of them have arrived - by default faiss's recommended 39
+training points per centroid - and are then used as the training sample and moved into the
+index. :meth:`KNNIndex.train` trains earlier on demand.
+
+The folder format is :mod:`dinofeat.search.storage`'s; building from image files is
+:mod:`dinofeat.search.build`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import faiss
+import numpy as np
+
+from ..utils import get_logger
+from . import build as builder
+from . import factory as factories
+from . import storage
+from .factory import (build_faiss, bytes_per_vector, default_train_size, gpu_available,
+                      metric_type, min_train_size)
+from . import identity
+from .identity import (IncompatibleFeaturesError, as_info, check_compatible, describe,
+                       embedding_identity)
+from .storage import IndexFormatError
+
+__all__ = ["KNNIndex", "as_float_matrix"]
+
+_ADD_CHUNK = 65536
+
+_log = get_logger("dinofeat.index")
+
+
+def as_float_matrix(x: Any, what: str) -> np.ndarray:
+    """``x`` (numpy, torch, nested lists; one vector or ``[N, D]``) as a C-contiguous
+    float32 ``[N, D]`` matrix; NaN or infinite values are refused, naming ``what``."""
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().to("cpu").float().numpy()
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be a [N, D] matrix, got shape {tuple(arr.shape)}")
+    if arr.size and not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))[:5].tolist()
+        raise ValueError(f"{what} contain NaN or infinite values (rows {bad}...)")
+    return np.ascontiguousarray(arr)
+
+
+def _to_label(v: Any) -> int | str:
+    if isinstance(v, (str, np.str_)):
+        return str(v)
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if hasattr(v, "item"):
+        return _to_label(v.item())
+    raise TypeError(f"labels must be ints or strings, got {type(v).__name__} {v!r}")
+
+
+# ------------------------------------------------------------------ the index
+class KNNIndex:
+    """A nearest-neighbour index over feature vectors, with ids, labels and provenance.
+
+    Args:
+        dim: vector dimension; taken from the first ``add`` when ``None``.
+        metric: ``"cosine"`` (L2-normalise, inner product) or ``"l2"``.
+        factory: a faiss index factory string (``"Flat"`` exact, ``"IVF1024,Flat"``,
+            ``"IVF4096,PQ48"``, ``"HNSW32"`` ...) or ``"auto"``.
+        model_info: identity of the feature space (a :class:`DinoModel` or
+            :func:`features_info` dict); queries with another identity are refused.
+        expected_size: for ``"auto"``: the number of vectors you plan to add.
+        train_size: vectors to collect before training an index that needs training
+            (default: what the factory wants, see :func:`_default_train_size`).
+        search_params: faiss search parameters, e.g. ``{"nprobe": 32}`` (IVF),
+            ``{"efSearch": 128}`` (HNSW); IVF defaults to ``nprobe = 16``.
+        device: ``"auto"`` (a GPU copy for search when faiss-gpu and a GPU are present),
+            ``"cpu"`` or ``"cuda"``.
+    """
+
+    def __init__(self, dim: int | None = None, metric: str = "cosine", factory: str = "Flat",
+                 model_info: Any = None, *, expected_size: int | None = None,
+                 train_size: int | None = None, search_params: Mapping[str, Any] | None = None,
+                 device: str = "auto"):
+        if metric not in ("cosine", "l2"):
+            raise ValueError(f"metric must be 'cosine' or 'l2', not {metric!r}")
+        if not isinstance(factory, str) or not factory.strip():
+            raise ValueError("factory must be a faiss factory string or 'auto'")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+        if device == "cuda" and not gpu_available():
+            raise ValueError("device='cuda' needs faiss-gpu and a CUDA device; neither is "
+                             "available here (install faiss-gpu or use device='cpu')")
+        if not factories.threads_configured():
+            factories.configure_threads()
+        self.dim = int(dim) if dim is not None else None
+        self.metric = metric
+        self.factory = factory.strip()
+        self.model_info = as_info(model_info)
+        self.expected_size = expected_size
+        self.train_size = train_size
+        self.search_params: dict[str, Any] = dict(search_params or {})
+        self.device = device
+        self.build_state: dict[str, Any] = {}  # free-form progress of from_images builds
+        self.folder: Path | None = None  # where it was last loaded from or saved to
+        self.resolved_factory: str | None = None
+        self._index: faiss.Index | None = None
+        self._pending: faiss.Index | None = None  # exact buffer while the index is untrained
+        self._gpu_index: faiss.Index | None = None
+        self._gpu_failed = False
+        self._tombstones: set[int] = set()  # removed ids an index cannot delete (HNSW)
+        # per-item records, row-aligned
+        self._ids: list[int] = []
+        self._labels: list[int | str | None] = []
+        self._paths: list[str | None] = []
+        self._hashes: list[str | None] = []
+        self._extra: list[dict | None] = []
+        self._row: dict[int, int] = {}
+        self._hash_set: set[str] = set()
+        self._next_id = 0
+        self._cache: dict[str, Any] = {}
+        if self.dim is not None:
+            self._ensure_index(self.expected_size or 0)
+
+    # ------------------------------------------------------------ facts
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        return (f"KNNIndex(n={len(self)}, dim={self.dim}, metric={self.metric!r}, "
+                f"factory={self.resolved_factory or self.factory!r}, trained={self.is_trained})")
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The ids of the live items, in insertion order (int64)."""
+        return np.asarray(self._ids, dtype=np.int64)
+
+    @property
+    def is_trained(self) -> bool:
+        return self._index is not None and bool(self._index.is_trained)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self._labels) and self._labels[0] is not None
+
+    @property
+    def classes(self) -> list:
+        """The distinct labels, sorted: the columns of :meth:`classify`."""
+        if "classes" not in self._cache:
+            self._cache["classes"] = sorted({lab for lab in self._labels if lab is not None})
+        return list(self._cache["classes"])
+
+    @property
+    def hashes(self) -> set[str]:
+        """Content hashes (sha256) of the indexed source files."""
+        return set(self._hash_set)
+
+    @property
+    def bytes_per_vector(self) -> int | None:
+        if self._index is None or self.dim is None:
+            return None
+        return bytes_per_vector(self._index, self.dim, self.resolved_factory or "")
+
+    def contains(self, ids: Iterable[int]) -> np.ndarray:
+        """Whether each id is in the index (bool array)."""
+        return np.array([int(i) in self._row for i in ids], dtype=bool)
+
+    def lookup(self, ids: Iterable[int]) -> list[dict[str, Any] | None]:
+        """Records of ids: ``{"id", "label", "path", "sha256", "meta"}`` (``None`` for an
+        unknown id or ``-1``)."""
+        out: list[dict[str, Any] | None] = []
+        for i in ids:
+            r = self._row.get(int(i))
+            if r is None:
+                out.append(None)
+                continue
+            out.append({"id": self._ids[r], "label": self._labels[r], "path": self._paths[r],
+                        "sha256": self._hashes[r], "meta": self._extra[r]})
+        return out
+
+    def paths(self) -> list[str | None]:
+        return list(self._paths)
+
+    def vectors(self, ids: Iterable[int] | None = None) -> np.ndarray:
+        """The stored vectors ``float32 [len(ids), dim]`` of ``ids`` (default: every item,
+        in :attr:`ids` order): exact for flat storage, decoded for PQ/SQ codes."""
+        arr = self.ids if ids is None else np.asarray(list(ids), dtype=np.int64)
+        if len(arr) == 0:
+            return np.zeros((0, self.dim or 0), np.float32)
+        return np.ascontiguousarray(self._reconstruct(arr), dtype=np.float32)
+
+    # ------------------------------------------------------------ building
+    def _ensure_index(self, size_hint: int) -> None:
+        if self._index is not None:
+            return
+        assert self.dim is not None
+        factory = self.factory
+        if factory == "auto":
+            n = max(size_hint, self.expected_size or 0)
+            factory = factories.choose_factory(n, self.dim)
+        self._index = build_faiss(factory, self.dim, self.metric)
+        self.resolved_factory = factory
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if ivf is not None:
+            self.search_params.setdefault("nprobe", min(16, int(ivf.nlist)))
+        self._apply_search_params()
+        if self.factory == "auto":
+            _log.info("index factory auto -> %s (%s vectors expected, dim %d): about %d bytes "
+                      "per vector", factory, f"{self.expected_size:,}" if self.expected_size
+                      else "size unknown", self.dim,
+                      bytes_per_vector(self._index, self.dim, factory))
+        if not self._index.is_trained:
+            self._pending = faiss.IndexIDMap2(faiss.IndexFlat(
+                self.dim, metric_type(self.metric)))
+
+    def _apply_search_params(self) -> None:
+        if self._index is None:
+            return
+        ps = faiss.ParameterSpace()
+        for name, value in self.search_params.items():
+            try:
+                ps.set_index_parameter(self._index, name, value)
+            except RuntimeError as e:
+                raise ValueError(f"search parameter {name}={value!r} does not apply to a "
+                                 f"{self.resolved_factory} index: "
+                                 f"{str(e).strip().splitlines()[-1]}") from None
+        self._gpu_index = None
+
+    def set_search_params(self, **params: Any) -> None:
+        """Set faiss search parameters (``nprobe`` for IVF, ``efSearch`` for HNSW ...);
+        they are saved with the index."""
+        old = dict(self.search_params)
+        self.search_params.update(params)
+        try:
+            self._apply_search_params()
+        except ValueError:
+            self.search_params = old
+            self._apply_search_params()
+            raise
+
+    def _resolve_train_size(self) -> int:
+        assert self.dim is not None and self.resolved_factory is not None
+        if self.train_size:
+            return max(int(self.train_size), min_train_size(self._index))
+        return default_train_size(self.resolved_factory, self.dim)
+
+    def _prepare(self, feats: Any, what: str) -> np.ndarray:
+        x = as_float_matrix(feats, what)
+        if self.dim is None:
+            if x.shape[0] == 0:
+                return x
+            self.dim = int(x.shape[1])
+        if x.shape[1] != self.dim:
+            raise IncompatibleFeaturesError(
+                f"{what} have dimension {x.shape[1]} but this index holds {self.dim}-d "
+                f"vectors{' of ' + describe(self.model_info) if self.model_info else ''}")
+        if self.metric == "cosine" and x.shape[0]:
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            if (norms == 0).any():
+                bad = np.flatnonzero(norms[:, 0] == 0)[:5].tolist()
+                raise ValueError(f"{what} rows {bad} are zero vectors: no cosine similarity "
+                                 "is defined for them")
+            x = x / norms
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def add(self, feats: Any, ids: Sequence[int] | np.ndarray | None = None,
+            labels: Sequence[Any] | None = None, meta: Sequence[Any] | None = None, *,
+            model_info: Any = None) -> np.ndarray:
+        """Add ``feats`` ``[N, D]`` (numpy or torch) and return their int64 ids.
+
+        Args:
+            ids: the user's ids (unique, not already present); default: consecutive
+                integers after the largest id so far.
+            labels: one int or string label per vector (all items of an index have labels
+                or none has).
+            meta: one entry per vector: a source path (str / PathLike), or a dict whose
+                ``"path"`` and ``"sha256"`` keys fill the path and content hash and whose
+                other keys are kept as free metadata (JSON types only).
+            model_info: identity of the features, checked against the index's.
+        """
+        check_compatible(self.model_info, as_info(model_info), "features to add")
+        if self.model_info is None and model_info is not None:
+            self.model_info = as_info(model_info)
+        x = self._prepare(feats, "features to add")
+        n = x.shape[0]
+        id_arr = self._new_ids(n, ids)
+        lab = self._check_labels(n, labels)
+        paths, hashes, extra = self._split_meta(n, meta)
+        if n == 0:
+            return id_arr
+        self._ensure_index(len(self) + n)
+        target = self._index if self._index.is_trained else self._pending
+        for s in range(0, n, _ADD_CHUNK):
+            target.add_with_ids(x[s:s + _ADD_CHUNK], id_arr[s:s + _ADD_CHUNK])
+        start = len(self._ids)
+        self._ids.extend(int(i) for i in id_arr)
+        self._labels.extend(lab)
+        self._paths.extend(paths)
+        self._hashes.extend(hashes)
+        self._extra.extend(extra)
+        for r, i in enumerate(id_arr.tolist(), start):
+            self._row[i] = r
+        self._hash_set.update(h for h in hashes if h)
+        self._next_id = max(self._next_id, int(id_arr.max()) + 1)
+        self._invalidate()
+        if self._pending is not None and self._pending.ntotal >= self._resolve_train_size():
+            self.train()
+        elif self.factory == "auto" and self.resolved_factory == "Flat" and \
+                len(self) > factories.AUTO_EXACT_LIMIT:
+            target_factory = factories.choose_factory(len(self), self.dim)
+            _log.info("index outgrew exact search (%d > %d vectors): converting to %s, "
+                      "about %d bytes per vector", len(self), factories.AUTO_EXACT_LIMIT,
+                      target_factory, bytes_per_vector(
+                          build_faiss(target_factory, self.dim, self.metric), self.dim,
+                          target_factory))
+            self.rebuild(target_factory)
+        return id_arr
+
+    def _new_ids(self, n: int, ids: Any) -> np.ndarray:
+        if ids is None:
+            return np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        if hasattr(ids, "detach"):
+            ids = ids.detach().cpu().numpy()
+        arr = np.asarray(ids)
+        if arr.shape != (n,):
+            raise ValueError(f"ids must be {n} integers (one per vector), got shape {arr.shape}")
+        if n and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"ids must be integers, got {arr.dtype}")
+        arr = arr.astype(np.int64)
+        if n and (arr < 0).any():
+            raise ValueError("ids must be >= 0 (faiss uses -1 for 'no result')")
+        if len(np.unique(arr)) != n:
+            raise ValueError("ids contain duplicates")
+        taken = [int(i) for i in arr if int(i) in self._row or int(i) in self._tombstones]
+        if taken:
+            raise ValueError(f"ids already in the index: {taken[:10]}"
+                             f"{' ...' if len(taken) > 10 else ''}")
+        return arr
+
+    def _check_labels(self, n: int, labels: Any) -> list:
+        if labels is None:
+            if self.has_labels and n:
+                raise ValueError("this index has labels: pass labels= for the new vectors")
+            return [None] * n
+        if hasattr(labels, "detach"):
+            labels = labels.detach().cpu().numpy()
+        labels = list(labels.tolist() if isinstance(labels, np.ndarray) else labels)
+        if len(labels) != n:
+            raise ValueError(f"got {len(labels)} labels for {n} vectors")
+        out = [_to_label(v) for v in labels]
+        if self._ids and not self.has_labels and n:
+            raise ValueError("this index has no labels: cannot add labelled vectors to it")
+        kinds = {type(v) for v in out} | ({type(self._labels[0])} if self.has_labels else set())
+        if len(kinds) > 1:
+            raise TypeError("labels must be all ints or all strings, not a mix")
+        return out
+
+    @staticmethod
+    def _split_meta(n: int, meta: Any) -> tuple[list, list, list]:
+        if meta is None:
+            return [None] * n, [None] * n, [None] * n
+        meta = list(meta)
+        if len(meta) != n:
+            raise ValueError(f"got {len(meta)} meta entries for {n} vectors")
+        paths, hashes, extra = [], [], []
+        for m in meta:
+            if m is None:
+                paths.append(None), hashes.append(None), extra.append(None)
+            elif isinstance(m, (str, os.PathLike)):
+                paths.append(str(m)), hashes.append(None), extra.append(None)
+            elif isinstance(m, Mapping):
+                d = dict(m)
+                p = d.pop("path", None)
+                h = d.pop("sha256", None)
+                try:
+                    json.dumps(d)
+                except TypeError as e:
+                    raise TypeError(f"meta must hold JSON types only: {e}") from None
+                paths.append(str(p) if p is not None else None)
+                hashes.append(str(h) if h is not None else None)
+                extra.append(d or None)
+            else:
+                raise TypeError(f"meta entries must be paths or dicts, not {type(m).__name__}")
+        return paths, hashes, extra
+
+    def _invalidate(self) -> None:
+        self._cache.clear()
+        self._gpu_index = None
+
+    def train(self, sample: Any = None) -> None:
+        """Train the index now: on ``sample`` ``[M, D]`` if given, else on the vectors
+        waiting in the exact buffer (at least ``nlist`` of them for IVF); then move the
+        buffered vectors into the index. A no-op for an index that is already trained."""
+        if self._index is None:
+            if sample is None:
+                raise ValueError("nothing to train on: the index is empty; pass sample=")
+            x = self._prepare(sample, "training sample")
+            self._ensure_index(len(x))
+        if self._index.is_trained:
+            return
+        if sample is not None:
+            x = self._prepare(sample, "training sample")
+        else:
+            n = self._pending.ntotal
+            x = self._pending.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim),
+                                                                          np.float32)
+        need = min_train_size(self._index)
+        if len(x) < need:
+            raise ValueError(f"{self.resolved_factory} needs at least {need} training vectors, "
+                             f"got {len(x)}")
+        t0 = time.perf_counter()
+        self._index.train(x)
+        _log.info("trained %s on %d vectors in %.1f s", self.resolved_factory, len(x),
+                  time.perf_counter() - t0)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.ntotal:
+            ids = faiss.vector_to_array(pending.id_map).astype(np.int64)
+            for s in range(0, len(ids), _ADD_CHUNK):
+                vec = pending.index.reconstruct_n(s, min(_ADD_CHUNK, len(ids) - s))
+                self._index.add_with_ids(vec, ids[s:s + _ADD_CHUNK])
+        self._apply_search_params()
+        self._invalidate()
+
+    def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of ``ids`` (exact for flat storage, decoded for PQ/SQ)."""
+        if self._pending is not None:
+            return self._pending.reconstruct_batch(ids)
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if ivf is not None and ivf.direct_map.type != faiss.DirectMap.Hashtable:
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        try:
+            return self._index.reconstruct_batch(ids)
+        except RuntimeError as e:
+            raise ValueError(f"a {self.resolved_factory} index cannot give its vectors back: "
+                             f"{str(e).strip().splitlines()[-1]}") from None
+
+    def rebuild(self, factory: str | None = None, train_size: int | None = None) -> None:
+        """Re-create the faiss index (another ``factory``, or the same one to drop removed
+        vectors that an HNSW index keeps as tombstones) from the stored vectors. Vectors
+        of a PQ/SQ index come back approximately (decoded), so rebuild from an exact
+        index when you can."""
+        if factory and self.factory != "auto":
+            self.factory = factory
+        if self._index is None:
+            return
+        new_factory = factory or self.resolved_factory
+        live = self.ids
+        new = build_faiss(new_factory, self.dim, self.metric)
+        if not new.is_trained:
+            need = min_train_size(new)
+            if len(live) < need:
+                raise ValueError(f"{new_factory} needs at least {need} vectors to train; "
+                                 f"the index has {len(live)}")
+            size = int(train_size or self.train_size or
+                       default_train_size(new_factory, self.dim))
+            rng = np.random.default_rng(0)
+            sample = np.sort(rng.choice(live, size=min(max(size, need), len(live)),
+                                        replace=False))
+            t0 = time.perf_counter()
+            new.train(self._reconstruct(sample))
+            _log.info("trained %s on %d vectors in %.1f s", new_factory, len(sample),
+                      time.perf_counter() - t0)
+        for s in range(0, len(live), _ADD_CHUNK):
+            chunk = live[s:s + _ADD_CHUNK]
+            new.add_with_ids(self._reconstruct(chunk), chunk)
+        self._index, self._pending = new, None
+        self.resolved_factory = new_factory
+        self._tombstones.clear()
+        old_params, self.search_params = self.search_params, {}
+        ps = faiss.ParameterSpace()
+        for name, value in old_params.items():  # keep the parameters that still apply
+            try:
+                ps.set_index_parameter(new, name, value)
+                self.search_params[name] = value
+            except RuntimeError:
+                pass
+        ivf = faiss.try_extract_index_ivf(new)
+        if ivf is not None:
+            self.search_params.setdefault("nprobe", min(16, int(ivf.nlist)))
+        self._apply_search_params()
+        self._invalidate()
+        _log.info("rebuilt as %s: %d vectors, about %d bytes per vector", new_factory,
+                  len(live), bytes_per_vector(new, self.dim, new_factory))
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Remove items by id; unknown ids are ignored. Returns how many were removed.
+
+        Indexes that cannot delete vectors (HNSW) keep them as tombstones that searches
+        skip; :meth:`rebuild` drops them."""
+        if hasattr(ids, "detach"):
+            ids = ids.detach().cpu().numpy()
+        arr = np.unique(np.asarray(list(np.asarray(ids).ravel()), dtype=np.int64))
+        present = np.array([i for i in arr.tolist() if i in self._row], dtype=np.int64)
+        if len(present) == 0:
+            return 0
+        sel = faiss.IDSelectorBatch(present)
+        if self._pending is not None:
+            self._pending.remove_ids(sel)
+        else:
+            try:
+                self._index.remove_ids(sel)
+            except RuntimeError:
+                self._tombstones.update(present.tolist())
+        drop = set(present.tolist())
+        keep = [r for r, i in enumerate(self._ids) if i not in drop]
+        self._ids = [self._ids[r] for r in keep]
+        self._labels = [self._labels[r] for r in keep]
+        self._paths = [self._paths[r] for r in keep]
+        self._hashes = [self._hashes[r] for r in keep]
+        self._extra = [self._extra[r] for r in keep]
+        self._row = {i: r for r, i in enumerate(self._ids)}
+        self._hash_set = {h for h in self._hashes if h}
+        self._invalidate()
+        return len(present)
+
+    # ------------------------------------------------------------ searching
+    def _search_index(self) -> faiss.Index | None:
+        if self._pending is not None:
+            return self._pending
+        if self._index is None:
+            return None
+        if self.device != "cpu" and not self._gpu_failed and gpu_available():
+            if self._gpu_index is None:
+                try:
+                    self._gpu_index = faiss.index_cpu_to_all_gpus(self._index)
+                except RuntimeError as e:  # e.g. HNSW has no GPU version
+                    self._gpu_failed = True
+                    _log.info("searching on CPU: faiss-gpu cannot hold a %s index (%s)",
+                              self.resolved_factory, str(e).strip().splitlines()[-1])
+            if self._gpu_index is not None:
+                return self._gpu_index
+        return self._index
+
+    def search(self, queries: Any, k: int = 10, *, model_info: Any = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest items of each query ``[Q, D]`` (numpy or torch).
+
+        Returns ``(scores, ids)``, numpy ``[Q, k]`` each, nearest first: cosine similarity
+        (cosine metric) or squared L2 distance (l2 metric), and the user's int64 ids
+        (``-1`` where fewer than ``k`` items exist). ``model_info`` (a DinoModel or
+        :func:`features_info` dict) is checked against the index's feature space."""
+        check_compatible(self.model_info, as_info(model_info), "queries")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = self._prepare(queries, "queries")
+        nq = q.shape[0]
+        empty_score = -np.inf if self.metric == "cosine" else np.inf
+        index = self._search_index()
+        if index is None or nq == 0 or index.ntotal == 0:
+            return (np.full((nq, k), empty_score, np.float32), np.full((nq, k), -1, np.int64))
+        extra = len(self._tombstones)
+        kk = min(k + extra, int(index.ntotal))
+        scores, ids = index.search(q, kk)
+        if extra:
+            dead = np.isin(ids, np.fromiter(self._tombstones, np.int64, extra))
+            ids = np.where(dead, -1, ids)
+            scores = np.where(dead, empty_score, scores).astype(np.float32)
+            order = np.argsort(ids < 0, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, axis=1)
+            scores = np.take_along_axis(scores, order, axis=1)
+        if ids.shape[1] < k:
+            pad = k - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=empty_score)
+        ids = ids[:, :k].astype(np.int64)
+        scores = scores[:, :k].astype(np.float32)
+        scores[ids < 0] = empty_score
+        return scores, ids
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id (``-1`` for ``-1``)."""
+        if "sorted" not in self._cache:
+            arr = np.asarray(self._ids, dtype=np.int64)
+            order = np.argsort(arr)
+            self._cache["sorted"] = (arr[order], order)
+        sorted_ids, order = self._cache["sorted"]
+        if len(sorted_ids) == 0:
+            return np.full(ids.shape, -1, np.int64)
+        pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
+        rows = order[pos]
+        ok = (ids >= 0) & (sorted_ids[pos] == ids)
+        return np.where(ok, rows, -1)
+
+    def classify(self, queries: Any, k: int = 20, T: float = 0.07, *,
+                 classes: Sequence[Any] | None = None, model_info: Any = None) -> np.ndarray:
+        """DINO's weighted k-NN vote (paper section 3.7) as class scores ``[Q, C]``.
+
+        Each query's ``k`` nearest items by cosine similarity ``s_i`` vote for their label
+        with weight ``exp(s_i / T)``; the votes are summed per class. Columns follow
+        ``classes`` (default :attr:`classes`, the sorted distinct labels; pass e.g.
+        ``range(10)`` to get columns for classes absent from the index). The prediction is
+        ``classes[scores.argmax(1)]`` (:meth:`predict`)."""
+        if self.metric != "cosine":
+            raise ValueError("classify uses cosine similarities: build the index with "
+                             "metric='cosine'")
+        if T <= 0:
+            raise ValueError(f"temperature T must be > 0, got {T}")
+        if len(self) and not self.has_labels:
+            raise ValueError("this index has no labels: add vectors with labels= to classify")
+        cols = list(classes) if classes is not None else self.classes
+        col_of = {c: j for j, c in enumerate(cols)}
+        scores, ids = self.search(queries, k, model_info=model_info)
+        out = np.zeros((ids.shape[0], len(cols)), dtype=np.float64)
+        rows = self._rows(ids)
+        valid = rows >= 0
+        if valid.any():
+            if "label_col" not in self._cache or self._cache["label_col"][0] != cols:
+                codes = np.array([col_of.get(lab, -1) for lab in self._labels], dtype=np.int64)
+                self._cache["label_col"] = (cols, codes)
+            codes = self._cache["label_col"][1]
+            cls = np.where(valid, codes[np.where(valid, rows, 0)], -1)
+            if (cls[valid] < 0).any():
+                missing = {self._labels[r] for r in rows[valid & (cls < 0)].tolist()}
+                raise ValueError(f"neighbours have labels {sorted(missing)[:10]} that are not "
+                                 "among classes=")
+            w = np.exp(scores.astype(np.float64) / T)
+            qi = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
+            np.add.at(out, (qi[valid], cls[valid]), w[valid])
+        return out
+
+    def predict(self, queries: Any, k: int = 20, T: float = 0.07, **kw: Any) -> list:
+        """The winning label of :meth:`classify` for each query."""
+        cols = list(kw.get("classes") or self.classes)
+        scores = self.classify(queries, k, T, **kw)
+        return [cols[j] for j in scores.argmax(1)] if cols else [None] * len(scores)
+
+    # ------------------------------------------------------------ saving
+    def _header(self, generation: int, files: dict[str, str | None]) -> dict[str, Any]:
+        from .. import __version__
+        return {
+            "format": storage.FORMAT_NAME, "format_version": storage.FORMAT_VERSION,
+            "generation": generation, **files,
+            "count": len(self),
+            "ntotal": int(self._index.ntotal) if self._index is not None else 0,
+            "pending": int(self._pending.ntotal) if self._pending is not None else 0,
+            "tombstones": len(self._tombstones),
+            "dim": self.dim, "metric": self.metric,
+            "normalization": "l2" if self.metric == "cosine" else "none",
+            "factory": self.factory, "resolved_factory": self.resolved_factory,
+            "trained": self.is_trained, "train_size": self.train_size,
+            "expected_size": self.expected_size,
+            "bytes_per_vector": self.bytes_per_vector,
+            "search_params": self.search_params,
+            "model": self.model_info,
+            "has_labels": self.has_labels, "classes": self.classes,
+            "next_id": self._next_id,
+            "build": self.build_state,
+            "faiss_version": faiss.__version__, "dinofeat_version": __version__,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to the folder ``path`` (created if needed), atomically: readers
+        see the previous complete index until the new ``index.json`` is in place."""
+        items = {"ids": self._ids,
+                 "labels": self._labels if self.has_labels else None,
+                 "paths": self._paths if any(p is not None for p in self._paths) else None,
+                 "sha256": self._hashes if self._hash_set else None,
+                 "meta": self._extra if any(e is not None for e in self._extra) else None,
+                 "tombstones": sorted(self._tombstones)}
+        out = storage.write_generation(path, index=self._index, pending=self._pending,
+                                       items=items, header=self._header)
+        self.folder = out
+        return out
+
+    @staticmethod
+    def read_header(path: str | os.PathLike) -> dict[str, Any]:
+        """The header (``index.json``) of a saved index, without loading any vectors."""
+        return storage.read_header(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto") -> "KNNIndex":
+        """Read an index folder written by :meth:`save`, checking that its files agree
+        (generation, counts, dimension, metric, ids)."""
+        path = Path(path)
+        stored = storage.read_generation(path)
+        header, items = stored.header, stored.items
+        items_name = str(header.get("items_file"))
+
+        def bad(msg: str) -> IndexFormatError:
+            return IndexFormatError(f"{path}: {msg}")
+
+        self = cls(None, metric=header["metric"], factory=header["factory"],
+                   model_info=header.get("model"), expected_size=header.get("expected_size"),
+                   train_size=header.get("train_size"),
+                   search_params=header.get("search_params") or {}, device=device)
+        self.dim = header["dim"]
+        self.folder = path
+        self.resolved_factory = header.get("resolved_factory")
+        self.build_state = dict(header.get("build") or {})
+        self._next_id = int(header.get("next_id", 0))
+        self._index, self._pending = stored.index, stored.pending
+        ids = [int(i) for i in items.get("ids", [])]
+        n = len(ids)
+        if n != header.get("count"):
+            raise bad(f"{items_name} lists {n} items, the header says {header.get('count')}")
+        for key in ("labels", "paths", "sha256", "meta"):
+            col = items.get(key)
+            if col is not None and len(col) != n:
+                raise bad(f"{items_name}: {key} has {len(col)} entries for {n} ids")
+        self._ids = ids
+        self._labels = items.get("labels") or [None] * n
+        self._paths = items.get("paths") or [None] * n
+        self._hashes = items.get("sha256") or [None] * n
+        self._extra = items.get("meta") or [None] * n
+        self._row = {i: r for r, i in enumerate(ids)}
+        if len(self._row) != n:
+            raise bad(f"{items_name} has duplicate ids")
+        self._hash_set = {h for h in self._hashes if h}
+        self._tombstones = {int(i) for i in items.get("tombstones", [])}
+        stored_n = sum(int(ix.ntotal) for ix in (self._index, self._pending) if ix is not None)
+        if stored_n != n + len(self._tombstones):
+            raise bad(f"faiss holds {stored_n} vectors but the metadata lists {n} items and "
+                      f"{len(self._tombstones)} removed ones: the files do not belong together")
+        mt = metric_type(self.metric)
+        for ix in (self._index, self._pending):
+            if ix is None:
+                continue
+            if ix.d != self.dim:
+                raise bad(f"faiss index has dimension {ix.d}, the header says {self.dim}")
+            if ix.metric_type != mt:
+                raise bad(f"faiss index metric does not match the header's {self.metric!r}")
+            if isinstance(ix, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+                ix_ids = faiss.vector_to_array(ix.id_map)
+                expected = set(self._ids) | self._tombstones
+                if len(ix_ids) and not set(ix_ids.tolist()) <= expected:
+                    raise bad("faiss index holds ids the metadata does not list")
+        self._apply_search_params()
+        return self
+
+    # ------------------------------------------------------------ images
+    def plan_images(self, images: Any, *, progress: bool | None = None,
+                    hash_threads: int = 4) -> "builder.ImagePlan":
+        """Hash the image files of ``images`` (a folder, a file, or a list of them) and
+        sort them into new files and files whose content (sha256) the index already
+        holds, or that repeat another new file byte for byte. Files unchanged since they
+        were indexed (same path, size and mtime) are not read again."""
+        return builder.plan_images(self, images, progress=progress, hash_threads=hash_threads)
+
+    def add_images(self, images: Any, model: Any, *, pool: str | None = None,
+                   labels: Any = None, checkpoint: str | os.PathLike | None = None,
+                   checkpoint_every: int = 5000, batch_size: int = 64,
+                   num_workers: int | None = None, progress: bool | None = None,
+                   plan: "builder.ImagePlan | None" = None, **embed_kw: Any
+                   ) -> "builder.AddReport":
+        """Embed image files with ``model`` and add them, streaming batch by batch.
+
+        Files whose content (sha256 of the bytes) is already in the index are skipped, so
+        running it twice adds nothing the second time; unreadable files are skipped and
+        reported. With ``checkpoint`` (an index folder) the partial index is saved there
+        atomically every ``checkpoint_every`` images and at the end, so an interrupted run
+        loses at most that many images and a rerun continues where it stopped.
+
+        Args:
+            images: a folder (recursive), an image file, or a list of them.
+            model: a :class:`DinoModel`; its identity (weights hash, preprocessing) and
+                ``pool`` must match the index's, if the index has one.
+            pool: ``"cls"``, ``"cls+gem"`` ... (default: the index's, else ``"cls"``).
+            labels: ``None``, ``"folder"`` (the parent folder's name, ImageFolder style), a
+                callable ``path -> label`` or a mapping from path to label.
+            embed_kw: more :meth:`DinoModel.iter_embed` options (``size``,
+                ``preprocessing``, ``precision``, ``multiscale``, ``device`` ...).
+        """
+        return builder.add_images(self, images, model, pool=pool, labels=labels,
+                                  checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                                  batch_size=batch_size, num_workers=num_workers,
+                                  progress=progress, plan=plan, **embed_kw)
+
+    def add_images_distributed(self, images: Any, model: Any, *, checkpoint: str | os.PathLike,
+                               pool: str | None = None, labels: Any = None,
+                               shard_size: int = 2000, batch_size: int = 64,
+                               num_workers: int | None = None, progress: bool | None = None,
+                               checkpoint_every: int | None = None,
+                               **embed_kw: Any) -> "builder.AddReport":
+        """:meth:`add_images` across the processes ``torchrun`` started (gloo on CPU,
+        NCCL on CUDA), through :mod:`dinofeat.extract`'s shards.
+
+        Rank 0 hashes the files and writes the list of new ones to
+        ``<checkpoint>.shards/plan.json``; every rank embeds its shards of that list
+        (:func:`dinofeat.extract.extract_to_shards`, ``shard_size`` images each, complete
+        shards of an interrupted run are reused); rank 0 then reads the shards one at a
+        time, in path order, adds them (skipping content already indexed), checkpoints
+        after each and deletes what the build wrote. The result is the index a single
+        process builds. ``checkpoint`` (the index folder) must be on storage every process
+        sees. ``checkpoint_every`` is not used: the index is checkpointed after every shard.
+        Returns the report on rank 0 (other ranks: an empty one)."""
+        return builder.add_images_distributed(
+            self, images, model, checkpoint=checkpoint, pool=pool, labels=labels,
+            shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
+            progress=progress, checkpoint_every=checkpoint_every, **embed_kw)
+
+    @classmethod
+    def from_images(cls, images: Any, model: Any, out: str | os.PathLike | None = None, *,
+                    metric: str = "cosine", factory: str = "Flat", pool: str = "cls",
+                    **kw: Any) -> "KNNIndex":
+        """Build an index of the image files under ``images`` (see :meth:`add_images`).
+
+        With ``out`` the index is checkpointed there while it grows and saved at the end;
+        if ``out`` already holds an index (an interrupted or earlier build with the same
+        model and pooling) it is loaded and only the files it lacks are embedded. Under
+        ``torchrun`` every process embeds a share of the new files and rank 0 adds them
+        (see :mod:`dinofeat.extract`)."""
+        return builder.from_images(cls, images, model, out, metric=metric, factory=factory,
+                                   pool=pool, **kw)
+
+    def embed_options(self) -> dict[str, Any]:
+        """The :meth:`DinoModel.embed` options that make features of this index's kind
+        (pooling, the exact preprocessing, multi-scale), from its model identity."""
+        return identity.embed_options(self.model_info)
+
+    def load_model(self, weights: str | os.PathLike | None = None, device: Any = None):
+        """Load the model this index was built with: ``weights`` if given, else its zoo
+        name, else the weights file recorded at build time if it lies inside the index
+        folder (a file elsewhere must be passed as ``weights``); its weights hash must
+        match the index's."""
+        return identity.load_model(self.model_info, weights, device, folder=self.folder)
+
+    def search_images(self, images: Any, model: Any, k: int = 10, **embed_kw: Any
+                      ) -> tuple[np.ndarray, np.ndarray, list]:
+        """Embed ``images`` with ``model`` (with :meth:`embed_options`; the model must be
+        the index's) and search: ``(scores, ids, keys)`` with ``keys`` the query paths (or
+        positions) of the rows; unreadable query files raise."""
+        opts = {**self.embed_options(), **embed_kw}
+        ident = embedding_identity(model, **opts)
+        check_compatible(self.model_info, ident, "query images")
+        feats, keys = model.embed(images, return_keys=True, **opts)
+        scores, ids = self.search(feats, k)
+        return scores, ids, keys
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary: counts, dims, metric, factory, model, memory."""
+        h = self._header(0, {})
+        for k in ("generation", "build", "saved_at", "next_id"):
+            h.pop(k, None)
+        return h
