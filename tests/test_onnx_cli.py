@@ -78,7 +78,7 @@ def test_attn_verb(exported, tiny_vit, tmp_path, capsys):
     ref = tiny_vit.attention_maps(image)
     np.testing.assert_allclose(got.grid, ref.grid, atol=1e-5)
     capsys.readouterr()
-    assert main(["attn", str(image), "--weights", str(plain), "--out", str(tmp_path / "b")]) == 2
+    assert main(["attn", str(image), "--model", str(plain), "--out", str(tmp_path / "b")]) == 2
     assert "--attention" in capsys.readouterr().err
 
 
@@ -95,7 +95,7 @@ def test_index_build_and_search_verbs(exported, tmp_path, capsys):
     assert res["results"][0]["path"].endswith("im1.png")
     assert res["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
     # the PyTorch weights of the same model search the ONNX-built index too
-    assert main(["search", str(idx), str(query), "--weights", str(weights), "-k", "1",
+    assert main(["search", str(idx), str(query), "--model", str(weights), "-k", "1",
                  "--json"]) == 0
     assert "im1.png" in capsys.readouterr().out
 
