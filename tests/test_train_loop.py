@@ -475,8 +475,9 @@ def test_cli_train_runs_and_help_lists_every_option(image_dir, tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
+    from dinofeat.training.config import cli_option
     for name in TrainConfig.__dataclass_fields__:
-        assert f"--{name.replace('_', '-')}" in help_text, name
+        assert cli_option(name) in help_text, name
     assert "(default: 0.996)" in help_text and "--preset" in help_text
 
     out = tmp_path / "cli_run"

@@ -77,7 +77,21 @@ def render() -> str:
         out += ["", "Older spellings still work for one release and print one deprecation "
                 "line:\n", "| old | new |", "|---|---|"]
         out += [f"| `{o}` | `{n}` |" for o, n in DEPRECATED]
-        out.append("")
+        out += ["", "## Messages, progress and outputs\n", " ".join([
+            "Results go to stdout; progress, log lines and errors to stderr. A mistake ends",
+            "with one line, `dinofeat: error: ...` (exit code 2, pointing to the verb's",
+            "`--help` when the command line itself is wrong); `--debug`, before or after the",
+            "verb, shows the traceback instead. On a terminal long verbs draw progress bars; in",
+            "a pipe or a log file they print one plain line when a bar starts, then at most",
+            "one every `DINOFEAT_PROGRESS_INTERVAL` seconds (default 30) and the last state.",
+            "Unreadable images are named once each, as they are met, and counted in the",
+            "summary. Text taken from files (paths, model names, index headers) is printed",
+            "with terminal control characters escaped (`\\x1b`), so a crafted file name or",
+            "model cannot drive the terminal. `embed`, `index` and `dedup` record images by",
+            "absolute path (made absolute from the folder the command ran in, symbolic links",
+            "kept); output files get the usual permissions (0644 under umask 022).",
+            "The [API page](api.md) shows how to read a feature file back",
+            "(`load_features`)."]), ""]
         _walk(parser, "dinofeat", out)
     finally:
         if old is None:
