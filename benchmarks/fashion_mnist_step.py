@@ -15,7 +15,9 @@ On the Fashion-MNIST recipe of :data:`dinofeat.demo.RECIPES` (``--recipe``, defa
    machine's load hits every variant alike; best round reported;
 3. **bound**: FLOPs per image of the step (``torch.utils.flop_counter``: forward,
    backward and the teacher), the GEMM rates measured in the same run (fp32 and bf16 at
-   the step's own shape and at 2048^3), and each variant's share of that bound.
+   the step's own shape and at 2048^3), and each variant's share of that bound;
+4. **before / after**: the augmentation per image (the loop's default) and of the whole
+   batch (``--batch-augment``), timed in the same rounds, combined with the model step.
 
 Results: ``benchmarks/results/fashion_mnist_step.json``; ``--docs`` rewrites the
 "Fashion-MNIST training step" section of docs/benchmarks.md from it. The machine is
@@ -62,8 +64,11 @@ class Step:
         self.cfg, self.batch = cfg, batch
         self.student, self.teacher = build_networks(cfg)
         self.loss = DINOLoss.from_config(cfg)
-        self.optimizer = build_optimizer(cfg.replace(fused_optimizer=fused),
-                                         param_groups(self.student))
+        self.optimizer = build_optimizer(cfg, param_groups(self.student))
+        if fused:  # the training loop keeps foreach AdamW on CPU; this measures the other
+            groups = [{k: v for k, v in g.items() if k != "decay"}
+                      for g in self.optimizer.param_groups]
+            self.optimizer = torch.optim.AdamW(groups, fused=True)
         g, loc = cfg.global_crop_size, cfg.local_crop_size
         self.crops = [torch.randn(batch, 3, g, g) for _ in range(2)] + \
             [torch.randn(batch, 3, loc, loc) for _ in range(cfg.local_crops_number)]
@@ -179,24 +184,50 @@ VARIANTS = {
 }
 
 
+def _augmenters(cfg, n: int):
+    """(per-image augmentation, batch augmentation) of ``n`` Fashion-MNIST photos."""
+    from PIL import Image
+
+    from dinofeat.datasets import load_fashion_mnist
+    from dinofeat.training.augment import MultiCropAugmentation
+    from dinofeat.training.batch_augment import BatchMultiCropAugmentation
+    x, _ = load_fashion_mnist("train")
+    imgs = [Image.fromarray(a) for a in x[:n]]
+    per, bat = MultiCropAugmentation.from_config(cfg), BatchMultiCropAugmentation.from_config(cfg)
+    prepared = [(bat.prepare(im), []) for im in imgs]
+    return (lambda: [per(im) for im in imgs]), (lambda: bat.collate(prepared))
+
+
 def variants(recipe: str, rounds: int) -> dict[str, Any]:
     base = _config(recipe)
     steps = {name: Step(base.replace(precision=p), base.batch_size_per_gpu * m, fused)
              for name, (p, m, fused) in VARIANTS.items()}
+    per_image, batched = _augmenters(base, base.batch_size_per_gpu)
+    augs = {"augmentation per image": per_image, "augmentation of the batch": batched}
     for s in steps.values():
         s()
         s()
-    ips: dict[str, list[float]] = {k: [] for k in steps}
+    ips: dict[str, list[float]] = {k: [] for k in list(steps) + list(augs)}
     for r in range(rounds):
         for name, s in steps.items():
             t0 = time.perf_counter()
             for _ in range(3):
                 s()
             ips[name].append(3 * s.batch / (time.perf_counter() - t0))
+        for name, f in augs.items():
+            t0 = time.perf_counter()
+            f()
+            ips[name].append(base.batch_size_per_gpu / (time.perf_counter() - t0))
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}"
                                                         for k, v in ips.items()),
               f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     fpi = flops_per_image(Step(base.replace(precision="fp32"), 8, False))
+    # one process doing both in turn (what a core gives): 1 / (1/augment + 1/step)
+    for name, aug, step in (("before: per-image augmentation + bf16 foreach step",
+                             "augmentation per image", "bf16, foreach AdamW"),
+                            ("after: batch augmentation + bf16 foreach step",
+                             "augmentation of the batch", "bf16, foreach AdamW")):
+        ips[name] = [1 / (1 / a + 1 / b) for a, b in zip(ips[aug], ips[step])]
     return {"images_per_s": {k: round(max(v), 1) for k, v in ips.items()},
             "images_per_s_median": {k: round(float(np.median(v)), 1) for k, v in ips.items()},
             "gflop_per_image": round(fpi / 1e9, 3)}
@@ -245,10 +276,19 @@ def markdown(res: dict[str, Any]) -> str:
               "|---|---|---|---|---|"]
     big = {k.split()[0]: v for k, v in g.items() if "2048" in k}
     for k, v in res["images_per_s"].items():
-        dt = "bfloat16" if k.startswith("bf16") else "float32"
+        if k.startswith("augmentation"):
+            continue
+        dt = "float32" if k.startswith("fp32") else "bfloat16"
         rate = v * fpi
         lines.append(f"| {k} | {v} | {res['images_per_s_median'][k]} | {rate:.1f} | "
                      f"{100 * rate / big[dt]:.1f}% of {big[dt]:.0f} |")
+    ips = res["images_per_s"]
+    lines += ["", f"Augmentation alone: per image {ips['augmentation per image']} images/s, "
+              f"of the whole batch {ips['augmentation of the batch']} images/s "
+              f"({ips['augmentation of the batch'] / ips['augmentation per image']:.1f}x). "
+              "The before/after rows are one process doing both in turn "
+              "(1 / (1/augmentation + 1/step)): "
+              f"{ips['after: batch augmentation + bf16 foreach step'] / ips['before: per-image augmentation + bf16 foreach step']:.2f}x."]
     lines += ["", "GEMM rates measured in the same run (GFLOP/s): " +
               ", ".join(f"{k}: {v}" for k, v in g.items()) + ".", "", END]
     return "\n".join(lines)

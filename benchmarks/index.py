@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from dinofeat.search import BLAS_THRESHOLD, KNNIndex, choose_factory, configure_threads
+from dinofeat.search import auto as autos
 
 
 # ------------------------------------------------------------------ data
@@ -306,6 +307,155 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+# ------------------------------------------------------------------ scale: auto vs Flat
+def _search_all(index, q: np.ndarray, k: int, block: int = 250):
+    ids = []
+    for s in range(0, len(q), block):
+        ids.append(index.search(q[s:s + block], k)[1])
+    return np.concatenate(ids)
+
+
+def _interleaved(methods: dict, q: np.ndarray, k: int, repeats: int) -> dict:
+    """Time every method's search of ``q`` in turn within each repeat (the machine is
+    shared), medians with spreads."""
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    loads = []
+    for _ in range(repeats):
+        for name, index in methods.items():
+            t, _ = timed(lambda: _search_all(index, q, k))
+            times[name].append(t)
+        loads.append(os.getloadavg()[0])
+    out = {m: summary(t, len(q)) for m, t in times.items()}
+    out["load_averages"] = loads
+    return out
+
+
+def _file_bytes(index: KNNIndex, tmp: Path) -> int:
+    folder = index.save(tmp)
+    size = sum(p.stat().st_size for p in folder.glob("index.*.faiss"))
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+    return size
+
+
+def scale_part(n: int, args, centers, tmp: Path) -> dict:
+    """The issue's check: ``factory="auto"`` over ``n`` clustered vectors against exact
+    Flat on the same vectors, fresh queries from the same distribution; then every auto
+    candidate with its parameter tuned to the recall target on a held-out tuning set,
+    each timed interleaved with Flat."""
+    dim, k = args.dim, args.k
+    print(f"\n== scale: {n:,} x {dim} ({args.data}), auto (recall {args.recall}) vs Flat",
+          flush=True)
+    db = make_data(n, dim, args.data, centers, seed=11)
+    q = make_data(args.queries, dim, args.data, centers, seed=12)
+    tune_q = make_data(300, dim, args.data, centers, seed=13)
+    res: dict = {"n": n, "dim": dim, "queries": len(q), "k": k, "recall_target": args.recall,
+                 "candidates": []}
+    t0 = time.perf_counter()
+    flat = KNNIndex(dim=dim, factory="Flat")
+    flat.add(db)
+    res["flat_build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    truth = _search_all(flat, q, k)
+    tune_truth = _search_all(flat, tune_q, k)
+    res["truth_s"] = time.perf_counter() - t0
+    print(f"flat built in {res['flat_build_s']:.1f} s, exact answers in {res['truth_s']:.1f} s",
+          flush=True)
+    t0 = time.perf_counter()
+    auto = KNNIndex(dim=None, factory="auto", expected_size=n, recall=args.recall,
+                    memory=args.memory)
+    for s in range(0, n, 200_000):
+        auto.add(db[s:s + 200_000])
+    auto.train()  # no-op once trained
+    res["auto_build_s"] = time.perf_counter() - t0
+    found = _search_all(auto, q, k)
+    res["auto"] = {"factory": auto.resolved_factory, "params": dict(auto.search_params),
+                   "recall_at_k": recall_at_k(found, truth), "header": auto.auto,
+                   "bytes_per_vector_file": _file_bytes(auto, tmp / "auto.idx") / n}
+    timing = _interleaved({"Flat": flat, "auto": auto}, q, k, args.repeats)
+    res["auto"]["timing"] = timing
+    res["auto"]["speedup_vs_flat"] = timing["Flat"]["median_s"] / timing["auto"]["median_s"]
+    print(f"auto -> {auto.resolved_factory} {auto.search_params}: recall@{k} "
+          f"{res['auto']['recall_at_k']:.4f} on {len(q)} fresh queries, "
+          f"{res['auto']['speedup_vs_flat']:.1f}x Flat's queries/s "
+          f"({timing['auto']['qps']:.0f} vs {timing['Flat']['qps']:.0f}), built in "
+          f"{res['auto_build_s']:.0f} s", flush=True)
+    centroids = None
+    if auto.auto.get("factory", "").startswith("IVF"):
+        ivf = faiss.extract_index_ivf(auto._index)
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    del auto
+    _save_partial(res, args)
+    for cand in autos.candidates(n, dim):
+        if cand.factory == "Flat" or (cand.factory.startswith("HNSW") and n > args.hnsw_max):
+            continue
+        print(f"-- {cand.factory}", flush=True)
+        t0 = time.perf_counter()
+        index = KNNIndex(dim=dim, factory=cand.factory)
+        inner = index._index
+        ivf = faiss.try_extract_index_ivf(inner)
+        if ivf is not None and centroids is not None and len(centroids) == ivf.nlist:
+            ivf.quantizer.add(centroids)  # the same coarse quantiser as auto's
+        index.train(db[np.random.default_rng(0).choice(
+            n, min(n, 39 * autos.nlist_for(n)), replace=False)])
+        for s in range(0, n, 200_000):
+            index.add(db[s:s + 200_000])
+        build_s = time.perf_counter() - t0
+        tq_ids = np.full(len(tune_q), -1, np.int64)  # tuning queries are not in the index
+        params, tune_r = autos.tune_parameter(index._index, cand, tune_q, tune_truth, tq_ids,
+                                              args.recall, k)
+        index.set_search_params(**params)
+        found = _search_all(index, q, k)
+        timing = _interleaved({"Flat": flat, cand.factory: index}, q, k, args.repeats)
+        row = {"factory": cand.factory, "params": params, "tune_recall": tune_r,
+               "recall_at_k": recall_at_k(found, truth), "build_s": build_s,
+               "bytes_per_vector": cand.bytes_per_vector,
+               "bytes_per_vector_file": _file_bytes(index, tmp / "c.idx") / n,
+               "timing": timing,
+               "speedup_vs_flat": timing["Flat"]["median_s"] / timing[cand.factory]["median_s"]}
+        res["candidates"].append(row)
+        print(f"   {params}: recall@{k} {row['recall_at_k']:.4f}, "
+              f"{timing[cand.factory]['qps']:.0f} q/s ({row['speedup_vs_flat']:.1f}x Flat), "
+              f"built in {build_s:.0f} s, {row['bytes_per_vector_file']:.0f} B/vector on disk",
+              flush=True)
+        del index
+        _save_partial(res, args)
+    res["flat_bytes_per_vector_file"] = _file_bytes(flat, tmp / "flat.idx") / n
+    return res
+
+
+def _save_partial(res: dict, args) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": machine(), "args": vars(args), "scale": res}
+    out.write_text(json.dumps(doc, indent=1, default=float))
+
+
+def render_scale(res: dict) -> str:
+    s = res["scale"] if "scale" in res else res
+    m = res.get("machine", {})
+    a = s["auto"]
+    lines = [f"{s['n']:,} clustered {s['dim']}-d vectors, {s['queries']} fresh queries, "
+             f"recall@{s['k']} against exact search; {m.get('cpu', '?')}, "
+             f"{m.get('faiss_threads', '?')} faiss threads, load average "
+             f"{m.get('load_average_at_start')}.", "",
+             f"**auto** (target {s['recall_target']}): {a['factory']} {a['params']}, recall "
+             f"{a['recall_at_k']:.4f}, {a['timing']['auto']['qps']:.0f} queries/s vs Flat's "
+             f"{a['timing']['Flat']['qps']:.0f} ({a['speedup_vs_flat']:.1f}x), built in "
+             f"{s['auto_build_s']:.0f} s (Flat: {s['flat_build_s']:.0f} s).", "",
+             "| index | params | recall@10 | queries/s | x Flat | build s | bytes/vector |",
+             "|---|---|---|---|---|---|---|",
+             f"| Flat | - | 1.0000 | {a['timing']['Flat']['qps']:.0f} | 1.0 | "
+             f"{s['flat_build_s']:.0f} | {s.get('flat_bytes_per_vector_file', 0):.0f} |"]
+    for c in s["candidates"]:
+        t = c["timing"][c["factory"]]
+        lines.append(f"| {c['factory']} | {c['params']} | {c['recall_at_k']:.4f} | "
+                     f"{t['qps']:.0f} | {c['speedup_vs_flat']:.1f} | {c['build_s']:.0f} | "
+                     f"{c['bytes_per_vector_file']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -320,11 +470,19 @@ def main() -> None:
     ap.add_argument("--skip-exact", action="store_true")
     ap.add_argument("--skip-ann", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/index.json")
+    ap.add_argument("--scale", type=int, default=None, metavar="N",
+                    help="only the scale part: factory='auto' over N vectors against Flat, "
+                         "then each auto candidate (writes --out)")
+    ap.add_argument("--recall", type=float, default=0.95, help="auto's target (--scale)")
+    ap.add_argument("--memory", default=None, help="auto's memory budget (--scale)")
+    ap.add_argument("--hnsw-max", type=int, default=300_000,
+                    help="skip HNSW above this many vectors in --scale (slow to build)")
     ap.add_argument("--markdown", metavar="JSON", default=None,
                     help="only print the markdown tables of an earlier results file")
     args = ap.parse_args()
     if args.markdown:
-        print(render_markdown(json.loads(Path(args.markdown).read_text())))
+        doc = json.loads(Path(args.markdown).read_text())
+        print(render_scale(doc) if "scale" in doc else render_markdown(doc))
         return
     threads = args.threads or len(os.sched_getaffinity(0))
     configure_threads(threads)  # also dinofeat's BLAS threshold, see blas_part
@@ -332,6 +490,16 @@ def main() -> None:
     info = machine()
     print(json.dumps(info), flush=True)
     centers = random_centers(1000, args.dim)
+    if args.scale:
+        import tempfile
+        with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as tmp:
+            res = {"machine": info, "args": vars(args),
+                   "scale": scale_part(args.scale, args, centers, Path(tmp))}
+        res["machine"]["load_average_at_end"] = os.getloadavg()
+        Path(args.out).write_text(json.dumps(res, indent=1, default=float))
+        print(f"\nwrote {args.out}\n")
+        print(render_scale(res))
+        return
     res = {"machine": info, "args": vars(args), "exact": [], "ann": None, "blas": None}
     if not args.skip_exact:
         for n in args.sizes:

@@ -85,8 +85,8 @@ def main() -> int:
     import torch
 
     from dinofeat.backbones import build_backbone
-    from dinofeat.search import KNNIndex
     from dinofeat.model import DinoModel, load, save_safetensors
+    from dinofeat.search import KNNIndex
     from dinofeat.zoo import get_spec
 
     work = Path(tempfile.mkdtemp(prefix="dinofeat-serve-load-"))
@@ -107,9 +107,10 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    log = open(work / "serve.log", "wb")
+    log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen([sys.executable, "-m", "dinofeat", "serve", str(work / "photos.idx"),
-                             "--port", str(port), "--workers", str(args.workers)],
+                             "--port", str(port), "--workers", str(args.workers),
+                             "--weights", str(weights)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         while True:

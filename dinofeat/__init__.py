@@ -53,7 +53,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__",
            "embed", "attention_maps", "AttentionMaps", "open_image", "list_images",

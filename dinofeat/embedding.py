@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from . import images as _images
+from . import runtime
 from .accel import fast_inference
+from .runtime import AUTOCAST_DTYPES, resolve_device
 from .features import (GEM_P, MULTISCALE_FACTORS, POOLS, FeatureSpec, crop_to_patches, gem,
                        multiscale_features, pooled_features, resolve_preprocessing)
 from .utils import get_logger
@@ -34,7 +36,8 @@ __all__ = ["POOLS", "PRECISIONS", "MULTISCALE_FACTORS", "GEM_P", "gem", "crop_to
            "feature_dim", "EmbedStream", "resolve_preprocessing", "embed", "iter_embed",
            "pooled_features", "multiscale_features", "collect", "patch_fn", "RUN_OPTIONS"]
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the compute dtype of each precision name of dinofeat.runtime (fp32: no autocast)
+PRECISIONS = {k: v or torch.float32 for k, v in AUTOCAST_DTYPES.items()}
 # Keywords of embed/iter_embed that say how to run, not what to compute.
 RUN_OPTIONS = ("batch_size", "num_workers", "precision", "device", "progress",
                "skip_unreadable")
@@ -101,12 +104,11 @@ class EmbedStream:
             raise ValueError(f"bad range [{self.start}, {self.stop}) for {n} images")
         if self.skip_unreadable is None:
             self.skip_unreadable = self.resolved.from_folder
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                             f"{self.precision!r}")
+        runtime.check_precision(self.precision)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        self.device = torch.device(self.device) if self.device is not None else self.model.device
+        # "cuda" without an index: this process's GPU under torchrun (dinofeat.runtime)
+        self.device = resolve_device(self.device) if self.device is not None else self.model.device
         pre = resolve_preprocessing(self.model, self.preprocessing)
         self.normalization = (pre.mean, pre.std)
         if self.transform is None:

@@ -483,8 +483,3 @@ def embed_to_file(model: "DinoModel", images: Any, out: str | os.PathLike, *,
     finally:
         if created:
             dist.destroy_process_group()
-
-
-# Public names for the index builder (dinofeat.search.build), which shares this shard layout.
-shard_path = _shard_path
-distributed_setup = _distributed_setup

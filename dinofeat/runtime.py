@@ -31,7 +31,7 @@ import torch.distributed as dist
 __all__ = ["PRECISIONS", "AUTOCAST_DTYPES", "check_precision", "autocast_dtype", "autocast",
            "needs_loss_scaling", "env_int", "launcher_ranks", "local_device_index",
            "default_device", "resolve_device", "is_distributed", "get_rank", "get_world_size",
-           "init_process_group", "configure_cuda", "device_scope"]
+           "init_process_group", "configure_cuda", "ieee_fp32", "device_scope"]
 
 #: Autocast dtype of each precision name (``None``: no autocast, plain fp32).
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
@@ -221,6 +221,26 @@ def _set_ieee_fp32() -> None:
     else:  # older torch
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+
+
+_FP32_FLAGS = ((torch.backends.cuda.matmul, "fp32_precision"),
+               (torch.backends.cudnn.conv, "fp32_precision"),
+               (torch.backends.cudnn.rnn, "fp32_precision")) \
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") else ()
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Inside: CUDA matmuls and cuDNN convolutions in IEEE fp32 (no TF32); the previous
+    settings are put back on leaving (for library calls that must not change a user's
+    global settings)."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name in _FP32_FLAGS]
+    _set_ieee_fp32()
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
 @contextlib.contextmanager

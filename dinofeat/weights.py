@@ -71,6 +71,7 @@ __all__ = [
     "hub_offline",
     "endpoint_reachable",
     "set_interface",
+    "reset_interface",
     "how_to_pass_weights",
     "local_weights",
     "local_weights_all",
@@ -98,11 +99,16 @@ _INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar("dinofeat_inter
                                                                  default="python")
 
 
-def set_interface(name: str) -> None:
-    """Word errors for ``"python"`` (default) or ``"cli"`` (the ``dinofeat`` command)."""
+def set_interface(name: str) -> contextvars.Token:
+    """Word errors for ``"python"`` (default) or ``"cli"`` (the ``dinofeat`` command);
+    returns the token that :func:`reset_interface` takes to restore the previous one."""
     if name not in ("python", "cli"):
         raise ValueError(f"interface must be 'python' or 'cli', got {name!r}")
-    _INTERFACE.set(name)
+    return _INTERFACE.set(name)
+
+
+def reset_interface(token: contextvars.Token) -> None:
+    _INTERFACE.reset(token)
 
 
 def how_to_pass_weights() -> str:

@@ -64,8 +64,8 @@ def build_index(root: Path, n: int = 24) -> tuple[Path, Path, list[Path]]:
     (resaved at lower quality, so dedup finds it) indexed with the tiny model."""
     from PIL import Image
 
-    from dinofeat.search import KNNIndex
     from dinofeat.model import load, save_safetensors
+    from dinofeat.search import KNNIndex
     photos = write_photos(root / "photos", n)
     copy = root / "photos" / "city" / "copy_of_first.jpg"
     Image.open(photos[0]).save(copy, quality=60)
@@ -90,7 +90,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         self.log_path = log or Path(index).with_suffix(f".serve{self.port}.log")
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the server runs
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dinofeat", "serve", str(Path(index).resolve()), "--port", str(self.port),
              *args], stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))

@@ -68,7 +68,8 @@ def _cls(model, x):
 
 # -------------------------------------------------- transformers DINO layout
 @pytest.mark.parametrize("arch,height,width", [("vit_s16", 224, 224), ("vit_s16", 480, 640),
-                                               ("vit_s8", 224, 224)])
+                                               pytest.param("vit_s8", 224, 224,
+                                                            marks=pytest.mark.slow)])
 def test_transformers_folder_matches_original(tmp_path, arch, height, width):
     sd, folder, _ = _hf_folder(tmp_path, arch)
     keys = json.loads((folder / "config.json").read_text())
@@ -368,7 +369,8 @@ def test_no_network_fails_fast_in_one_line(tmp_path, how):
                  f"backbone_url='http://127.0.0.1:{port}/dino/x_pretrain.pth')); ")
     # timed inside the child, after the imports (which take long on a loaded machine
     # and are not what the probe is about); stdout carries the time, stderr the error
-    pre = "import sys, time, dinofeat, dinofeat.cli; from dinofeat.cli import main; "
+    pre = ("import sys, time, dinofeat, dinofeat.cli, dinofeat.pretrained, "
+           "huggingface_hub.file_download; from dinofeat.cli import main; ")
     timed = ("t0 = time.monotonic()\ntry:\n    rc = {call}\nfinally:\n"
              "    print(f'{{time.monotonic() - t0:.2f}}')\nsys.exit(rc)")
     out = str(tmp_path / "f.npy")

@@ -187,3 +187,12 @@ def test_small_data_preset_keeps_mixed_precision_on_gpus():
     cfg = TrainConfig.from_preset("small_data")
     assert cfg.autocast_dtype("cuda") is torch.float16 and cfg.uses_loss_scaling("cuda")
     assert cfg.autocast_dtype("cpu") is None  # CPU: fp32, as before
+
+
+def test_inference_on_cuda_is_ieee_fp32_inside_and_restored_after(restore_cuda_flags):
+    from dinofeat.accel import fast_math
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # cuDNN's own default
+    with fast_math("cuda"):
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # the user's setting is back

@@ -22,8 +22,17 @@ pytest.importorskip("starlette", reason="dinofeat serve needs the serve extra: "
 pytest.importorskip("uvicorn", reason="dinofeat serve needs the serve extra")
 pytest.importorskip("multipart", reason="dinofeat serve needs the serve extra")
 
-from _serve import (REPO, InProcessServer, Server, build_index, get_json, multipart,  # noqa: E402
-                    post_search, request, write_photos)
+from _serve import (
+    REPO,
+    InProcessServer,
+    Server,
+    build_index,
+    get_json,
+    multipart,
+    post_search,
+    request,
+    write_photos,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +44,7 @@ def collection(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(collection):
-    srv = Server(collection["index"])
+    srv = Server(collection["index"], "--model", str(collection["weights"]))
     yield srv
     srv.stop()
 
@@ -78,15 +87,15 @@ def test_broken_uploads_get_4xx_and_the_server_keeps_answering(server, collectio
     Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # 400 Mpixels in a small file
     assert len(bomb.getvalue()) < 200_000
     cases = [
-        ("not an image", dict(image=b"hello, I am text", filename="notes.jpg"), 400,
+        ("not an image", {"image": b"hello, I am text", "filename": "notes.jpg"}, 400,
          "not an image"),
-        ("truncated", dict(image=good[: len(good) // 3], filename="cut.jpg"), 400, "cut.jpg"),
-        ("bomb", dict(image=bomb.getvalue(), filename="bomb.png"), 413, "decompression bomb"),
-        ("empty", dict(image=b"", filename="empty.jpg"), 400, "empty"),
-        ("k=0", dict(image=good, k=0), 400, "k must be"),
-        ("k=10^9", dict(image=good, k=10**9), 400, "k must be"),
-        ("k=abc", dict(image=good, k="abc"), 400, "k must be"),
-        ("no image", dict(image=None, k=3), 400, "no image"),
+        ("truncated", {"image": good[: len(good) // 3], "filename": "cut.jpg"}, 400, "cut.jpg"),
+        ("bomb", {"image": bomb.getvalue(), "filename": "bomb.png"}, 413, "decompression bomb"),
+        ("empty", {"image": b"", "filename": "empty.jpg"}, 400, "empty"),
+        ("k=0", {"image": good, "k": 0}, 400, "k must be"),
+        ("k=10^9", {"image": good, "k": 10**9}, 400, "k must be"),
+        ("k=abc", {"image": good, "k": "abc"}, 400, "k must be"),
+        ("no image", {"image": None, "k": 3}, 400, "no image"),
     ]
     for what, kw, want, text in cases:
         status, body = post_search(server.url, **kw)
@@ -244,8 +253,8 @@ def test_attention_refused_for_a_model_without_it(tmp_path):
 
 
 def test_upload_limit_is_configurable(collection):
-    from dinofeat.serve import ServeConfig, create_app
     from dinofeat.model import load
+    from dinofeat.serve import ServeConfig, create_app
     photo = collection["photos"][0].read_bytes()
     app = create_app(collection["index"], model=load(collection["weights"], device="cpu"),
                      config=ServeConfig(max_upload_mb=len(photo) / 2 / (1 << 20)))
@@ -253,6 +262,18 @@ def test_upload_limit_is_configurable(collection):
     try:
         status, body = post_search(srv.url, photo)
         assert status == 413 and "larger than the limit" in _one_line_error(body)
+        assert get_json(srv.url + "/healthz")[0] == 200
+        # without a Content-Length (chunked), reading stops at the limit
+        import http.client
+        big, ctype = multipart({}, {"image": ("big.jpg", photo * 4)})
+        conn = http.client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]),
+                                          timeout=60)
+        conn.request("POST", "/api/search", headers={"Content-Type": ctype},
+                     body=(big[i:i + 4096] for i in range(0, len(big), 4096)),
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and "limit" in _one_line_error(json.loads(resp.read()))
+        conn.close()
         assert get_json(srv.url + "/healthz")[0] == 200
     finally:
         srv.stop()
@@ -311,7 +332,7 @@ def test_searches_during_index_add_see_old_or_new_index(collection, tmp_path):
     index = tmp_path / "live.idx"
     shutil.copytree(collection["index"], index)
     new = write_photos(tmp_path / "new", 6, seed=7)
-    srv = Server(index)
+    srv = Server(index, "--model", str(collection["weights"]))  # --model: an alias
     try:
         before = get_json(srv.url + "/healthz")[1]
         query = collection["photos"][5].read_bytes()
@@ -329,8 +350,9 @@ def test_searches_during_index_add_see_old_or_new_index(collection, tmp_path):
         env = dict(os.environ, PYTHONPATH=str(REPO))
         add = subprocess.run([sys.executable, "-m", "dinofeat", "index", "add", str(index),
                               str(tmp_path / "new"), "--labels-from-folders",
+                              "--model", str(collection["weights"]),
                               "--no-progress"], env=env, capture_output=True, text=True,
-                             timeout=300)
+                             timeout=300, check=False)
         assert add.returncode == 0, add.stderr
         deadline = time.monotonic() + 60
         while get_json(srv.url + "/healthz")[1]["items"] != before["items"] + len(new):
@@ -343,7 +365,19 @@ def test_searches_during_index_add_see_old_or_new_index(collection, tmp_path):
         assert seen and all(status == 200 for status, _ in seen), seen
         after = get_json(srv.url + "/healthz")[1]["generation"]
         assert {g for _, g in seen} <= {before["generation"], after}
-        status, out = post_search(srv.url, new[2].read_bytes(), k=1)
+        _, out = post_search(srv.url, new[2].read_bytes(), k=1)
         assert out["results"][0]["path"] == os.path.abspath(new[2])
     finally:
         srv.stop()
+
+
+def test_command_line_defaults_and_missing_extra(server, collection, monkeypatch, capsys):
+    # the default bind address is the loopback interface
+    assert f"at http://127.0.0.1:{server.port}/" in server.log()
+    from dinofeat.cli import main
+    assert main(["serve", str(collection["index"]), "--port", "70000"]) == 2
+    assert "--port must be from 0 to 65535" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the extra were not installed
+    assert main(["serve", str(collection["index"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'dinofeat[serve]'" in err

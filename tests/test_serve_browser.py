@@ -26,14 +26,14 @@ if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
                 "chromium chromium-driver; scripts/test.sh does it as root)",
                 allow_module_level=True)
 
-from _serve import Server, build_index  # noqa: E402
+from _serve import Server, build_index
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-browser")
     index, weights, photos = build_index(root, n=16)
-    srv = Server(index)
+    srv = Server(index, "--model", str(weights))
     yield srv, photos, root
     srv.stop()
 
@@ -86,8 +86,8 @@ def test_search_click_duplicates_and_errors_in_chromium(site, browser, tmp_path)
     k.clear()
     k.send_keys("6")
     _choose_file(d, photos[3])
-    cards = lambda d: d.find_elements(By.CSS_SELECTOR, "#results .card")  # noqa: E731
-    first_id = lambda d: d.execute_script(  # noqa: E731
+    cards = lambda d: d.find_elements(By.CSS_SELECTOR, "#results .card")
+    first_id = lambda d: d.execute_script(
         "const c = document.querySelector('#results .card'); return c && c.dataset.id")
     _wait(d, lambda d: len(cards(d)) == 6)
     first = cards(d)[0]
@@ -138,7 +138,7 @@ def test_search_click_duplicates_and_errors_in_chromium(site, browser, tmp_path)
 
     # duplicates: the re-saved copy is grouped with its original; the slider regroups
     d.find_element(By.ID, "tab-dups").click()
-    groups = lambda d: d.find_elements(By.CSS_SELECTOR, "#groups > li")  # noqa: E731
+    groups = lambda d: d.find_elements(By.CSS_SELECTOR, "#groups > li")
     _wait(d, lambda d: "groups" in d.find_element(By.ID, "dup-status").text)
     _wait(d, lambda d: any("copy_of_first.jpg" in g.text for g in groups(d)))
     assert d.execute_script(

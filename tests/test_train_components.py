@@ -1,5 +1,5 @@
 """DINO training components against independent computations of the paper's formulas:
-loss (DESIGN 3.4), centre update, teacher temperature, schedules and teacher momentum (3.5),
+loss, centre update, teacher temperature, schedules and teacher momentum,
 parameter groups, per-parameter clipping, last-layer freeze, EMA, head (3.2), multi-crop
 augmentation statistics (3.3) and the collapse/loss ablations (issue 11)."""
 
@@ -54,7 +54,7 @@ def random_outputs(ncrops=4, b=5, k=16, seed=0):
 
 
 def reference_dino_loss(student, teacher, center, ncrops, tau_s, tau_t):
-    """DESIGN 3.4 term by term: pairs (q, v) with v != q, each averaged over the batch."""
+    """The loss term by term: pairs (q, v) with v != q, each averaged over the batch."""
     s = student.double().numpy().reshape(ncrops, -1, student.shape[-1])
     t = teacher.double().numpy().reshape(2, -1, teacher.shape[-1])
     c = center.double().numpy()
@@ -948,3 +948,65 @@ def test_help_says_defaults_are_not_the_papers_recipe():
     paper = PRESETS["vit_s16_800ep"]
     assert (paper["epochs"], paper["local_crops_number"]) == (800, 10)
     assert (TrainConfig().epochs, TrainConfig().local_crops_number) == (100, 8)
+
+
+def test_fashion_mnist_recipes_come_from_the_one_preset():
+    from dinofeat.demo import RECIPES
+    from dinofeat.training.config import PRESETS
+    cfg = TrainConfig.from_preset("fashion_mnist").validate()
+    assert (cfg.arch, cfg.patch_size, cfg.batch_augment) == ("vit_mini7", 7, True)
+    for recipe in RECIPES.values():
+        for k, v in recipe.options.items():
+            assert PRESETS["fashion_mnist"][k] == v, (recipe.name, k)
+
+
+def test_crop_areas_and_colour_jitter_follow_the_recipe(monkeypatch):
+    """Crop areas within the global (0.4, 1) / local (0.05, 0.4) scale ranges with their
+    means near the middle, aspect ratios within (3/4, 4/3); colour jitter applied at rate
+    0.8 with brightness/contrast factors in [0.6, 1.4], saturation in [0.8, 1.2] and hue
+    in [-0.1, 0.1], all four in a random order."""
+    from torchvision import transforms as v1
+    from dinofeat.training import augment as A
+    areas: list[tuple[int, float, float]] = []
+    orig_params = v1.RandomResizedCrop.get_params
+
+    def record(img, scale, ratio):
+        top, left, h, w = orig_params(img, scale, ratio)
+        areas.append((round(scale[0] * 100), h * w / (img.size[0] * img.size[1]), w / h))
+        return top, left, h, w
+    jitters: list = []
+    orig_jitter = v1.ColorJitter.get_params
+
+    def record_jitter(*ranges):
+        out = orig_jitter(*ranges)
+        jitters.append(out)
+        return out
+    monkeypatch.setattr(v1.RandomResizedCrop, "get_params", staticmethod(record))
+    monkeypatch.setattr(v1.ColorJitter, "get_params", staticmethod(record_jitter))
+    aug = MultiCropAugmentation(local_crops_number=2, global_crop_size=32, local_crop_size=16)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200, 3), np.uint8))
+    torch.manual_seed(0)
+    n = 200
+    for _ in range(n):
+        aug(img)
+    glob = np.array([a for s, a, _ in areas if s == 40])
+    loc = np.array([a for s, a, _ in areas if s == 5])
+    ratios = np.array([r for _, _, r in areas])
+    assert len(glob) == 2 * n and len(loc) == 2 * n
+    assert glob.min() >= 0.4 - 0.02 and glob.max() <= 1.0
+    assert loc.min() >= 0.05 - 0.01 and loc.max() <= 0.4 + 0.01
+    # the box is drawn with a uniform area fraction, rejected when it does not fit: the
+    # mean stays near the middle of the range (large global boxes are rejected more often)
+    assert 0.55 < glob.mean() < 0.72 and 0.19 < loc.mean() < 0.26
+    assert ratios.min() >= 0.74 and ratios.max() <= 1.35
+    rate = len(jitters) / (4 * n)
+    assert abs(rate - 0.8) < 3 * math.sqrt(0.8 * 0.2 / (4 * n))
+    b = np.array([j[1] for j in jitters])
+    c = np.array([j[2] for j in jitters])
+    s = np.array([j[3] for j in jitters])
+    h = np.array([j[4] for j in jitters])
+    assert b.min() >= 0.6 and b.max() <= 1.4 and c.min() >= 0.6 and c.max() <= 1.4
+    assert s.min() >= 0.8 and s.max() <= 1.2 and h.min() >= -0.1 and h.max() <= 0.1
+    assert abs(b.mean() - 1) < 0.05 and abs(h.mean()) < 0.015
+    firsts = {int(j[0][0]) for j in jitters}
+    assert firsts == {0, 1, 2, 3}  # every operation comes first sometimes

@@ -25,7 +25,7 @@ VERBS = ("models", "features", "search", "serve", "train", "evaluate", "demo", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
     parser = Parser(
         prog="dinofeat",
         description="DINO self-supervised vision features: pretrained models, embeddings, "
@@ -63,15 +63,24 @@ def _paths_safe_output() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..weights import reset_interface, set_interface
+    token = set_interface("cli")  # library errors name --model PATH, not dinofeat.load(...)
+    try:
+        return _main(argv)
+    finally:  # a program calling main() keeps its own wording afterwards
+        reset_interface(token)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _paths_safe_output()
     streams = install_output()
     try:
-        return _main(argv)
+        return _parse_and_run(argv)
     finally:
         sys.stdout, sys.stderr = streams
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _parse_and_run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
@@ -83,11 +92,6 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2 if not argv else 0
     see = f" (see '{verb.prog} --help')"
     try:
-        if getattr(args, "command", None) != "models" or "dinofeat.weights" in sys.modules:
-            # library errors name --model PATH, not dinofeat.load(...); imported here, not
-            # at start-up, because the weights module needs torch
-            from ..weights import set_interface
-            set_interface("cli")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("dinofeat: interrupted", file=sys.stderr)

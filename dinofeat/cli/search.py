@@ -32,8 +32,13 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         opts["size"] = args.size
     if args.preprocessing:
         opts["preprocessing"] = args.preprocessing
+    auto_kw = {}
+    if args.memory is not None or args.recall is not None:
+        if args.factory != "auto":
+            raise UserError("--memory and --recall choose the index of --factory auto")
+        auto_kw = {"memory": args.memory, "recall": args.recall}
     index = KNNIndex.from_images(
-        args.folder, model, args.out, metric=args.metric, factory=args.factory,
+        args.folder, model, args.out, metric=args.metric, factory=args.factory, **auto_kw,
         pool=args.pool, labels="folder" if args.labels_from_folders else None,
         checkpoint_every=args.checkpoint_every, shard_size=args.shard_size, **opts)
     if index.build_state.get("last_add") and rank() == 0:
@@ -99,6 +104,7 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
         ("memory", f"about {header.get('bytes_per_vector') or '?'} bytes per vector"),
         ("search params", ", ".join(f"{k}={v}" for k, v in
                                     (header.get("search_params") or {}).items()) or "-"),
+        *_auto_rows(header),
         ("model", f"{model.get('name', 'unknown')} (weights {model.get('weights_hash', '?')})"
                   + (f" from {model['source']}" if model.get("source") else "")),
         ("features", f"pool={model.get('pooling', 'cls')}, preprocessing "
@@ -118,6 +124,27 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     return 0
+
+
+def _auto_rows(header: dict) -> list[tuple[str, str]]:
+    """What --factory auto chose and measured, for ``index info``."""
+    auto = header.get("auto")
+    if not auto:
+        return []
+    from ..search.auto import format_bytes
+    budget = auto.get("memory_budget")
+    rows = [("auto", f"target recall@{auto.get('k', 10)} {auto.get('recall_target')} within "
+                     f"{format_bytes(budget) if budget else '?'} -> {auto.get('factory')}")]
+    if auto.get("recall") is not None:
+        where = auto.get("measured_on")
+        where = f"on {where:,} vectors" if isinstance(where, int) else where
+        rows.append(("measured recall", f"{auto['recall']} ({where}, "
+                                        f"{auto.get('queries', '?')} held-out queries)"))
+    elif auto.get("sample_recall") is not None:
+        rows.append(("measured recall", f"{auto['sample_recall']} (on the training sample)"))
+    if auto.get("target_met") is False:
+        rows.append(("warning", "the recall target was not met within the memory budget"))
+    return rows
 
 
 def _preprocessing_text(pre: dict | None) -> str:
@@ -242,9 +269,16 @@ def register(sub) -> None:
     add_model_args(q, "vit_s16")
     g = q.add_argument_group("index")
     g.add_argument("--factory", default="Flat",
-                   help="faiss index: Flat (exact, default), auto (exact up to 1M vectors, "
-                        "IVF-PQ beyond), or a faiss factory string such as IVF4096,PQ48 or "
-                        "HNSW32")
+                   help="faiss index: Flat (exact, default), auto (exact up to 1M vectors "
+                        "within --memory; beyond, the first of IVF-SQ8, IVF-fp16, IVF-Flat, "
+                        "HNSW, IVF-PQ with re-ranking that fits --memory and reaches "
+                        "--recall), or a faiss factory string such as IVF4096,SQ8 or HNSW32")
+    g.add_argument("--memory", default=None, metavar="SIZE",
+                   help="with --factory auto: memory the index may use, e.g. 8GB "
+                        "(default: the memory free now)")
+    g.add_argument("--recall", type=float, default=None, metavar="R",
+                   help="with --factory auto: recall@10 to reach against exact search, "
+                        "measured on held-out vectors of your own (default 0.95)")
     g.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
     g.add_argument("--pool", choices=("cls", "mean", "gem", "cls+gem"), default="cls",
                    help="feature: cls (default; retrieval, k-NN), cls+gem (copy detection)")

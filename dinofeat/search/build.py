@@ -350,7 +350,7 @@ def _merge_plan_shards(index: Any, plan_doc: dict, shard_dir: Path, labels: Any,
 
 def from_images(cls: Any, images: Any, model: Any, out: str | os.PathLike | None = None, *,
                 metric: str = "cosine", factory: str = "Flat", pool: str = "cls",
-                **kw: Any):
+                memory: Any = None, recall: float | None = None, **kw: Any):
     """Build (or resume) an index of class ``cls`` of the image files under ``images``:
     see :meth:`dinofeat.KNNIndex.from_images`."""
     if out is not None and (Path(out) / HEADER_NAME).is_file():
@@ -360,7 +360,8 @@ def from_images(cls: Any, images: Any, model: Any, out: str | os.PathLike | None
             raise ValueError(f"{out} holds a {index.metric}/{index.factory} index, not "
                              f"{metric}/{factory}: choose another output or delete it")
     else:
-        index = cls(metric=metric, factory=factory)
+        index = cls(metric=metric, factory=factory,
+                    **({"memory": memory, "recall": recall} if factory == "auto" else {}))
     if is_distributed():
         if out is None:
             raise ValueError("a distributed build (torchrun) needs out=: the processes "

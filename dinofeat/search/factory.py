@@ -134,6 +134,10 @@ def build_faiss(factory: str, dim: int, metric: str) -> faiss.Index:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         raise ValueError(f"faiss cannot build index factory {factory!r} for dimension {dim}: "
                          f"{msg}") from None
-    if faiss.try_extract_index_ivf(index) is None and not factory.startswith("IDMap"):
+    # re-ranking (Refine) looks its exact vectors up by the base index's labels, which must
+    # then be positions, not the user's ids: wrap it too
+    refine = isinstance(faiss.downcast_index(index), faiss.IndexRefine)
+    if (faiss.try_extract_index_ivf(index) is None or refine) and \
+            not factory.startswith("IDMap"):
         index = faiss.index_factory(dim, "IDMap2," + factory, mt)
     return index

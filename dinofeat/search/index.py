@@ -41,7 +41,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
+from .. import runtime
 from ..utils import get_logger
+from . import auto as autos
 from . import build as builder
 from . import factory as factories
 from . import storage
@@ -110,13 +112,19 @@ class KNNIndex:
     def __init__(self, dim: int | None = None, metric: str = "cosine", factory: str = "Flat",
                  model_info: Any = None, *, expected_size: int | None = None,
                  train_size: int | None = None, search_params: Mapping[str, Any] | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", memory: int | str | None = None,
+                 recall: float | None = None):
         if metric not in ("cosine", "l2"):
             raise ValueError(f"metric must be 'cosine' or 'l2', not {metric!r}")
         if not isinstance(factory, str) or not factory.strip():
             raise ValueError("factory must be a faiss factory string or 'auto'")
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+        if (memory is not None or recall is not None) and factory.strip() != "auto":
+            raise ValueError("memory= and recall= choose the index of factory='auto'; a "
+                             f"{factory!r} index is what it is (tune it with search_params=)")
+        if recall is not None and not 0 < float(recall) <= 1:
+            raise ValueError(f"recall is a target recall@10 in (0, 1], got {recall}")
         if device == "cuda" and not gpu_available():
             raise ValueError("device='cuda' needs faiss-gpu and a CUDA device; neither is "
                              "available here (install faiss-gpu or use device='cpu')")
@@ -130,6 +138,12 @@ class KNNIndex:
         self.train_size = train_size
         self.search_params: dict[str, Any] = dict(search_params or {})
         self.device = device
+        self.memory = autos.parse_memory(memory) if memory is not None else None
+        self.recall_target = float(recall) if recall is not None else None
+        #: what "auto" chose and measured (header key "auto")
+        self.auto: dict[str, Any] = {}
+        self._probe: dict[str, Any] | None = None  # held-out queries and their exact answers
+        self._tuned_at: int | None = None
         self.build_state: dict[str, Any] = {}  # free-form progress of from_images builds
         self.folder: Path | None = None  # where it was last loaded from or saved to
         self.resolved_factory: str | None = None
@@ -137,6 +151,8 @@ class KNNIndex:
         self._pending: faiss.Index | None = None  # exact buffer while the index is untrained
         self._gpu_index: faiss.Index | None = None
         self._gpu_failed = False
+        self._mapped = False  # faiss data memory-mapped from a generation file (read-only)
+        self._gpu_res = None  # faiss.StandardGpuResources of the GPU copy
         self._tombstones: set[int] = set()  # removed ids an index cannot delete (HNSW)
         # per-item records, row-aligned
         self._ids: list[int] = []
@@ -225,17 +241,28 @@ class KNNIndex:
         assert self.dim is not None
         factory = self.factory
         if factory == "auto":
-            n = max(size_hint, self.expected_size or 0)
-            factory = factories.choose_factory(n, self.dim)
+            n = max(size_hint, self.expected_size or 0, 1)
+            cands = autos.candidates(n, self.dim)
+            budget = self._budget()
+            fitting = [c for c in cands if c.memory(n) <= budget]
+            if not fitting:  # refused before any work, with the same words as select()
+                autos.select(np.zeros((0, self.dim), np.float32), n, self.metric, budget,
+                             self._target())
+            # Flat needs no sample; any other choice waits for the training sample in the
+            # exact buffer (the first candidate stands in, untrained, until then)
+            factory = fitting[0].factory
         self._index = build_faiss(factory, self.dim, self.metric)
         self.resolved_factory = factory
         ivf = faiss.try_extract_index_ivf(self._index)
         if ivf is not None:
             self.search_params.setdefault("nprobe", min(16, int(ivf.nlist)))
         self._apply_search_params()
-        if self.factory == "auto":
-            _log.info("index factory auto -> %s (%s vectors expected, dim %d): about %d bytes "
-                      "per vector", factory, f"{self.expected_size:,}" if self.expected_size
+        if self.factory == "auto" and factory == "Flat":
+            self.auto = {"memory_budget": self._budget(), "recall_target": self._target(),
+                         "k": autos.AUTO_K, "factory": "Flat", "params": {},
+                         "recall": 1.0, "measured_on": "exact search"}
+            _log.info("index factory auto -> Flat (%s vectors expected, dim %d): exact, about "
+                      "%d bytes per vector", f"{self.expected_size:,}" if self.expected_size
                       else "size unknown", self.dim,
                       bytes_per_vector(self._index, self.dim, factory))
         if not self._index.is_trained:
@@ -317,6 +344,7 @@ class KNNIndex:
         paths, hashes, extra = self._split_meta(n, meta)
         if n == 0:
             return id_arr
+        self._own_memory()
         self._ensure_index(len(self) + n)
         target = self._index if self._index.is_trained else self._pending
         for s in range(0, n, _ADD_CHUNK):
@@ -334,15 +362,15 @@ class KNNIndex:
         self._invalidate()
         if self._pending is not None and self._pending.ntotal >= self._resolve_train_size():
             self.train()
-        elif self.factory == "auto" and self.resolved_factory == "Flat" and \
-                len(self) > factories.AUTO_EXACT_LIMIT:
-            target_factory = factories.choose_factory(len(self), self.dim)
-            _log.info("index outgrew exact search (%d > %d vectors): converting to %s, "
-                      "about %d bytes per vector", len(self), factories.AUTO_EXACT_LIMIT,
-                      target_factory, bytes_per_vector(
-                          build_faiss(target_factory, self.dim, self.metric), self.dim,
-                          target_factory))
-            self.rebuild(target_factory)
+        elif self.factory == "auto" and self.resolved_factory == "Flat" and (
+                len(self) > factories.AUTO_EXACT_LIMIT or
+                autos.estimate_memory("Flat", len(self), self.dim) > self._budget()):
+            _log.info("index outgrew exact search (%d vectors; exact search is kept up to %d "
+                      "and within %s): choosing another index", len(self),
+                      factories.AUTO_EXACT_LIMIT, autos.format_bytes(self._budget()))
+            self._convert_auto()
+        elif self._probe is not None and self._pending is None:
+            self._probe_add(x, id_arr)
         return id_arr
 
     def _new_ids(self, n: int, ids: Any) -> np.ndarray:
@@ -412,6 +440,17 @@ class KNNIndex:
                 raise TypeError(f"meta entries must be paths or dicts, not {type(m).__name__}")
         return paths, hashes, extra
 
+    def _own_memory(self) -> None:
+        """A mapped index is read-only (faiss aborts on writing a mapped array): copy it
+        into memory before the first change."""
+        if not self._mapped or self._index is None:
+            return
+        _log.info("copying the memory-mapped index into memory to change it (%s vectors)",
+                  f"{int(self._index.ntotal):,}")
+        self._index = faiss.deserialize_index(faiss.serialize_index(self._index))
+        self._mapped = False
+        self._apply_search_params()
+
     def _invalidate(self) -> None:
         self._cache.clear()
         self._gpu_index = None
@@ -427,12 +466,17 @@ class KNNIndex:
             self._ensure_index(len(x))
         if self._index.is_trained:
             return
+        self._own_memory()
         if sample is not None:
             x = self._prepare(sample, "training sample")
         else:
             n = self._pending.ntotal
             x = self._pending.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim),
                                                                           np.float32)
+        if self.factory == "auto" and sample is None and self._pending is not None:
+            pending_ids = faiss.vector_to_array(self._pending.id_map).astype(np.int64)
+            self._choose_auto(x, pending_ids)
+            self._probe_add(x, pending_ids)  # the sample is the whole index so far
         need = min_train_size(self._index)
         if len(x) < need:
             raise ValueError(f"{self.resolved_factory} needs at least {need} training vectors, "
@@ -449,6 +493,145 @@ class KNNIndex:
                 self._index.add_with_ids(vec, ids[s:s + _ADD_CHUNK])
         self._apply_search_params()
         self._invalidate()
+        if self._probe is not None:
+            self.tune()
+
+    # ------------------------------------------------------------ auto
+    def _budget(self) -> int:
+        return self.memory if self.memory is not None else autos.free_memory()
+
+    def _target(self) -> float:
+        return self.recall_target if self.recall_target is not None else autos.DEFAULT_RECALL
+
+    def _choose_auto(self, sample: np.ndarray, ids: np.ndarray | None) -> None:
+        """Choose the index on the exact training sample (see :mod:`dinofeat.search.auto`)
+        and make it this index's (untrained, its coarse quantiser filled)."""
+        n = max(len(self), self.expected_size or 0, len(sample))
+        budget, target = self._budget(), self._target()
+        choice = autos.select(sample, n, self.metric, budget, target)
+        new = build_faiss(choice.factory, self.dim, self.metric)
+        ivf = faiss.try_extract_index_ivf(new)
+        if ivf is not None and choice.centroids is not None and \
+                len(choice.centroids) == ivf.nlist:
+            ivf.quantizer.add(choice.centroids)
+        self._index = new
+        self.resolved_factory = choice.factory
+        self.search_params = {k: v for k, v in choice.params.items()}
+        self.auto = choice.record(budget, target, n)
+        if ids is not None and choice.factory != "Flat":
+            self._start_probe(sample, ids)
+        if choice.met:
+            _log.info("index factory auto -> %s with %s: recall@%d %.3f >= %.2f on a held-out "
+                      "sample, about %s for %s vectors", choice.factory, choice.params or "-",
+                      autos.AUTO_K, choice.recall, target, autos.format_bytes(choice.memory),
+                      f"{n:,}")
+        else:
+            _log.warning("index factory auto: recall@%d %.2f cannot be met within %s for %s "
+                         "%d-d vectors (best: %s with %s, recall %.3f); raise --memory/memory= "
+                         "or lower the target", autos.AUTO_K, target,
+                         autos.format_bytes(budget), f"{n:,}", self.dim, choice.factory,
+                         choice.params, choice.recall)
+
+    def _convert_auto(self) -> None:
+        """An exact auto index that outgrew exact search: choose on a sample of its (exact)
+        vectors and rebuild into the choice."""
+        live = self.ids
+        size = min(len(live), autos.MIN_POINTS_PER_CENTROID * autos.nlist_for(len(live)))
+        rng = np.random.default_rng(0)
+        rows = np.sort(rng.choice(len(live), size=size, replace=False))
+        sample_ids = live[rows]
+        sample = self._reconstruct(sample_ids)
+        old = self._index  # exact: its vectors are the originals
+        self._choose_auto(sample, sample_ids)
+        new = self._index
+        t0 = time.perf_counter()
+        new.train(sample)
+        _log.info("trained %s on %d vectors in %.1f s", self.resolved_factory, len(sample),
+                  time.perf_counter() - t0)
+        for s in range(0, len(live), _ADD_CHUNK):
+            chunk = live[s:s + _ADD_CHUNK]
+            vecs = old.reconstruct_batch(chunk)
+            new.add_with_ids(vecs, chunk)
+            if self._probe is not None:
+                self._probe_add(vecs, chunk)
+        self._pending = None
+        self._tombstones.clear()
+        self._apply_search_params()
+        self._invalidate()
+        if self._probe is not None:
+            self.tune()
+
+    def _start_probe(self, sample: np.ndarray, ids: np.ndarray) -> None:
+        """Keep a few hundred held-out queries of the sample and their exact neighbours so
+        far, updated as vectors are added, to measure recall on the full index."""
+        rng = np.random.default_rng(1)
+        nq = min(autos.HOLDOUT_QUERIES, len(sample))
+        rows = np.sort(rng.choice(len(sample), size=nq, replace=False))
+        k = autos.AUTO_K + 1
+        q = np.ascontiguousarray(sample[rows])
+        self._probe = {"queries": q, "ids": ids[rows],
+                       "scores": np.full((nq, k), -np.inf if self.metric == "cosine" else
+                                         np.inf, np.float32),
+                       "topk": np.full((nq, k), -1, np.int64)}
+
+    def _probe_add(self, x: np.ndarray, ids: np.ndarray) -> None:
+        """Merge a batch of exact vectors into the held-out queries' exact top-k."""
+        p = self._probe
+        if p is None or len(x) == 0:
+            return
+        q = p["queries"]
+        if self.metric == "cosine":
+            sc = q @ x.T
+            order_sign = -1.0
+        else:
+            sc = (q * q).sum(1)[:, None] - 2 * q @ x.T + (x * x).sum(1)[None, :]
+            order_sign = 1.0
+        allsc = np.concatenate([p["scores"], sc.astype(np.float32)], axis=1)
+        allid = np.concatenate([p["topk"], np.broadcast_to(ids[None, :], sc.shape)], axis=1)
+        k = p["scores"].shape[1]
+        top = np.argsort(order_sign * allsc, axis=1, kind="stable")[:, :k]
+        p["scores"] = np.take_along_axis(allsc, top, axis=1)
+        p["topk"] = np.take_along_axis(allid, top, axis=1)
+
+    def tune(self, recall: float | None = None) -> dict[str, Any]:
+        """Raise the search parameter (``nprobe``, ``efSearch``) of an ``auto`` index
+        until recall@10 on its held-out queries, measured against their exact neighbours
+        among every vector added in this session, reaches ``recall`` (default: the
+        index's target). Returns the ``auto`` record (also in the header)."""
+        if recall is not None:
+            self.recall_target = float(recall)
+        p = self._probe
+        if p is None or self._index is None or not self._index.is_trained or \
+                self.factory != "auto" or self.resolved_factory == "Flat":
+            return dict(self.auto)
+        cand = next((c for c in autos.candidates(max(len(self), 1), self.dim)
+                     if c.factory == self.resolved_factory), None)
+        if cand is None or cand.param is None:
+            return dict(self.auto)
+        if self._tombstones or any(i >= 0 and i not in self._row
+                                   for i in p["topk"].ravel().tolist()):
+            _log.info("auto: items were removed since the held-out answers were computed; "
+                      "recall not measured again")
+            return dict(self.auto)
+        cand.params = {k: v for k, v in self.search_params.items() if k != cand.param}
+        k = autos.AUTO_K
+        truth = autos.drop_self(p["scores"], p["topk"], p["ids"], k)[1]
+        t0 = time.perf_counter()
+        params, r = autos.tune_parameter(self._index, cand, p["queries"], truth, p["ids"],
+                                         self._target(), k)
+        self.search_params.update(params)
+        self._apply_search_params()
+        self.auto.update(params=dict(self.search_params), recall=round(r, 4),
+                         measured_on=len(self), queries=len(p["ids"]),
+                         target_met=r >= self._target())
+        _log.info("auto: recall@%d %.3f with %s on %d held-out queries over %d vectors "
+                  "(%.1f s)", k, r, params, len(p["ids"]), len(self), time.perf_counter() - t0)
+        if r < self._target():
+            _log.warning("auto: recall@%d %.3f is below the target %.2f even with %s; "
+                         "rebuild with a larger memory budget (memory=, --memory) or a lower "
+                         "target", k, r, self._target(), params)
+        self._tuned_at = len(self)
+        return dict(self.auto)
 
     def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of ``ids`` (exact for flat storage, decoded for PQ/SQ)."""
@@ -473,6 +656,7 @@ class KNNIndex:
         if self._index is None:
             return
         new_factory = factory or self.resolved_factory
+        self._own_memory()
         live = self.ids
         new = build_faiss(new_factory, self.dim, self.metric)
         if not new.is_trained:
@@ -522,6 +706,7 @@ class KNNIndex:
         present = np.array([i for i in arr.tolist() if i in self._row], dtype=np.int64)
         if len(present) == 0:
             return 0
+        self._own_memory()
         sel = faiss.IDSelectorBatch(present)
         if self._pending is not None:
             self._pending.remove_ids(sel)
@@ -551,7 +736,11 @@ class KNNIndex:
         if self.device != "cpu" and not self._gpu_failed and gpu_available():
             if self._gpu_index is None:
                 try:
-                    self._gpu_index = faiss.index_cpu_to_all_gpus(self._index)
+                    # this process's GPU only (its local rank's under torchrun), not a
+                    # copy on every visible GPU
+                    self._gpu_res = faiss.StandardGpuResources()
+                    self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, _gpu_device(),
+                                                             self._index)
                 except RuntimeError as e:  # e.g. HNSW has no GPU version
                     self._gpu_failed = True
                     _log.info("searching on CPU: faiss-gpu cannot hold a %s index (%s)",
@@ -579,7 +768,15 @@ class KNNIndex:
             return (np.full((nq, k), empty_score, np.float32), np.full((nq, k), -1, np.int64))
         extra = len(self._tombstones)
         kk = min(k + extra, int(index.ntotal))
-        scores, ids = index.search(q, kk)
+        try:
+            scores, ids = index.search(q, kk)
+        except RuntimeError as e:  # a faiss-gpu failure (out of memory...): the CPU copy
+            if index is not self._gpu_index or self._gpu_index is None:
+                raise
+            self._gpu_failed, self._gpu_index = True, None
+            _log.warning("faiss GPU search failed (%s); searching on the CPU from now on",
+                         str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+            scores, ids = self._index.search(q, kk)
         if extra:
             dead = np.isin(ids, np.fromiter(self._tombstones, np.int64, extra))
             ids = np.where(dead, -1, ids)
@@ -642,9 +839,12 @@ class KNNIndex:
                 missing = {self._labels[r] for r in rows[valid & (cls < 0)].tolist()}
                 raise ValueError(f"neighbours have labels {sorted(missing)[:10]} that are not "
                                  "among classes=")
-            w = np.exp(scores.astype(np.float64) / T)
-            qi = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
-            np.add.at(out, (qi[valid], cls[valid]), w[valid])
+            import torch
+
+            from ..eval.knn import weighted_vote  # the one implementation of the vote
+            out = weighted_vote(torch.from_numpy(scores.astype(np.float64)),
+                                torch.from_numpy(np.where(valid, cls, -1)), T,
+                                len(cols)).numpy()
         return out
 
     def predict(self, queries: Any, k: int = 20, T: float = 0.07, **kw: Any) -> list:
@@ -655,7 +855,7 @@ class KNNIndex:
 
     # ------------------------------------------------------------ saving
     def _header(self, generation: int, files: dict[str, str | None]) -> dict[str, Any]:
-        from .. import __version__
+        from ..version import __version__
         return {
             "format": storage.FORMAT_NAME, "format_version": storage.FORMAT_VERSION,
             "generation": generation, **files,
@@ -670,6 +870,8 @@ class KNNIndex:
             "expected_size": self.expected_size,
             "bytes_per_vector": self.bytes_per_vector,
             "search_params": self.search_params,
+            "memory_budget": self.memory, "recall_target": self.recall_target,
+            "auto": self.auto or None,
             "model": self.model_info,
             "has_labels": self.has_labels, "classes": self.classes,
             "next_id": self._next_id,
@@ -687,6 +889,8 @@ class KNNIndex:
                  "sha256": self._hashes if self._hash_set else None,
                  "meta": self._extra if any(e is not None for e in self._extra) else None,
                  "tombstones": sorted(self._tombstones)}
+        if self._probe is not None and self._tuned_at != len(self):
+            self.tune()
         out = storage.write_generation(path, index=self._index, pending=self._pending,
                                        items=items, header=self._header)
         self.folder = out
@@ -698,11 +902,17 @@ class KNNIndex:
         return storage.read_header(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto") -> "KNNIndex":
+    def load(cls, path: str | os.PathLike, device: str = "auto", *, mmap: bool = False
+             ) -> "KNNIndex":
         """Read an index folder written by :meth:`save`, checking that its files agree
-        (generation, counts, dimension, metric, ids)."""
+        (generation, counts, dimension, metric, ids).
+
+        ``mmap=True`` maps the faiss data instead of reading it (an index larger than
+        memory is searched with the OS paging in what searches touch; an IVF index touches
+        only the ``nprobe`` lists a query probes). Adding or removing vectors first copies
+        the index into memory, once, and says so."""
         path = Path(path)
-        stored = storage.read_generation(path)
+        stored = storage.read_generation(path, mmap=mmap)
         header, items = stored.header, stored.items
         items_name = str(header.get("items_file"))
 
@@ -712,13 +922,18 @@ class KNNIndex:
         self = cls(None, metric=header["metric"], factory=header["factory"],
                    model_info=header.get("model"), expected_size=header.get("expected_size"),
                    train_size=header.get("train_size"),
-                   search_params=header.get("search_params") or {}, device=device)
+                   search_params=header.get("search_params") or {}, device=device,
+                   **({"memory": header.get("memory_budget"),
+                       "recall": header.get("recall_target")}
+                      if header["factory"] == "auto" else {}))
+        self.auto = dict(header.get("auto") or {})
         self.dim = header["dim"]
         self.folder = path
         self.resolved_factory = header.get("resolved_factory")
         self.build_state = dict(header.get("build") or {})
         self._next_id = int(header.get("next_id", 0))
         self._index, self._pending = stored.index, stored.pending
+        self._mapped = bool(mmap) and stored.index is not None
         ids = [int(i) for i in items.get("ids", [])]
         n = len(ids)
         if n != header.get("count"):
@@ -821,6 +1036,7 @@ class KNNIndex:
     @classmethod
     def from_images(cls, images: Any, model: Any, out: str | os.PathLike | None = None, *,
                     metric: str = "cosine", factory: str = "Flat", pool: str = "cls",
+                    memory: int | str | None = None, recall: float | None = None,
                     **kw: Any) -> "KNNIndex":
         """Build an index of the image files under ``images`` (see :meth:`add_images`).
 
@@ -830,7 +1046,7 @@ class KNNIndex:
         ``torchrun`` every process embeds a share of the new files and rank 0 adds them
         (see :mod:`dinofeat.extract`)."""
         return builder.from_images(cls, images, model, out, metric=metric, factory=factory,
-                                   pool=pool, **kw)
+                                   pool=pool, memory=memory, recall=recall, **kw)
 
     def embed_options(self) -> dict[str, Any]:
         """The :meth:`DinoModel.embed` options that make features of this index's kind
@@ -862,3 +1078,9 @@ class KNNIndex:
         for k in ("generation", "build", "saved_at", "next_id"):
             h.pop(k, None)
         return h
+
+
+def _gpu_device() -> int:
+    """The GPU faiss uses in this process: the one :mod:`dinofeat.runtime` gives it."""
+    dev = runtime.default_device()
+    return (dev.index or 0) if dev.type == "cuda" else 0

@@ -140,8 +140,12 @@ class StoredGeneration:
         self.header, self.items, self.index, self.pending = header, items, index, pending
 
 
-def read_generation(path: str | os.PathLike) -> StoredGeneration:
-    """Read the current generation of the index folder ``path``.
+def read_generation(path: str | os.PathLike, *, mmap: bool = False) -> StoredGeneration:
+    """Read the current generation of the index folder ``path``; with ``mmap`` the faiss
+    data (codes, inverted lists, graph) stays in the file and is paged in by the OS as
+    searches touch it, so an index larger than memory can be searched. Generation files
+    are never modified after they are written, so a mapping stays valid, even after a
+    later save deletes the file (the mapping keeps it alive).
 
     A concurrent save commits a new header and then deletes the previous generation's
     files, possibly between our reading the header and opening them: read again while the
@@ -151,7 +155,7 @@ def read_generation(path: str | os.PathLike) -> StoredGeneration:
     for attempt in range(attempts):
         header = read_header(path)
         try:
-            return _read_files(path, header)
+            return _read_files(path, header, faiss.IO_FLAG_MMAP_IFC if mmap else 0)
         except FileNotFoundError:
             if attempt == attempts - 1 or read_header(path).get("generation") == \
                     header.get("generation"):
@@ -188,12 +192,13 @@ def named_file(path: Path, header: dict[str, Any], key: str) -> Path:
         raise IndexFormatError(str(e)) from None
 
 
-def _read_faiss(path: Path, header: dict[str, Any], key: str) -> faiss.Index:
+def _read_faiss(path: Path, header: dict[str, Any], key: str, io_flags: int = 0
+                ) -> faiss.Index:
     f = named_file(path, header, key)
     if not f.is_file():
         raise FileNotFoundError(f"{f}: missing (named by {path / HEADER_NAME})")
     try:
-        return read_faiss_bounded(f)
+        return read_faiss_bounded(f, io_flags)
     except RuntimeError as e:
         if not f.exists():  # deleted by a concurrent save after the check above
             raise FileNotFoundError(f"{f}: missing (named by {path / HEADER_NAME})") from None
@@ -201,7 +206,7 @@ def _read_faiss(path: Path, header: dict[str, Any], key: str) -> faiss.Index:
                                f"corrupt?): {str(e).strip().splitlines()[-1]}") from None
 
 
-def _read_files(path: Path, header: dict[str, Any]) -> StoredGeneration:
+def _read_files(path: Path, header: dict[str, Any], io_flags: int = 0) -> StoredGeneration:
     items_path = named_file(path, header, "items_file")
     if not items_path.is_file():
         raise FileNotFoundError(f"{items_path}: missing (named by {path / HEADER_NAME})")
@@ -212,6 +217,7 @@ def _read_files(path: Path, header: dict[str, Any]) -> StoredGeneration:
     if items.get("generation") != header["generation"]:
         raise IndexFormatError(f"{path}: {items_path.name} belongs to generation "
                                f"{items.get('generation')}, the header to {header['generation']}")
-    index = _read_faiss(path, header, "faiss_file") if header.get("faiss_file") else None
+    index = _read_faiss(path, header, "faiss_file", io_flags) if header.get("faiss_file") \
+        else None
     pending = _read_faiss(path, header, "pending_file") if header.get("pending_file") else None
     return StoredGeneration(header, items, index, pending)

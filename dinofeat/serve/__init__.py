@@ -12,7 +12,7 @@ See docs/serve.md for the API.
 
 from __future__ import annotations
 
-__all__ = ["create_app", "serve", "ServeConfig", "require_serve_extra"]
+__all__ = ["ServeConfig", "create_app", "require_serve_extra", "serve"]
 
 _MISSING = ("dinofeat serve needs the serve extra (starlette, uvicorn, python-multipart): "
             "pip install 'dinofeat[serve]'")
@@ -21,7 +21,7 @@ _MISSING = ("dinofeat serve needs the serve extra (starlette, uvicorn, python-mu
 def require_serve_extra() -> None:
     """Raise ``ImportError`` with the install command when the extra is missing."""
     try:
-        import multipart  # noqa: F401  (python-multipart)
+        import multipart  # type: ignore[import-untyped]  # noqa: F401  (python-multipart)
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:

@@ -26,9 +26,10 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -46,7 +48,7 @@ from ..search import DEFAULT_THRESHOLD
 from ..utils import get_logger
 from .state import ServedIndex, duplicate_view, similarity_histogram
 
-__all__ = ["create_app", "ServeConfig", "MAX_K", "STATIC_DIR"]
+__all__ = ["MAX_K", "STATIC_DIR", "ServeConfig", "create_app"]
 
 _log = get_logger("dinofeat.serve")
 
@@ -86,6 +88,33 @@ class ServeConfig:
         self.thumb_cache = int(thumb_cache)
 
 
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim``, or a no-op elsewhere. Decoding large photos in several
+    threads leaves freed memory in per-thread heaps that glibc does not hand back by
+    itself, so the server's memory would creep up under load without it."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    state = {"last": 0.0}
+    lock = threading.Lock()
+
+    def run() -> None:
+        now = time.monotonic()
+        with lock:  # at most twice a second: a trim walks every heap
+            if now - state["last"] < 0.5:
+                return
+            state["last"] = now
+        trim(0)
+    return run
+
+
+_trim = _malloc_trim()
+
+
 class _Pool:
     """A thread pool with a bounded number of jobs in it (running or waiting)."""
 
@@ -93,12 +122,19 @@ class _Pool:
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix=name)
         self.slots = threading.BoundedSemaphore(workers + limit)
 
+    @staticmethod
+    def _job(fn: Callable, args: tuple) -> Any:
+        try:
+            return fn(*args)
+        finally:
+            _trim()
+
     async def run(self, fn: Callable, *args: Any) -> Any:
         if not self.slots.acquire(blocking=False):
             raise ApiError(503, "the server is busy (too many requests waiting for the "
                                 "model); retry in a moment")
         try:
-            return await asyncio.wrap_future(self.executor.submit(fn, *args))
+            return await asyncio.wrap_future(self.executor.submit(self._job, fn, args))
         finally:
             self.slots.release()
 
@@ -204,13 +240,14 @@ def _record(rec: dict) -> dict:
 
 
 # ------------------------------------------------------------------ the app
-def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | None = None,
+def create_app(index: str | Path, *, model: Any = None, weights: str | None = None,
                device: str | None = None, config: ServeConfig | None = None) -> Starlette:
     """The ``dinofeat serve`` application for the index folder ``index``.
 
     The model is the one the index was built with, loaded once: pass it as ``model`` (a
-    :class:`~dinofeat.model.DinoModel`), or ``weights`` (a zoo name or file) when the file
-    recorded at build time moved; its weights hash must match the index's."""
+    :class:`~dinofeat.model.DinoModel`), or ``weights`` (a zoo name or file) when the index
+    records a weights file outside its folder (not followed without your say-so) or one
+    that moved; its weights hash must match the index's."""
     cfg = config or ServeConfig()
     served = ServedIndex(index)
     first = served.index
@@ -318,10 +355,10 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
         q = request.query_params
         raw = q.get("threshold")
         try:
-            threshold = DEFAULT_THRESHOLD if raw in (None, "") else float(raw)
+            threshold = DEFAULT_THRESHOLD if not raw else float(raw)
         except ValueError:
             raise ApiError(400, f"threshold must be a number from -1 to 1, got "
-                                f"{raw[:40]!r}") from None
+                                f"{str(raw)[:40]!r}") from None
         if not -1.0 <= threshold <= 1.0:  # also refuses nan
             raise ApiError(400, f"threshold is a cosine similarity from -1 to 1, got {raw}")
         if idx.metric != "cosine":
@@ -381,10 +418,12 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    async def on_api_error(request: Request, exc: ApiError) -> Response:
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
         return _error(exc.status, exc.message)
 
-    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
         detail = exc.detail if exc.status_code != 404 else f"not found: {request.url.path}"
         return _error(exc.status_code, detail)
 
@@ -404,29 +443,29 @@ def create_app(index: str | os.PathLike, *, model: Any = None, weights: str | No
         Route("/api/attention", attention, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={
-        ApiError: on_api_error, HTTPException: on_http_error, Exception: on_failure})
+    app = Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders)],
+                    exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
+                                        Exception: on_failure})
     app.state.served = served
     app.state.model = model
     app.state.config = cfg
-    return _SecurityHeaders(app)
+    return app
 
 
 class _SecurityHeaders:
     """Adds headers that keep the page's content its own: no scripts or images from
     elsewhere, no MIME sniffing, no framing by other sites."""
 
-    HEADERS = [
+    HEADERS = (
         (b"content-security-policy",
-         b"default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-         b"frame-ancestors 'none'; base-uri 'none'"),
+         (b"default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+          b"frame-ancestors 'none'; base-uri 'none'")),
         (b"x-content-type-options", b"nosniff"),
         (b"referrer-policy", b"no-referrer"),
-    ]
+    )
 
-    def __init__(self, app: Starlette):
+    def __init__(self, app: Any):
         self.app = app
-        self.state = app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -435,6 +474,6 @@ class _SecurityHeaders:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 message = {**message, "headers": list(message.get("headers", [])) +
-                           self.HEADERS}
+                           list(self.HEADERS)}
             await send(message)
         await self.app(scope, receive, send_with_headers)

@@ -23,7 +23,7 @@ from ..search.dedup import nearest_similarity
 from ..search.storage import HEADER_NAME
 from ..utils import get_logger
 
-__all__ = ["ServedIndex", "DuplicateView", "duplicate_view", "similarity_histogram"]
+__all__ = ["DuplicateView", "ServedIndex", "duplicate_view", "similarity_histogram"]
 
 _log = get_logger("dinofeat.serve")
 
@@ -141,11 +141,13 @@ def duplicate_view(index: KNNIndex, vectors: np.ndarray, threshold: float) -> Du
     every member at similarity ``>= threshold`` to the kept item."""
     t0 = time.perf_counter()
     ids = index.ids
-    recs = index.lookup(ids)
-    paths = [r["path"] or "" for r in recs]
+    recs = [r for r in index.lookup(ids) if r is not None]  # every id is live
+    paths = [r["path"] for r in recs]
     groups = []
     if len(ids) >= 2:
-        for g in duplicate_groups(vectors, threshold, paths=paths):
+        # the files choose the keeper; an index of bare vectors falls back to most links
+        files = paths if all(paths) else None
+        for g in duplicate_groups(vectors, threshold, paths=files):
             members = []
             for row, s in zip(g.rows, g.similarity):
                 r = recs[row]
@@ -165,4 +167,4 @@ def similarity_histogram(vectors: np.ndarray, *, bins: int = HISTOGRAM_BINS
     sims = nearest_similarity(vectors) if len(vectors) >= 2 else np.zeros(0, np.float32)
     counts, _ = np.histogram(np.clip(sims[np.isfinite(sims)], -1, 1), bins=edges)
     return {"edges": edges.round(6).tolist(), "counts": counts.astype(int).tolist(),
-            "items": int(len(sims))}
+            "items": len(sims)}

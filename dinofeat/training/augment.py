@@ -1,4 +1,4 @@
-"""DINO's multi-crop data augmentation (DESIGN 3.3), on PIL images in the loader workers.
+"""DINO's multi-crop data augmentation, on PIL images in the loader workers.
 
 One image becomes 2 global crops and N local crops, each independently augmented:
 
@@ -31,13 +31,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
-from torchvision.transforms import InterpolationMode, v2
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as v1
+from torchvision.transforms import functional as F1
+from torchvision.transforms import v2
 
 from ..zoo import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["MultiCropAugmentation", "RandomGaussianBlur", "blur_kernel_size", "to_uint8_rgb",
-           "to_rgb_pil", "NormalizeToTensor"]
+__all__ = ["MultiCropAugmentation", "RandomResizedCropPIL", "RandomFlipPIL",
+           "RandomColorJitterPIL", "RandomGrayscalePIL", "RandomGaussianBlur",
+           "RandomSolarizePIL", "NormalizeToTensor", "ViewTransform", "blur_kernel_size",
+           "to_uint8_rgb", "to_rgb_pil"]
 
 
 def blur_kernel_size(sigma_max: float, crop_size: int) -> int:
@@ -135,6 +139,115 @@ class NormalizeToTensor:
         return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
 
+class RandomResizedCropPIL:
+    """torchvision's random resized crop (the same box distribution: area fraction
+    ``scale``, log-uniform aspect ratio in (3/4, 4/3), 10 tries then the central crop),
+    cut and resized to ``size`` x ``size`` in one bicubic PIL resize."""
+
+    def __init__(self, size: int, scale: Sequence[float]):
+        self.size, self.scale = int(size), (float(scale[0]), float(scale[1]))
+        self.ratio = (3.0 / 4.0, 4.0 / 3.0)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        top, left, h, w = v1.RandomResizedCrop.get_params(img, list(self.scale),
+                                                          list(self.ratio))
+        return img.resize((self.size, self.size), Image.BICUBIC,
+                          box=(left, top, left + w, top + h))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, bicubic)"
+
+
+class RandomFlipPIL:
+    """Horizontal flip with probability ``p``."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = float(p)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(1).item() < self.p:
+            return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class RandomColorJitterPIL:
+    """With probability ``p``, torchvision's colour jitter: brightness, contrast and
+    saturation factors uniform in ``[1 - x, 1 + x]``, hue shift uniform in ``[-h, h]``,
+    applied in a random order (PIL kernels)."""
+
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4,
+                 saturation: float = 0.2, hue: float = 0.1, p: float = 0.8):
+        self.ranges = ([1 - brightness, 1 + brightness], [1 - contrast, 1 + contrast],
+                       [1 - saturation, 1 + saturation], [-hue, hue])
+        self.p = float(p)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(1).item() >= self.p:
+            return img
+        order, b, c, s, h = v1.ColorJitter.get_params(*self.ranges)
+        for i in order.tolist():
+            if i == 0:
+                img = F1.adjust_brightness(img, b)
+            elif i == 1:
+                img = F1.adjust_contrast(img, c)
+            elif i == 2:
+                img = F1.adjust_saturation(img, s)
+            else:
+                img = F1.adjust_hue(img, h)
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ranges={self.ranges}, p={self.p})"
+
+
+class RandomGrayscalePIL:
+    """With probability ``p``, the luma in all three channels."""
+
+    def __init__(self, p: float = 0.2):
+        self.p = float(p)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(1).item() < self.p:
+            return img.convert("L").convert("RGB")
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class RandomSolarizePIL:
+    """With probability ``p``, pixels at or above ``threshold`` inverted."""
+
+    def __init__(self, threshold: int = 128, p: float = 0.2):
+        self.threshold, self.p = int(threshold), float(p)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(1).item() < self.p:
+            return ImageOps.solarize(img, self.threshold)
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(threshold={self.threshold}, p={self.p})"
+
+
+class ViewTransform:
+    """One view's steps in order (``transforms``), image -> normalised tensor."""
+
+    def __init__(self, transforms: Sequence):
+        self.transforms = list(transforms)
+
+    def __call__(self, img):
+        for t in self.transforms:
+            img = t(img)
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.transforms))})"
+
+
 class MultiCropAugmentation:
     """``__call__(img) -> [global1, global2, local_1 .. local_N]``: float tensors
     ``[3, G, G]`` (two) then ``[3, L, L]`` (``local_crops_number`` of them), normalised.
@@ -161,22 +274,17 @@ class MultiCropAugmentation:
         to_tensor = NormalizeToTensor(mean, std)
 
         def pipeline(size: int, scale: Sequence[float], blur_p: float,
-                     solarize_p: float) -> v2.Compose:
-            # v2 transforms given PIL images run PIL's 8-bit kernels
-            steps = [
-                v2.RandomResizedCrop(size, scale=tuple(scale),
-                                     interpolation=InterpolationMode.BICUBIC, antialias=True),
-                v2.RandomHorizontalFlip(p=0.5),
-                v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2,
-                                               hue=0.1)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
-            ]
+                     solarize_p: float) -> ViewTransform:
+            # PIL's 8-bit kernels step by step, one float pass at the end
+            steps: list = [RandomResizedCropPIL(size, scale), RandomFlipPIL(0.5),
+                           RandomColorJitterPIL(0.4, 0.4, 0.2, 0.1, p=0.8),
+                           RandomGrayscalePIL(0.2)]
             if blur_p > 0:
                 steps.append(RandomGaussianBlur(self.blur_sigma, p=blur_p))
             if solarize_p > 0:
-                steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+                steps.append(RandomSolarizePIL(128, p=solarize_p))
             steps.append(to_tensor)
-            return v2.Compose(steps)
+            return ViewTransform(steps)
 
         self.global_transform1 = pipeline(global_crop_size, global_crops_scale, 1.0, 0.0)
         self.global_transform2 = pipeline(global_crop_size, global_crops_scale, 0.1, 0.2)

@@ -80,7 +80,7 @@ def _mlp(in_dim: int, hidden_dim: int, out_dim: int, nlayers: int, use_bn: bool)
 
 
 class DINOHead(nn.Module):
-    """The DINO projection head (DESIGN 3.2).
+    """The DINO projection head.
 
     ``mlp``: ``nlayers`` linear layers ``in_dim -> hidden_dim -> ... -> bottleneck_dim`` with
     GELU (and optional BatchNorm) between; then L2 normalisation (``l2_bottleneck``); then

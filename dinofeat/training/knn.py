@@ -75,9 +75,9 @@ def _embed_share(backbone: nn.Module, folder: Path, prep: Preprocessing, device:
     """Features ``[n, D]`` (fp32, on ``device``), labels ``[n]`` and the class names of
     this process's share (every ``world``-th image from its rank) of ``folder``."""
     from ..images import ImageTransform, normalize_batch
-    from .data import LabelledImages
+    from ..datasets import LabeledImageDataset
 
-    ds = LabelledImages(folder, ImageTransform(prep), prep.crop_size)
+    ds = LabeledImageDataset(folder, ImageTransform(prep), prep.crop_size)
     share = torch.utils.data.Subset(ds, range(D.get_rank(), len(ds), D.get_world_size()))
     loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda",

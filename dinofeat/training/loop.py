@@ -1,4 +1,4 @@
-"""The DINO training loop (DESIGN 3.4-3.5): :func:`train`.
+"""The DINO training loop: :func:`train`.
 
 One optimiser step, in order:
 

@@ -1,4 +1,4 @@
-"""The DINO loss: teacher centering and sharpening, cross-entropy over crop pairs (DESIGN 3.4),
+"""The DINO loss: teacher centering and sharpening, cross-entropy over crop pairs,
 with the collapse-avoidance and loss ablations of the paper as switches.
 
 For teacher global views ``q`` (2 of them) and student views ``v`` (all ``ncrops``),

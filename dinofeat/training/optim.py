@@ -2,7 +2,7 @@
 
 - :func:`param_groups`: weight decay on weight matrices only (none on biases and
   one-dimensional parameters such as norms);
-- :func:`build_optimizer`: AdamW (fused kernel on CUDA and CPU), SGD with momentum 0.9, or :class:`LARS`;
+- :func:`build_optimizer`: AdamW (fused on CUDA), SGD with momentum 0.9, or :class:`LARS`;
 - :func:`apply_schedules`: put an iteration's lr and weight decay into the optimiser;
 - :func:`clip_gradients`: clip each parameter's gradient norm on its own;
 - :func:`cancel_last_layer_gradients`: freeze the head's last layer in the first epoch(s);
@@ -96,18 +96,14 @@ def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
 
     Initial lr / weight decay are ``cfg.lr`` / ``cfg.weight_decay``; the training loop sets
     both every iteration with :func:`apply_schedules`. AdamW uses the fused kernel when
-    ``cfg.fused_optimizer`` is on and the parameters are all on CUDA or all on the CPU.
+    ``cfg.fused_optimizer`` is on and every parameter is on CUDA.
     """
     groups = [dict(g) for g in groups]
     for g in groups:
         g.setdefault("weight_decay", cfg.weight_decay if g.get("decay", True) else 0.0)
     params = [p for g in groups for p in g["params"]]
     if cfg.optimizer == "adamw":
-        # the fused kernel exists for CUDA and (torch >= 2.4) CPU float tensors; on CPU it
-        # is one pass over all parameters instead of ~10 foreach ops per group
-        fused = bool(cfg.fused_optimizer and params and (
-            all(p.is_cuda for p in params) or all(p.device.type == "cpu" for p in params))
-            and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params))
+        fused = bool(cfg.fused_optimizer and params and all(p.is_cuda for p in params))
         for g in groups:
             g.pop("lars_exclude", None)
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)

@@ -1,0 +1,207 @@
+"""``factory="auto"``: chosen by a memory budget and a recall target. Just above each
+switch point (exact-search limit, memory, a target SQ8 cannot reach, an exact index that
+outgrows the limit) the index reaches its target, measured here against brute force; the
+header records the target and what was measured; a budget below every candidate is refused."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+import dinofeat.search.factory as factory_mod
+from dinofeat.search import KNNIndex
+from dinofeat.search.auto import (BudgetTooSmallError, candidates, estimate_memory,
+                                  parse_memory)
+
+
+@pytest.fixture(autouse=True)
+def _small_world(monkeypatch):
+    """Exact search up to 1,500 vectors (instead of 1M), and one faiss thread: the test
+    machine's cores are shared."""
+    monkeypatch.setattr(factory_mod, "AUTO_EXACT_LIMIT", 1500)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def _clustered(n: int, dim: int = 32, centers: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, dim)).astype(np.float32)
+    x = c[rng.integers(0, centers, n)] + 0.45 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _recall_vs_brute_force(index: KNNIndex, x: np.ndarray, k: int = 10, nq: int = 200,
+                           seed: int = 7) -> float:
+    """recall@k of ``index.search`` for ``nq`` of its own vectors (ids = rows), each
+    query's own row left out, against numpy's exact top-k."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(x), nq, replace=False)
+    sim = x[rows] @ x.T
+    sim[np.arange(nq), rows] = -np.inf
+    truth = np.argsort(-sim, axis=1)[:, :k]
+    _, ids = index.search(x[rows], k + 1)
+    hits = 0
+    for r, found, t in zip(rows, ids, truth):
+        found = found[found != r][:k]
+        hits += len(np.intersect1d(found, t))
+    return hits / (nq * k)
+
+
+def test_exact_below_the_limit_and_compressed_just_above():
+    x = _clustered(1500, seed=1)
+    exact = KNNIndex(factory="auto", recall=0.95)
+    exact.add(x)
+    assert exact.resolved_factory == "Flat" and exact.auto["recall"] == 1.0
+    x = _clustered(4000, seed=2)
+    index = KNNIndex(factory="auto", expected_size=len(x), recall=0.95)
+    index.add(x)
+    assert index.resolved_factory.startswith("IVF") and index.resolved_factory.endswith("SQ8")
+    assert index.auto["recall_target"] == 0.95 and index.auto["target_met"]
+    measured = _recall_vs_brute_force(index, x)
+    assert measured >= 0.95, (index.search_params, index.auto)
+    # what the header says was measured agrees with the test's own measurement
+    assert abs(index.auto["recall"] - measured) < 0.03
+
+
+def test_memory_switch_point(tmp_path):
+    """Under the exact-search limit, but with a budget just below what Flat needs: a
+    compressed index that still meets the target."""
+    x = _clustered(1400, seed=3)
+    flat_needs = estimate_memory("Flat", len(x), x.shape[1])
+    index = KNNIndex(factory="auto", expected_size=len(x), memory=flat_needs - 1, recall=0.9)
+    index.add(x)
+    assert index.resolved_factory != "Flat"
+    assert index.auto["memory_estimate"] <= flat_needs - 1
+    assert _recall_vs_brute_force(index, x) >= 0.9
+    header = KNNIndex.read_header(index.save(tmp_path / "m.idx"))
+    assert header["memory_budget"] == flat_needs - 1 and header["recall_target"] == 0.9
+    assert header["auto"]["factory"] == index.resolved_factory
+    assert header["auto"]["params"] == header["search_params"]
+    loaded = KNNIndex.load(tmp_path / "m.idx")
+    assert loaded.auto == index.auto and loaded.memory == flat_needs - 1
+    np.testing.assert_array_equal(loaded.search(x[:20], 5)[1], index.search(x[:20], 5)[1])
+
+
+def test_recall_switch_point_goes_past_sq8():
+    """A target SQ8's one-byte rounding does not reach on this data: the next candidate
+    (two bytes or exact vectors in the lists) is chosen, and reaches it."""
+    x = _clustered(4000, seed=4)
+    index = KNNIndex(factory="auto", expected_size=len(x), recall=0.995)
+    index.add(x)
+    tried = [c["factory"] for c in index.auto["candidates"]]
+    assert len(tried) >= 2 and tried[0].endswith("SQ8") and index.resolved_factory == tried[-1]
+    assert not index.resolved_factory.endswith("SQ8")
+    assert index.auto["candidates"][0]["recall"] < 0.995
+    assert _recall_vs_brute_force(index, x) >= 0.995
+
+
+def test_exact_index_that_outgrows_the_limit_converts_and_meets_target(caplog):
+    x = _clustered(4000, seed=5)
+    index = KNNIndex(factory="auto", recall=0.95)  # size unknown: starts exact
+    with caplog.at_level("INFO", logger="dinofeat"):
+        index.add(x[:1000])
+        assert index.resolved_factory == "Flat"
+        index.add(x[1000:])
+    assert "outgrew exact search" in caplog.text
+    assert index.resolved_factory.startswith("IVF") and len(index) == 4000
+    assert set(index.ids.tolist()) == set(range(4000))
+    assert _recall_vs_brute_force(index, x) >= 0.95
+
+
+def test_budget_below_every_candidate_is_refused():
+    x = _clustered(3000, seed=6)
+    smallest = min(c.memory(len(x)) for c in candidates(len(x), 32))
+    index = KNNIndex(factory="auto", expected_size=len(x), memory=smallest - 1)
+    with pytest.raises(BudgetTooSmallError) as err:
+        index.add(x)
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and "memory budget" in msg and "3,000" in msg
+    assert "--memory" in msg
+    assert len(index) == 0  # nothing half-added
+
+
+def test_options_and_sizes():
+    assert parse_memory("8GB") == 8 * 2 ** 30 and parse_memory("512MB") == 512 * 2 ** 20
+    assert parse_memory("1.5G") == int(1.5 * 2 ** 30) and parse_memory(1000) == 1000
+    with pytest.raises(ValueError, match="memory"):
+        parse_memory("lots")
+    with pytest.raises(ValueError, match="factory='auto'"):
+        KNNIndex(factory="Flat", recall=0.9)
+    with pytest.raises(ValueError, match="recall"):
+        KNNIndex(factory="auto", recall=1.5)
+
+
+def test_index_info_prints_the_choice(tmp_path, capsys):
+    from dinofeat.cli import main
+    x = _clustered(4000, seed=8)
+    index = KNNIndex(factory="auto", expected_size=len(x), recall=0.95, memory="1GB")
+    index.add(x)
+    index.save(tmp_path / "a.idx")
+    assert main(["index", "info", str(tmp_path / "a.idx")]) == 0
+    out = capsys.readouterr().out
+    assert "target recall@10 0.95 within 1.0 GB" in out and index.resolved_factory in out
+    assert f"{index.auto['recall']} (on 4,000 vectors, 300 held-out queries)" in out
+    assert main(["index", "info", str(tmp_path / "a.idx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auto"]["recall_target"] == 0.95
+
+
+# ------------------------------------------------------------------ larger than memory
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8", "HNSW8", "IVF16,PQ4,RFlat"])
+def test_memory_mapped_index_searches_and_keeps_add(tmp_path, factory):
+    """``load(mmap=True)`` leaves the faiss data in the generation file (searches equal the
+    in-memory ones); add/remove copy it into memory first and save a new generation; a
+    mapped reader keeps searching after a writer replaced and deleted its generation."""
+    x = _clustered(2000, seed=9)
+    index = KNNIndex(factory=factory)
+    index.add(x[:1500])
+    folder = index.save(tmp_path / "big.idx")
+    mapped = KNNIndex.load(folder, mmap=True)
+    reader = KNNIndex.load(folder, mmap=True)
+    assert mapped._mapped and reader._mapped
+    s_mem, i_mem = index.search(x[:50], 10)
+    s_map, i_map = mapped.search(x[:50], 10)
+    np.testing.assert_array_equal(i_mem, i_map)
+    np.testing.assert_allclose(s_mem, s_map, atol=1e-6)
+    mapped.add(x[1500:])  # copies into memory, then adds
+    assert not mapped._mapped and len(mapped) == 2000
+    mapped.remove([0, 1])
+    mapped.save(folder)
+    mapped.save(folder)  # the generation the reader mapped is deleted now
+    assert not (folder / "index.1.faiss").exists()
+    np.testing.assert_array_equal(reader.search(x[:50], 10)[1], i_mem)
+    again = KNNIndex.load(folder, mmap=True)
+    assert len(again) == 1998 and 0 not in again.search(x[:1], 5)[1][0].tolist()
+
+
+def test_mapped_load_does_not_read_the_vectors(tmp_path):
+    """A 150 MB exact index loaded with mmap=True adds its records and id maps to the
+    process's resident memory, not its vectors; read normally it adds its size."""
+    import subprocess
+    import sys
+    import textwrap
+    rng = np.random.default_rng(0)
+    index = KNNIndex(dim=256, factory="Flat")
+    for _ in range(15):
+        index.add(rng.standard_normal((10_000, 256)).astype(np.float32))
+    folder = index.save(tmp_path / "flat.idx")
+    code = textwrap.dedent(f"""
+        import sys
+        from dinofeat.search import KNNIndex
+        def rss():
+            return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2 ** 20
+        before = rss()
+        index = KNNIndex.load({str(folder)!r}, mmap=sys.argv[1] == "1")
+        print(rss() - before)
+    """)
+    grown = {}
+    for mm in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", code, mm], capture_output=True, text=True,
+                             check=True).stdout
+        grown[mm] = float(out.strip().splitlines()[-1])
+    # mapped: the items and faiss's id maps only (~40 MB here), not the 150 MB of vectors
+    assert grown["0"] > 140 and grown["1"] < grown["0"] / 3, grown
