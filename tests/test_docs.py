@@ -42,14 +42,15 @@ def page(site: Path, name: str) -> str:
 
 def test_home_and_guides_exist(site):
     assert "dinofeat" in page(site, "")
-    for name in ("concepts", "examples", "weights", "search", "training", "evaluation",
-                 "performance", "benchmarks", "reliability", "comparison"):
+    for name in ("concepts", "architecture", "examples", "weights", "search", "training",
+                 "evaluation", "performance", "benchmarks", "reliability", "comparison"):
         page(site, name)
 
 
 def test_api_reference_is_generated_from_docstrings(site):
     html = page(site, "api")
-    for name in ("dinofeat.load", "KNNIndex", "attention_maps", "knn_classify"):
+    for name in ("dinofeat.load", "KNNIndex", "attention_maps", "knn_classify", "FeatureSpec",
+                 "FeatureModel"):
         assert name in html, f"the API page does not document {name}"
 
 

@@ -48,6 +48,28 @@ def test_onnx_model_satisfies_the_protocol(exported):
     assert not hasattr(model, "backbone")
 
 
+def test_onnx_embed_takes_the_same_spec(exported, tiny_vit):
+    import dinofeat
+    from dinofeat import FeatureSpec
+    photos = exported[0]
+    onnx = dinofeat.load(exported[2])
+    for spec in (FeatureSpec(avgpool=True, normalize=False), FeatureSpec(pool="cls+gem"),
+                 FeatureSpec(pool="mean", multiscale=True, preprocessing="whole", size=48)):
+        torch.testing.assert_close(onnx.embed(photos, spec, num_workers=0),
+                                   tiny_vit.embed(photos, spec, num_workers=0),
+                                   atol=1e-4, rtol=1e-3)
+        assert spec.identity(onnx)["weights_hash"] == spec.identity(tiny_vit)["weights_hash"]
+    with pytest.raises(TypeError, match="n_last_blocks"):
+        onnx.embed(photos, n_last_blocks=4)
+    with pytest.raises(ValueError, match="device"):
+        onnx.embed(photos, device="cuda")
+    with pytest.raises(TypeError, match="blocks"):
+        onnx.patch_features(photos / "im0.png", blocks=[0])
+    grid = onnx.patch_features(photos / "im0.png")
+    torch.testing.assert_close(grid, tiny_vit.patch_features(photos / "im0.png"),
+                               atol=1e-4, rtol=1e-3)
+
+
 def test_embed_verb(exported, tiny_vit, tmp_path, capsys):
     from dinofeat.extract import load_features
     photos, onnx, _, _ = exported

@@ -80,7 +80,7 @@ def _cmd_eval_linear(args: argparse.Namespace) -> int:
     n, avg = args.n_last_blocks, args.avgpool
     if n is None:  # the paper's recipes: ViT-S 4 blocks; ViT-B 1 block + avgpool
         n, avg = (1, avg) if not model.is_vit else (
-            (min(4, model.backbone.depth), avg) if model.embed_dim < 768 else (1, True))
+            (min(4, model.depth or 1), avg) if model.embed_dim < 768 else (1, True))
     cfg = LinearProbeConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             n_last_blocks=n, avgpool=avg, val_freq=args.val_freq,
                             precompute=args.precompute, num_workers=args.num_workers,

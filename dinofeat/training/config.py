@@ -675,8 +675,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # - lr 0.002 per 256 images (4x the release) with a one-chunk warm-up (3x that was worse);
 # - no frozen last layer (the first chunk is already the warm-up), bf16 autocast (CPU
 #   autocast is supported; ~1.4x faster on AMD, ~2x on Intel AMX), grey images;
-# - the augmentation of whole batches (28-px photos all have one size): per image it was
-#   half of the step's time on 2 cores (benchmarks/fashion_mnist_step.py).
+# - the augmentation of whole batches (28-px photos all have one size): per image it is
+#   about a quarter of the step's time on one core, batched ~4x less
+#   (benchmarks/fashion_mnist_step.py).
 FASHION_MNIST: dict[str, Any] = dict(
     arch="vit_mini7", patch_size=7, global_crop_size=28, local_crop_size=14,
     global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), local_crops_number=4,
