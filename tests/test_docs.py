@@ -2,7 +2,7 @@
 page, no docstring the API reference cannot parse) and has its main pages.
 
 Needs the ``docs`` extra (``scripts/test.sh`` installs it); skipped without it. The build
-runs docs/hooks.py, which regenerates docs/cli.md (git-ignored) from ``dinofeat --help``.
+runs docs/hooks.py, which refreshes docs/cli.md (committed) from ``dinofeat --help``.
 """
 
 from __future__ import annotations

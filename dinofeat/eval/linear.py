@@ -463,7 +463,7 @@ def train_linear_probe(model: Any, train: LabeledImages, val: LabeledImages | No
                     cfg.n_last_blocks, cfg.avgpool, cfg.epochs) or \
                     ck["state_dict"]["linear.weight"].shape != clf.linear.weight.shape:
                 raise ValueError(f"{ckpt_path} belongs to a run with other settings "
-                                 f"({saved}); use another --output folder")
+                                 f"({saved}); use another --out folder")
             clf.load_state_dict(ck["state_dict"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])

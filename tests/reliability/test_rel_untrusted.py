@@ -204,9 +204,9 @@ def _cli_resume_from(c: Ctx, p: Path):
     err = io.StringIO()
     import contextlib
     with contextlib.redirect_stderr(err):
-        rc = main(["train", "--arch", "vit_mini16", "--data", str(c.images), "--output",
+        rc = main(["train", "--arch", "vit_mini16", "--data", str(c.images), "--out",
                    str(c.tmp / "cli-run"), "--resume-from", str(p), "--epochs", "1",
-                   "--batch-size-per-gpu", "2", "--num-workers", "0",
+                   "--batch-size", "2", "--num-workers", "0",
                    "--global-crop-size", "32", "--local-crop-size", "16",
                    "--local-crops-number", "1", "--out-dim", "32", "--hidden-dim", "32",
                    "--bottleneck-dim", "16", "--warmup-epochs", "0",
