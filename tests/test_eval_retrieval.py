@@ -76,14 +76,14 @@ def _trapezoid_ap(ranked, ok, junk):
     """AP as the area under the precision-recall curve (trapezoids between consecutive
     recall levels, starting at precision 1 for recall 0) over the list without junk."""
     lst = [i for i in ranked if i not in junk]
-    area, tp, prev_p, prev_r = 0.0, 0, 1.0, 0.0
+    area, tp, prev_r = 0.0, 0, 0.0
     for n, i in enumerate(lst, start=1):
         if i in ok:
             p_before = tp / (n - 1) if n > 1 else 1.0
             tp += 1
             r, p = tp / len(ok), tp / n
             area += (r - prev_r) * (p_before + p) / 2
-            prev_r, prev_p = r, p
+            prev_r = r
     return area
 
 
@@ -201,7 +201,7 @@ def test_cli_retrieval_matches_api(tmp_path, capsys):
     (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(cfg, protocol=2))
     out = tmp_path / "ret.json"
     rc = main(["eval", "retrieval", "--dataset", "roxford5k", "--data-root",
-               str(tmp_path / "data"), "--imsize", "48", "--weights", str(weights),
+               str(tmp_path / "data"), "--size", "48", "--model", str(weights),
                "--out", str(out), "--no-progress", "--num-workers", "0", "--device", "cpu"])
     assert rc == 0
     assert "medium" in capsys.readouterr().out

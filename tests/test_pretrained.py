@@ -214,6 +214,9 @@ def hub(tmp_path, monkeypatch):
     """A local hub at $HF_ENDPOINT, an empty cache, network allowed (no HF_HUB_OFFLINE)."""
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "DINOFEAT_WEIGHTS_DIR"):
         monkeypatch.delenv(name, raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: CI runs with it set
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_TOKEN", "hf_localtest")
     with HubServer() as server:
@@ -375,11 +378,11 @@ def test_no_network_fails_fast_in_one_line(tmp_path, how):
              "    print(f'{{time.monotonic() - t0:.2f}}')\nsys.exit(rc)")
     out = str(tmp_path / "f.npy")
     if how == "cli-hub-name":
-        code = pre + "\n" + timed.format(call=f"main(['embed', {str(img)!r}, '--weights', "
+        code = pre + "\n" + timed.format(call=f"main(['embed', {str(img)!r}, '--model', "
                                                 f"'hf-hub:org/absent', '--out', {out!r}])")
     elif how == "cli-zoo":
         code = pre + zoo_patch + "\n" + timed.format(
-            call=f"main(['embed', {str(img)!r}, '--arch', 'vit_s16', '--out', {out!r}])")
+            call=f"main(['embed', {str(img)!r}, '--model', 'vit_s16', '--out', {out!r}])")
     else:
         code = pre + zoo_patch + "\n" + timed.format(call="dinofeat.load('vit_s16')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

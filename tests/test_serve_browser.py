@@ -26,14 +26,14 @@ if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
                 "chromium chromium-driver; scripts/test.sh does it as root)",
                 allow_module_level=True)
 
-from _serve import Server, build_index
+from _serve import Server, build_index  # noqa: E402  (only once the skips above passed)
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-browser")
     index, weights, photos = build_index(root, n=16)
-    srv = Server(index, "--weights", str(weights))
+    srv = Server(index, "--model", str(weights))
     yield srv, photos, root
     srv.stop()
 

@@ -721,7 +721,7 @@ def test_argparse_generation():
     help_text = parser.format_help()
     assert "--momentum-teacher" in help_text and "(default: 0.996)" in help_text
     args = parser.parse_args(["--arch", "vit_tiny", "--patch_size", "8", "--no-norm-last-layer",
-                              "--global-crops-scale", "0.14", "1", "--output", "runs/x",
+                              "--global-crops-scale", "0.14", "1", "--out", "runs/x",
                               "--max-iters-per-epoch", "4", "--collapse", "sinkhorn"])
     cfg = TrainConfig.from_args(args)
     assert (cfg.arch, cfg.patch_size, cfg.norm_last_layer, cfg.global_crops_scale,
@@ -966,7 +966,6 @@ def test_crop_areas_and_colour_jitter_follow_the_recipe(monkeypatch):
     0.8 with brightness/contrast factors in [0.6, 1.4], saturation in [0.8, 1.2] and hue
     in [-0.1, 0.1], all four in a random order."""
     from torchvision import transforms as v1
-    from dinofeat.training import augment as A
     areas: list[tuple[int, float, float]] = []
     orig_params = v1.RandomResizedCrop.get_params
 

@@ -70,7 +70,7 @@ def test_cli_shard_dir_dot_keeps_the_working_folder(tmp_path, tiny_weights, phot
     (photos / "notes.txt").write_text("keep me")
     before = _tree(photos)
     proc = subprocess.run(
-        [sys.executable, "-m", "dinofeat", "embed", ".", "--weights", str(tiny_weights),
+        [sys.executable, "-m", "dinofeat", "embed", ".", "--model", str(tiny_weights),
          "--out", "feats.safetensors", "--shard-dir", ".", "--num-workers", "0"],
         cwd=photos, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -223,7 +223,7 @@ def test_preprocessing_from_a_file_is_validated(tmp_path, tiny_model, tally):
 
 
 def test_onnx_external_data_is_refused_before_reading(tmp_path, tally):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
