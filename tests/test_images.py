@@ -398,6 +398,7 @@ def test_loader_decode_modes(tmp_path, make_image):
 
 
 def test_split_cores_between_decoding_and_model():
+    from pathlib import Path
     assert I.split_cores(2, 0.01, 0.03) == (1, 2)   # model-bound: the worker fills gaps
     assert I.split_cores(2, 0.15, 0.03) == (2, 1)   # decode-bound
     assert I.split_cores(16, 0.01, 0.03) == (4, 12)
