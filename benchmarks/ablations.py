@@ -15,7 +15,7 @@ BatchNorm head, 4 local crops) with one ablation switch of
    ``--chunks`` loop "epochs" (the collapse monitor of :mod:`dinofeat.training.monitor`
    judges every chunk);
 2. loads the teacher back with ``dinofeat.load`` and measures DINO's weighted k-NN
-   (k = 20, T = 0.07, DESIGN 3.7; :func:`dinofeat.demo.knn_evaluation`) of ``--test``
+   (k = 20, T = 0.07; :func:`dinofeat.demo.knn_evaluation`) of ``--test``
    random test photos, the pretraining subset (with its labels) as the memory bank.
 
 Runs go in ``--jobs`` parallel processes (one torch thread each); a finished run's
@@ -465,8 +465,8 @@ def markdown(res_all: dict[str, Any]) -> str:
              f"{' --extended' if any(GRID_BY_NAME[n].extended for n in res_all['runs']) else ''}"
              " --docs` reruns this. Each row is one short DINO "
              "run with one switch of `dinofeat train` changed (docs/training.md, "
-             "\"Ablation switches\"), then DINO's k-NN (k = 20, T = 0.07, weighted vote, "
-             "DESIGN 3.7) of the saved teacher through `dinofeat.load(...).embed`.", "",
+             "\"Ablation switches\"), then DINO's k-NN (k = 20, T = 0.07, weighted vote) "
+             "of the saved teacher through `dinofeat.load(...).embed`.", "",
              f"**Budget, honestly:** {s['steps']} optimiser steps of {s['batch']} images per "
              f"run ({s['epochs_of_data']:.2f} passes over a random {s['train_images']}-photo "
              f"training subset), {s['chunks']} chunks (the collapse monitor judges each); k-NN "

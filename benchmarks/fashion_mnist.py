@@ -15,11 +15,11 @@ One run:
 2. the teacher backbone is saved as safetensors with its preprocessing and **loaded back
    with** ``dinofeat.load``; its features are ``model.embed`` of the raw 28x28 photos as
    PIL images (the path users take);
-3. DINO's k-NN (DESIGN 3.7: k = 20, T = 0.07, cosine, weighted vote) of the 10,000 test
+3. DINO's k-NN (k = 20, T = 0.07, cosine, weighted vote) of the 10,000 test
    photos with the 60,000 training photos as the memory bank, for: the DINO model, the
    same network with random weights, L2-normalised raw pixels, and raw pixels minus the
    mean training image;
-4. the attention property (DESIGN 3.8) on real data: Jaccard between the 60%-mass
+4. the paper's attention-mask property on real data: Jaccard between the 60%-mass
    masks of the last block's [CLS] attention and the garment silhouette (pixels > 0),
    DINO against random weights (:func:`dinofeat.demo.silhouette_jaccard`).
 
@@ -169,7 +169,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = [BEGIN, "## Fashion-MNIST: DINO learns on real data (CPU)", "",
              "`python benchmarks/fashion_mnist.py --recipe NAME`: DINO pretraining on the "
              "60,000 Fashion-MNIST training photos **without labels**, then DINO's k-NN "
-             "(k = 20, T = 0.07, weighted vote, DESIGN 3.7) of the 10,000 test photos with "
+             "(k = 20, T = 0.07, weighted vote) of the 10,000 test photos with "
              "the 60,000 training photos as the memory bank. DINO features are "
              "`dinofeat.load(<saved teacher>).embed(<28x28 PIL photos>)`. Baselines from "
              "the same run: the same network with random weights and raw pixels "

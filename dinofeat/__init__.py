@@ -22,7 +22,7 @@ from .export import OnnxModel, export_model
 from .features import FeatureSpec
 from .protocol import FeatureModel
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__",
            "embed", "attention_maps", "AttentionMaps", "open_image", "list_images",

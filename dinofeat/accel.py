@@ -47,6 +47,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .runtime import AUTOCAST_DTYPES, PRECISIONS, ieee_fp32  # the one precision table
 from .utils import get_logger
 
 __all__ = ["PRECISIONS", "AUTOCAST_DTYPES", "FEATURE_TOLERANCES", "MatmulCheck",
@@ -56,8 +57,6 @@ __all__ = ["PRECISIONS", "AUTOCAST_DTYPES", "FEATURE_TOLERANCES", "MatmulCheck",
 
 log = get_logger(__name__)
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = tuple(AUTOCAST_DTYPES)
 
 #: The accuracy each precision is held to (features against the default-kernel fp32
 #: computation): ``("max_abs", bound)`` or ``("min_cosine", bound)``.
@@ -206,9 +205,9 @@ def fast_math(device: torch.device | str = "cpu", precision: str = "fp32") -> It
     ``device``; outside, the user's global settings are untouched.
 
     On CPU, fp32 matmuls go to oneDNN when :func:`onednn_fp32_available` (a one-time
-    numerical self-check) says it is exact to fp32 level. On GPU nothing changes: fp32
-    stays IEEE fp32 (no TF32, which would break the fp32 tolerance); speed comes from
-    ``precision="bf16"``/``"fp16"`` autocast.
+    numerical self-check) says it is exact to fp32 level. On GPU fp32 is IEEE fp32: TF32
+    is switched off inside (cuDNN convolutions default to TF32, which would break the
+    fp32 tolerance); speed comes from ``precision="bf16"``/``"fp16"`` autocast.
     """
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
@@ -216,6 +215,9 @@ def fast_math(device: torch.device | str = "cpu", precision: str = "fp32") -> It
     dev = torch.device(device)
     if dev.type == "cpu" and onednn_fp32_available():
         with _onednn_fast():
+            yield
+    elif dev.type == "cuda":
+        with ieee_fp32():
             yield
     else:
         yield

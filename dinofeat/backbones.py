@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "VIT_SIZES",
     "DinoVisionTransformer",
+    "attention_qk",
     "interpolate_pos_embed",
     "build_vit",
     "build_resnet50",
@@ -93,12 +94,17 @@ def interpolate_pos_embed(
     return torch.cat([prefix, patch], dim=1)
 
 
-def _attention_qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k ``[B, heads, N, head_dim]`` of a timm ``Attention`` module for tokens ``x``."""
+def attention_qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k ``[B, heads, N, head_dim]`` of a timm ``Attention`` module for tokens ``x``
+    (after its q/k norms): what the last block's attention maps are computed from, here
+    and in the exported graph."""
     B, N, _ = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, _ = qkv.unbind(0)
     return attn.q_norm(q), attn.k_norm(k)
+
+
+_attention_qk = attention_qk  # the earlier private name
 
 
 class DinoVisionTransformer(nn.Module):
@@ -201,7 +207,7 @@ class DinoVisionTransformer(nn.Module):
         """Softmax attention of the last block ``[B, heads, 1 + h*w, 1 + h*w]``."""
         x = self._tokens_before_last_block(x)
         blk = self.vit.blocks[-1]
-        q, k = _attention_qk(blk.attn, blk.norm1(x))
+        q, k = attention_qk(blk.attn, blk.norm1(x))
         return ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
     def last_cls_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +216,7 @@ class DinoVisionTransformer(nn.Module):
         Costs one ``1 x N`` product per head instead of the full ``N x N`` matrix."""
         x = self._tokens_before_last_block(x)
         blk = self.vit.blocks[-1]
-        q, k = _attention_qk(blk.attn, blk.norm1(x))
+        q, k = attention_qk(blk.attn, blk.norm1(x))
         return ((q[:, :, :1] * blk.attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
 
 

@@ -1,4 +1,13 @@
-"""Reading small public datasets that are available offline.
+"""Labelled image folders, and small public datasets that are available offline.
+
+:func:`image_folder` is dinofeat's one class-folder reader: it lists an ImageFolder tree
+(``root/<class>/<images>``) as :class:`LabeledImages`, for the evaluations, the training
+loop's online k-NN and the demo alike. Classes are the sorted names of the sub-folders of
+``root`` (hidden ones skipped), class ``i`` being the ``i``-th name, as torchvision's
+``ImageFolder`` numbers them; images are found recursively under each class folder with
+:func:`dinofeat.images.list_images`. Any number of classes and images works, including
+classes with a single image. :class:`LabeledImageDataset` reads such a listing as a torch
+``Dataset``.
 
 Fashion-MNIST (70,000 real 28x28 grayscale photos of clothing, 10 classes) ships as a
 Debian package (``apt-get install dataset-fashion-mnist``) holding the four IDX files
@@ -14,12 +23,19 @@ import os
 import struct
 from pathlib import Path
 
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
 import numpy as np
+import torch
 
-from .utils import atomic_path
+from .utils import atomic_path, get_logger
 
-__all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx", "load_fashion_mnist",
+__all__ = ["LabeledImages", "LabelledImages", "LabeledImageDataset", "image_folder",
+           "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx", "load_fashion_mnist",
            "export_image_folder"]
+
+log = get_logger(__name__)
 
 FASHION_MNIST_DIR = Path(os.environ.get("DINOFEAT_FASHION_MNIST",
                                         "/usr/share/datasets/fashion-mnist"))
@@ -28,6 +44,123 @@ FASHION_MNIST_CLASSES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", 
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+@dataclass
+class LabeledImages:
+    """Images with integer labels: ``paths[i]`` belongs to ``classes[labels[i]]``."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+    skipped: list[str] = field(default_factory=list)  # unreadable files, once embedded
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, keep: Sequence[int]) -> "LabeledImages":
+        """The images at indices ``keep`` (same classes)."""
+        return LabeledImages(self.root, [self.paths[i] for i in keep],
+                             [self.labels[i] for i in keep], self.classes, list(self.skipped))
+
+
+def image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> LabeledImages:
+    """List an ImageFolder tree.
+
+    Args:
+        root: folder whose sub-folders are the classes.
+        classes: the class list to number against (e.g. the training set's, when reading a
+            validation set); a sub-folder not in it is an error, classes without a folder
+            here simply have no images.
+
+    Raises ``FileNotFoundError``/``NotADirectoryError`` for a bad ``root`` and
+    ``ValueError`` when it has no class folders or no images at all.
+    """
+    from .images import list_images
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"no such folder: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root}")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise ValueError(f"{root}: no class sub-folders (expected the ImageFolder layout "
+                         f"{root}/<class name>/<image files>)")
+    loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if loose:
+        log.warning("%s: %d file(s) directly in the folder are not in a class sub-folder and "
+                    "are ignored (e.g. %s)", root, len(loose), loose[0])
+    if classes is None:
+        classes = found
+    else:
+        classes = list(classes)
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise ValueError(f"{root}: class folder(s) {', '.join(unknown[:5])} do not exist in "
+                             f"the training set ({len(classes)} classes)")
+    index = {c: i for i, c in enumerate(classes)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    empty = []
+    for name in found:
+        files = list_images(root / name)
+        if not files:
+            empty.append(name)
+        paths.extend(files)
+        labels.extend([index[name]] * len(files))
+    if empty:
+        log.warning("%s: %d class folder(s) hold no images: %s", root, len(empty),
+                    ", ".join(empty[:5]))
+    if not paths:
+        raise ValueError(f"{root}: no image files in its {len(found)} class folder(s)")
+    return LabeledImages(root, paths, labels, list(classes))
+
+
+#: The British spelling, as the training package used to write it: the same class.
+LabelledImages = LabeledImages
+
+
+class LabeledImageDataset(torch.utils.data.Dataset):
+    """``(uint8 image [3, h, w], label, readable)`` for each image of a
+    :class:`LabeledImages` (or of the folder ``images`` names). ``transform`` maps a
+    ``uint8 [3, H, W]`` image to its evaluation size (e.g.
+    :class:`dinofeat.images.ImageTransform`). An unreadable file gives a black
+    ``size x size`` image and ``readable=False``, for the caller to drop: a loader keeps
+    going and the positions stay aligned with the labels."""
+
+    def __init__(self, images: "LabeledImages | str | os.PathLike",
+                 transform: Callable[[torch.Tensor], torch.Tensor], size: int):
+        self.images = images if isinstance(images, LabeledImages) else image_folder(images)
+        self.transform = transform
+        self.size = size
+
+    @property
+    def paths(self) -> list[Path]:
+        return self.images.paths
+
+    @property
+    def labels(self) -> list[int]:
+        return self.images.labels
+
+    @property
+    def classes(self) -> list[str]:
+        return self.images.classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        from .images import ImageReadError, read_image
+        label = self.images.labels[index]
+        try:
+            return self.transform(read_image(self.images.paths[index])), label, True
+        except ImageReadError:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, False
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

@@ -9,9 +9,9 @@ This module holds what the demo (``dinofeat demo``), the benchmark
   patches, 2 global 28-px crops + local 12-px crops, a short schedule);
 * :func:`fashion_mnist_preprocessing`: how the models see a 28x28 photo (as it is: no
   resize, no crop; grey repeated to three channels; the training set's mean/std);
-* :func:`knn_evaluation`: DINO's weighted k-NN (DESIGN 3.7) of a model's [CLS] features,
+* :func:`knn_evaluation`: DINO's weighted k-NN (k = 20, T = 0.07) of a model's [CLS] features,
   computed through ``model.embed`` on PIL images, the path users take;
-* :func:`silhouette_jaccard`: the attention property of DESIGN 3.8 on real data;
+* :func:`silhouette_jaccard`: the paper's attention-mask property on real data;
 * :func:`run_demo`: the short end-to-end demo (train, index, evaluate, search, pictures).
 """
 
@@ -35,12 +35,17 @@ __all__ = ["Recipe", "RECIPES", "fashion_mnist_stats", "fashion_mnist_preprocess
            "recipe_config", "export_training_images", "to_pil", "knn_evaluation",
            "silhouette_jaccard", "random_weights_model", "neighbour_grid",
            "attention_picture", "bank_index", "search_pictures", "DemoResult", "demo_split",
-           "run_demo", "set_threads"]
+           "run_demo", "set_threads", "pixel_knn", "knn_top1"]
 
 log = get_logger("dinofeat.demo")
 
+def _fmnist_preset() -> dict[str, Any]:
+    from .training.config import PRESETS
+    return dict(PRESETS["fashion_mnist"])
+
+
 #: The architecture of the Fashion-MNIST recipes (see :data:`dinofeat.backbones.VIT_SIZES`).
-FMNIST_ARCH = "vit_mini7"
+FMNIST_ARCH = _fmnist_preset()["arch"]
 
 
 @dataclass(frozen=True)
@@ -71,36 +76,10 @@ class Recipe:
         return self.steps * self.batch
 
 
-# Options shared by every recipe. Reasoning (DESIGN 3.3-3.5 adapted to 28x28 images and
-# runs of minutes to an hour on a 2-core CPU; the probes behind each choice are listed in
-# docs/benchmarks.md, "Fashion-MNIST"):
-# - patch 7 on 28 px: a 4x4 grid (16 tokens; local crops of 14 px: 2x2). On this CPU it
-#   trains 1.7x more images per second than patch 4 (49 tokens), and in runs this short
-#   images seen matter more than resolution;
-# - the Gaussian blur's sigma scaled to the image: the release's (0.1, 2) px is for 224-px
-#   crops; on a 28-px photo a sigma of 2 px erases the garment's details, (0.1, 0.5) keeps
-#   the same relative strength as the release at a quarter of ImageNet's 112-px detail;
-# - BatchNorm in the head's hidden layers (the release's option for ResNets): a random
-#   ViT gives nearly the same [CLS] for every photo, so the centred teacher starts almost
-#   uniform and the first hundreds of steps carry little signal; normalising the head's
-#   hidden units over the batch spreads the photos apart from the first step (measured:
-#   +3 k-NN points over the plain head after 300 steps, the best of 7 probes);
-# - head hidden width 512 (not 2048): the backbone is 192-d, and the head was a third of
-#   the step's time;
-# - 4 local crops instead of 8-10: 8 were not better per minute;
-# - out_dim 1024: K prototypes for 10 classes and a few thousand images per chunk;
-# - teacher momentum 0.99 (cosine to 1): the teacher's time constant, 100 steps, is a
-#   fraction of the run; the release's 0.996-0.9995 would leave it near its random start;
-# - lr 0.002 per 256 images (4x the release) with a one-chunk warm-up (3x that was worse);
-# - no frozen last layer (the first chunk is already the warm-up), bf16 autocast (CPU
-#   autocast is supported; ~1.4x faster here), grey images.
-_COMMON: dict[str, Any] = dict(
-    arch=FMNIST_ARCH, patch_size=7, global_crop_size=28, local_crop_size=14,
-    global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), local_crops_number=4,
-    blur_sigma=(0.1, 0.5), out_dim=1024, hidden_dim=512, use_bn_in_head=True,
-    momentum_teacher=0.99, lr=0.002, min_lr=1e-6, warmup_epochs=1,
-    freeze_last_layer=0, norm_last_layer=True, drop_path_rate=0.1, precision="bf16",
-    grayscale=True, num_workers=1, saveckp_freq=0, log_every=5)
+# Options shared by every recipe: the ``fashion_mnist`` preset of
+# :data:`dinofeat.training.config.PRESETS` (where the reasoning behind each value is).
+_COMMON: dict[str, Any] = {k: v for k, v in _fmnist_preset().items()
+                           if k not in ("epochs", "mean", "std")}
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("demo", steps=300, chunks=6, description="the offline demo: a few minutes on a "
@@ -203,7 +182,7 @@ def knn_evaluation(model, bank_images: np.ndarray, bank_labels: np.ndarray,
                    test_images: np.ndarray, test_labels: np.ndarray, *, k: int = 20,
                    T: float = 0.07, batch_size: int = 256, progress: bool = False,
                    precision: str = "fp32") -> dict[str, Any]:
-    """DINO's weighted k-NN (DESIGN 3.7) with ``bank_images`` as the memory bank.
+    """DINO's weighted k-NN (k = 20, T = 0.07) with ``bank_images`` as the memory bank.
 
     Features are ``model.embed`` of the images as grey PIL images (the model's own
     preprocessing, L2-normalised [CLS]); the vote is
@@ -222,9 +201,32 @@ def knn_evaluation(model, bank_images: np.ndarray, bank_labels: np.ndarray,
             "test": len(test_images), "embed_s": embed_s}
 
 
+def knn_top1(bank: torch.Tensor, bank_labels: np.ndarray, test: torch.Tensor,
+             test_labels: np.ndarray, *, k: int = 20, T: float = 0.07) -> float:
+    """k-NN top-1 (percent) of features ``test`` against the memory bank ``bank``:
+    :func:`dinofeat.eval.knn_classify` (cosine, ``k`` neighbours, weights exp(s/T))."""
+    from .eval.knn import knn_accuracy, knn_classify
+    n_cls = int(max(np.max(bank_labels), np.max(test_labels))) + 1
+    scores = knn_classify(bank, torch.as_tensor(bank_labels), test, k=k, T=T,
+                          num_classes=n_cls)
+    return knn_accuracy(scores, torch.as_tensor(test_labels), (1,))[1]
+
+
+def pixel_knn(bank_images: np.ndarray, bank_labels: np.ndarray, test_images: np.ndarray,
+              test_labels: np.ndarray, centre: bool = True) -> float:
+    """The raw-pixel baseline: :func:`knn_top1` of the flattened pixels (L2-normalised
+    by the k-NN), ``centre``: minus the mean bank image first (the stronger baseline)."""
+    a = torch.from_numpy(bank_images.reshape(len(bank_images), -1)).float()
+    b = torch.from_numpy(test_images.reshape(len(test_images), -1)).float()
+    if centre:
+        mu = a.mean(0, keepdim=True)
+        a, b = a - mu, b - mu
+    return knn_top1(a, bank_labels, b, test_labels)
+
+
 def silhouette_jaccard(model, images: np.ndarray, *, threshold: float = 0.6,
                        progress: bool = False) -> dict[str, float]:
-    """How well the last block's [CLS] attention finds the garment (DESIGN 3.8 on real data).
+    """How well the last block's [CLS] attention finds the garment (the paper's 60%-mass masks, on real data).
 
     For every image (uint8 ``[N, H, W]``, dark background): the silhouette is the set of
     pixels above 0; :meth:`~dinofeat.model.DinoModel.attention_maps` gives each head's
@@ -361,6 +363,7 @@ class DemoResult:
     out_dir: Path
     knn_top1: float
     random_knn_top1: float
+    pixels_knn_top1: float
     train_seconds: float
     total_seconds: float
     steps: int
@@ -373,7 +376,8 @@ class DemoResult:
     def summary(self) -> str:
         rows = [(f"DINO, this demo ({self.steps} steps x {self.images_seen // max(self.steps, 1)}"
                  f" photos, {self.train_seconds / 60:.1f} min)", self.knn_top1),
-                ("the same network with random weights", self.random_knn_top1)]
+                ("the same network with random weights", self.random_knn_top1),
+                ("raw pixels (minus the mean image), same bank", self.pixels_knn_top1)]
         if self.shipped_knn_top1 is not None:
             rows.append(("vit_t_fmnist (same code, recipe 'ship', shipped)",
                          self.shipped_knn_top1))
@@ -390,26 +394,28 @@ def _shipped_available() -> bool:
     return bool(spec and spec.local_file and (PACKAGE_WEIGHTS / spec.local_file).is_file())
 
 
-def bank_index(model, images: np.ndarray, labels: np.ndarray, progress: bool = False):
+def bank_index(model, images: np.ndarray, labels: np.ndarray, progress: bool = False,
+               feats: torch.Tensor | None = None):
     """A cosine :class:`~dinofeat.KNNIndex` of ``model.embed`` of ``images`` (uint8
-    ``[N, H, W]``, as grey PIL photos), labelled with the Fashion-MNIST class names of
-    ``labels``; ids are the positions in ``images``."""
+    ``[N, H, W]``, as grey PIL photos; ``feats``: already computed), labelled with the
+    Fashion-MNIST class names of ``labels``; ids are the positions in ``images``."""
     from .datasets import FASHION_MNIST_CLASSES
     from .search import KNNIndex
-    feats = model.embed(to_pil(images), batch_size=256, progress=progress)
+    if feats is None:
+        feats = model.embed(to_pil(images), batch_size=256, progress=progress)
     index = KNNIndex(feats.shape[1], metric="cosine", model_info=model)
     index.add(feats, labels=[FASHION_MNIST_CLASSES[int(y)] for y in labels])
     return index
 
 
-def _accuracy(index, model, images: np.ndarray, labels: np.ndarray, progress: bool
-              ) -> tuple[float, torch.Tensor]:
-    from .datasets import FASHION_MNIST_CLASSES
-    feats = model.embed(to_pil(images), batch_size=256, progress=progress)
-    scores = index.classify(feats, k=20, T=0.07, classes=list(FASHION_MNIST_CLASSES),
-                            model_info=model)
-    pred = scores.argmax(1)
-    return 100.0 * float((pred == labels).mean()), feats
+def _model_knn(model, bank: np.ndarray, bank_labels: np.ndarray, test: np.ndarray,
+               test_labels: np.ndarray, progress: bool
+               ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """``(top-1, bank features, test features)`` of ``model`` by :func:`knn_top1`."""
+    kw = dict(batch_size=256, progress=progress)
+    bank_feats = model.embed(to_pil(bank), **kw)
+    test_feats = model.embed(to_pil(test), **kw)
+    return knn_top1(bank_feats, bank_labels, test_feats, test_labels), bank_feats, test_feats
 
 
 def demo_split(n_train: int, n_test: int, train_images: int, bank: int, test: int,
@@ -503,18 +509,16 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
     # 2. k-NN index and accuracy, next to random weights
     echo(f"[2/4] k-NN index of {len(bank_idx)} labelled training photos; "
          f"classifying {len(test_idx)} test photos")
-    index = bank_index(model, x_train[bank_idx], y_train[bank_idx], progress)
-    acc, test_feats = _accuracy(index, model, x_test[test_idx], y_test[test_idx], progress)
+    split = (x_train[bank_idx], y_train[bank_idx], x_test[test_idx], y_test[test_idx])
+    acc, bank_feats, test_feats = _model_knn(model, *split, progress)
+    index = bank_index(model, x_train[bank_idx], y_train[bank_idx], feats=bank_feats)
     rand = random_weights_model(FMNIST_ARCH, prep, seed=seed)
-    rand_index = bank_index(rand, x_train[bank_idx], y_train[bank_idx], progress)
-    rand_acc, _ = _accuracy(rand_index, rand, x_test[test_idx], y_test[test_idx], progress)
+    rand_acc = _model_knn(rand, *split, progress)[0]
+    pixels_acc = pixel_knn(*split)
     files.append(index.save(out / "train.idx"))
     shipped_acc = None
     if compare_shipped and _shipped_available():
-        shipped = load("vit_t_fmnist", device="cpu")
-        shipped_index = bank_index(shipped, x_train[bank_idx], y_train[bank_idx], progress)
-        shipped_acc, _ = _accuracy(shipped_index, shipped, x_test[test_idx],
-                                   y_test[test_idx], progress)
+        shipped_acc = _model_knn(load("vit_t_fmnist", device="cpu"), *split, progress)[0]
 
     # 3. search, 4. attention maps
     echo(f"[3/4] searching the index with {queries} test photos")
@@ -525,11 +529,13 @@ def run_demo(out_dir: str | os.PathLike = "dinofeat-demo", *, steps: int | None 
                              neighbours=neighbours, query_feats=test_feats[q])
     total_s = time.perf_counter() - t_start
     result = DemoResult(out_dir=out, knn_top1=acc, random_knn_top1=rand_acc,
-                        train_seconds=train_s, total_seconds=total_s, steps=recipe.steps,
+                        pixels_knn_top1=pixels_acc, train_seconds=train_s, total_seconds=total_s, steps=recipe.steps,
                         images_seen=recipe.images_seen, bank=len(bank_idx),
                         test=len(test_idx), files=files, shipped_knn_top1=shipped_acc)
     atomic_write_json(out / "results.json", {
-        "knn_top1": acc, "random_knn_top1": rand_acc, "shipped_knn_top1": shipped_acc,
+        "knn_top1": acc, "random_knn_top1": rand_acc, "pixels_knn_top1": pixels_acc,
+        "dino_minus_random": acc - rand_acc, "shipped_knn_top1": shipped_acc,
+        "k": 20, "T": 0.07, "load_average": [round(v, 2) for v in os.getloadavg()],
         "train_seconds": train_s,
         "total_seconds": total_s, "steps": recipe.steps, "batch": recipe.batch,
         "pretrain_images": len(pretrain), "bank": len(bank_idx), "test": len(test_idx),

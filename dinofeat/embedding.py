@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from . import images as _images
+from . import runtime
 from .accel import fast_inference
+from .runtime import AUTOCAST_DTYPES, resolve_device
 from .features import (GEM_P, MULTISCALE_FACTORS, POOLS, FeatureSpec, crop_to_patches, gem,
                        multiscale_features, pooled_features, resolve_preprocessing)
 from .utils import get_logger
@@ -34,7 +36,8 @@ __all__ = ["POOLS", "PRECISIONS", "MULTISCALE_FACTORS", "GEM_P", "gem", "crop_to
            "feature_dim", "EmbedStream", "resolve_preprocessing", "embed", "iter_embed",
            "pooled_features", "multiscale_features", "collect", "patch_fn", "RUN_OPTIONS"]
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the compute dtype of each precision name of dinofeat.runtime (fp32: no autocast)
+PRECISIONS = {k: v or torch.float32 for k, v in AUTOCAST_DTYPES.items()}
 # Keywords of embed/iter_embed that say how to run, not what to compute.
 RUN_OPTIONS = ("batch_size", "num_workers", "precision", "device", "progress",
                "skip_unreadable")
@@ -66,6 +69,11 @@ class EmbedStream:
     of different sizes ("whole" preprocessing) go through it in same-size groups, and
     their outputs are put back in input order (so every group's output must have the same
     trailing shape, else a ``ValueError`` says so).
+
+    ``transform`` replaces the preprocessing's resize and crop by any callable on
+    ``uint8 [3, H, W]`` (training augmentation, a square resize...); the preprocessing's
+    mean and std still normalise. With ``positions`` the keys are the input positions
+    (also for files), which tells repeated paths apart.
     """
 
     model: "FeatureModel"
@@ -84,6 +92,8 @@ class EmbedStream:
     stop: int | None = None
     quiet: bool = False  # no skip warnings (a caller that reports them itself)
     spec: FeatureSpec | None = None  # what fn computes, when it is embed's
+    transform: Callable | None = None
+    positions: bool = False
     skipped: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -94,15 +104,15 @@ class EmbedStream:
             raise ValueError(f"bad range [{self.start}, {self.stop}) for {n} images")
         if self.skip_unreadable is None:
             self.skip_unreadable = self.resolved.from_folder
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                             f"{self.precision!r}")
+        runtime.check_precision(self.precision)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        self.device = torch.device(self.device) if self.device is not None else self.model.device
-        self.transform = _images.ImageTransform(
-            resolve_preprocessing(self.model, self.preprocessing), self.model.patch_size,
-            self.size)
+        # "cuda" without an index: this process's GPU under torchrun (dinofeat.runtime)
+        self.device = resolve_device(self.device) if self.device is not None else self.model.device
+        pre = resolve_preprocessing(self.model, self.preprocessing)
+        self.normalization = (pre.mean, pre.std)
+        if self.transform is None:
+            self.transform = _images.ImageTransform(pre, self.model.patch_size, self.size)
 
     @property
     def sources(self) -> list[_images.ImageSource]:
@@ -121,8 +131,10 @@ class EmbedStream:
                     dynamic_ncols=True, smoothing=0.1)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        with fast_inference(self.model if isinstance(self.model, torch.nn.Module) else None,
-                            self.precision, self.device):
+        # inference mode only around the model: a generator that yielded inside it would
+        # leave the caller's code (a training step on the features...) in it too
+        module = self.model if isinstance(self.model, torch.nn.Module) else None
+        with torch.inference_mode(), fast_inference(module, self.precision, self.device):
             out = self.fn(x)
         return out.float() if out.is_floating_point() else out
 
@@ -139,11 +151,10 @@ class EmbedStream:
             model.to(memory_format=torch.channels_last)
         bar = self._progress_bar()
         try:
-            with torch.inference_mode():
-                if self.resolved.tensor is not None:
-                    yield from self._iter_tensor(bar, fmt)
-                else:
-                    yield from self._iter_loader(bar, fmt)
+            if self.resolved.tensor is not None:
+                yield from self._iter_tensor(bar, fmt)
+            else:
+                yield from self._iter_loader(bar, fmt)
         finally:
             bar.close()
         if self.skipped and not self.quiet:  # each file was named once as it was met
@@ -160,7 +171,7 @@ class EmbedStream:
 
     def _iter_loader(self, bar, fmt):
         sources = self.resolved.sources[self.start:self.stop]
-        pre = self.transform.preprocessing
+        mean, std = self.normalization
         loader = _images.image_loader(
             sources, self.transform, batch_size=self.batch_size,
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
@@ -174,7 +185,7 @@ class EmbedStream:
                 self.skipped.append(_images.SkippedImage(self.start + pos, src.key, reason))
             outs: dict[int, torch.Tensor] = {}
             for positions, imgs in batch.groups:
-                x = _images.normalize_batch(imgs, pre.mean, pre.std, device=self.device,
+                x = _images.normalize_batch(imgs, mean, std, device=self.device,
                                             memory_format=fmt)
                 res = self._run(x).cpu()
                 outs.update(zip(positions, res.unbind(0)))
@@ -186,7 +197,9 @@ class EmbedStream:
             if len(shapes) > 1:
                 raise ValueError(f"images of different sizes give outputs of shapes "
                                  f"{sorted(shapes)}; use a fixed size or one image at a time")
-            yield [sources[p].key for p in order], torch.stack([outs[p] for p in order])
+            keys = [self.start + p for p in order] if self.positions else \
+                [sources[p].key for p in order]
+            yield keys, torch.stack([outs[p] for p in order])
 
 
 def collect(stream: EmbedStream) -> tuple[list, torch.Tensor | None]:

@@ -138,8 +138,8 @@ class ExportedViT(nn.Module):
         last = blocks[-1]
         attn = None
         if self.attention:
-            from .backbones import _attention_qk
-            q, k = _attention_qk(last.attn, last.norm1(x))
+            from .backbones import attention_qk
+            q, k = attention_qk(last.attn, last.norm1(x))
             attn = ((q[:, :, :1] * last.attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             attn = attn[:, :, 0]
         x = vit.norm(last(x))
@@ -172,7 +172,7 @@ class ExportReport:
 
 
 def _metadata(model: "DinoModel", attention: bool) -> dict[str, Any]:
-    from . import __version__
+    from .version import __version__
     return {"name": model.name, "embed_dim": model.embed_dim, "patch_size": model.patch_size,
             "num_heads": model.num_heads, "preprocessing": model.preprocessing.to_dict(),
             "weights_hash": model.weights_hash, "outputs": _output_names(attention),
@@ -305,7 +305,9 @@ def export_model(model: "DinoModel", path: str | os.PathLike, format: str | None
                              ".onnx or .pt file name, or pass format=")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    model._require_vit("export")
+    if not model.is_vit:
+        raise TypeError(f"export needs a ViT; {model.name} is not one (ResNet/XCiT: use "
+                        "torch.onnx.export on model.backbone directly)")
     if format == "onnx":
         return export_onnx(model, path, attention=attention, check_sizes=check_sizes)
     return export_torchscript(model, path, attention=attention, check_sizes=check_sizes)
@@ -394,6 +396,7 @@ class OnnxModel:
         self.num_heads = self.meta.get("num_heads")
         self.session = _ort_session(self.path, num_threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.source = str(self.path)  # recorded by indexes, to reload the model
         self.device = torch.device("cpu")
         self.depth = None  # the export does not say; only the last block is reachable
 

@@ -13,8 +13,10 @@ Feature files (:func:`save_features` / :func:`load_features`):
 
 * ``.safetensors``: tensor ``"features"`` ``float32 [N, D]``; header metadata
   ``"dinofeat"`` holds JSON with ``paths`` (one per row, in order), ``skipped``
-  (``[[path, reason], ...]``), ``model`` (``DinoModel.describe()``) and ``embed`` (pooling
-  and preprocessing options). Path lists too big for a safetensors header
+  (``[[path, reason], ...]``), ``model`` (``DinoModel.describe()``), ``features`` (the
+  :meth:`~dinofeat.features.FeatureSpec.identity` of the vectors: weights, applied
+  preprocessing, pooling, blocks, normalisation, dim) and ``embed`` (the options as
+  given, with the precision). Path lists too big for a safetensors header
   (over 32 MB of JSON) go to a sidecar ``<file>.json`` instead.
 * ``.npy``: the ``float32 [N, D]`` array; the same JSON in the sidecar ``<file>.json``.
 """
@@ -34,7 +36,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .embedding import feature_dim, resolve_preprocessing
+from . import runtime
+from .embedding import RUN_OPTIONS
+from .features import FeatureSpec, resolve_preprocessing
 from .images import list_images
 from .utils import atomic_path, atomic_write_json, get_logger, resolve_inside
 
@@ -43,15 +47,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["FeatureFile", "save_features", "load_features", "sidecar_path", "shard_ranges",
            "extract_to_shards", "merge_shards", "embed_to_file", "ExtractResult",
-           "FEATURE_SUFFIXES"]
+           "FEATURE_SUFFIXES", "shard_path", "remove_shards", "distributed_setup",
+           "input_paths"]
 
 log = get_logger(__name__)
 
 FEATURE_SUFFIXES = (".safetensors", ".npy")
 _FORMAT = "dinofeat.features/1"
 _HEADER_LIMIT = 32 * 2 ** 20  # bytes of JSON kept inside a safetensors header
-_EMBED_OPTIONS = ("pool", "normalize", "multiscale", "n_last_blocks", "avgpool", "size",
-                  "preprocessing", "precision")
 
 
 # ------------------------------------------------------------------ feature files
@@ -181,7 +184,8 @@ def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + shard_size, num_images)) for lo in range(0, num_images, shard_size)]
 
 
-def _input_paths(images: Any) -> list[Path]:
+def input_paths(images: Any) -> list[Path]:
+    """The image files of a folder (sorted, recursive), a file or a list of them."""
     if isinstance(images, (str, os.PathLike)):
         p = Path(images)
         if p.is_dir():
@@ -196,7 +200,7 @@ def _input_paths(images: Any) -> list[Path]:
                                                  for i in images):
         out: list[Path] = []
         for i in images:
-            out.extend(_input_paths(i) if Path(i).is_dir() else [Path(i)])
+            out.extend(input_paths(i) if Path(i).is_dir() else [Path(i)])
         if not out:
             raise ValueError("no images given")
         return out
@@ -204,25 +208,29 @@ def _input_paths(images: Any) -> list[Path]:
 
 
 def _run_config(model: "DinoModel", paths: Sequence[Path], shard_size: int,
-                options: dict[str, Any]) -> dict[str, Any]:
-    pre = resolve_preprocessing(model, options.get("preprocessing"))
-    embed = {k: options.get(k) for k in _EMBED_OPTIONS}
-    embed["preprocessing"] = pre.to_dict()
-    embed["dim"] = feature_dim(model, embed["pool"] or "cls", embed["n_last_blocks"] or 1,
-                               bool(embed["avgpool"]))
+                spec: FeatureSpec, precision: str) -> dict[str, Any]:
+    embed = spec.to_dict()
+    embed["preprocessing"] = resolve_preprocessing(model, spec.preprocessing).to_dict()
+    embed["precision"] = precision
+    embed["dim"] = spec.dim(model)
     # surrogateescape: file names that are not UTF-8 hash as their bytes
     digest = hashlib.sha256("\n".join(map(str, paths)).encode("utf-8", "surrogateescape")
                             ).hexdigest()
-    return {"format": _FORMAT, "model": model.describe(), "embed": embed,
-            "num_images": len(paths), "paths_sha256": digest, "shard_size": shard_size}
+    return {"format": _FORMAT, "model": model.describe(), "features": spec.identity(model),
+            "embed": embed, "num_images": len(paths), "paths_sha256": digest,
+            "shard_size": shard_size}
 
 
 def _config_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _shard_path(shard_dir: Path, k: int) -> Path:
-    return shard_dir / f"shard_{k:06d}.safetensors"
+def shard_path(shard_dir: Path, k: int) -> Path:
+    """Where shard ``k`` of a run lives in ``shard_dir``."""
+    return Path(shard_dir) / f"shard_{k:06d}.safetensors"
+
+
+_shard_path = shard_path  # the name dinofeat.index imported before it became public
 
 
 def _shard_is_complete(path: Path, config_id: str, lo: int, hi: int) -> bool:
@@ -242,14 +250,16 @@ def _shard_is_complete(path: Path, config_id: str, lo: int, hi: int) -> bool:
     return info.get("range") == [lo, hi]
 
 
-def _defaults(options: dict[str, Any]) -> dict[str, Any]:
-    full = dict(pool="cls", normalize=True, multiscale=False, n_last_blocks=1, avgpool=False,
-                size=None, preprocessing=None, precision="fp32")
-    unknown = set(options) - set(full) - {"batch_size", "num_workers", "device"}
+def _split_options(options: dict[str, Any]) -> tuple[FeatureSpec, dict[str, Any]]:
+    """``(spec, run options)`` of ``embed``-style keywords (``spec=`` allowed)."""
+    options = dict(options)
+    fields, rest = FeatureSpec.split_options(options)
+    spec = FeatureSpec.from_options(rest.pop("spec", None), **fields)
+    unknown = set(rest) - set(RUN_OPTIONS)
     if unknown:
         raise TypeError(f"unknown embed option(s): {', '.join(sorted(unknown))}")
-    full.update(options)
-    return full
+    rest.setdefault("precision", "fp32")
+    return spec, rest
 
 
 def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathLike, *,
@@ -262,17 +272,19 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
     Shard ``k`` (``shard_size`` images) is done by rank ``k % world_size``; complete shards
     already in ``shard_dir`` from the same configuration are kept, a shard from another
     configuration is an error. Unreadable files are skipped, logged and recorded.
-    ``embed_options``: those of :meth:`DinoModel.embed` (``pool``, ``normalize``,
-    ``multiscale``, ``n_last_blocks``, ``avgpool``, ``size``, ``preprocessing``,
-    ``precision``, ``batch_size``, ``num_workers``, ``device``).
+    ``embed_options``: those of :meth:`DinoModel.embed`: ``spec`` (a
+    :class:`~dinofeat.features.FeatureSpec`) or its fields (``pool``, ``normalize``,
+    ``multiscale``, ``n_last_blocks``, ``avgpool``, ``layout``, ``size``,
+    ``preprocessing``), and ``precision``, ``batch_size``, ``num_workers``, ``device``.
     """
     from tqdm.auto import tqdm
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    options = _defaults(embed_options)
-    paths = _input_paths(images)
+    spec, run = _split_options(embed_options)
+    spec.check_model(model)
+    paths = input_paths(images)
     shard_dir = Path(shard_dir)
-    config = _run_config(model, paths, shard_size, options)
+    config = _run_config(model, paths, shard_size, spec, run["precision"])
     cid = _config_id(config)
     manifest = shard_dir / "manifest.json"
     if not manifest.is_file():
@@ -290,7 +302,7 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
         atomic_write_json(manifest, {"config_id": cid, **config})
     ranges = shard_ranges(len(paths), shard_size)
     mine = [k for k in range(rank, len(ranges), world_size)]
-    todo = [k for k in mine if not _shard_is_complete(_shard_path(shard_dir, k), cid,
+    todo = [k for k in mine if not _shard_is_complete(shard_path(shard_dir, k), cid,
                                                       *ranges[k])]
     if len(todo) < len(mine):
         log.info("rank %d: %d of its %d shard(s) already complete in %s", rank,
@@ -300,15 +312,13 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
     show = progress if progress is not None else (_isatty() and rank == 0)
     bar = tqdm(total=total, unit="img", desc=f"embed[{rank}]" if world_size > 1 else "embed",
                disable=not show or total == 0, dynamic_ncols=True, smoothing=0.1)
-    stream_opts = {k: options[k] for k in options if k != "size" and k != "preprocessing"}
     from safetensors.torch import save_file
     skipped_total = 0
     try:
         for k in todo:
             lo, hi = ranges[k]
-            stream = model.iter_embed(paths[lo:hi], size=options["size"],
-                                      preprocessing=options["preprocessing"], progress=False,
-                                      skip_unreadable=True, **stream_opts)
+            stream = model.iter_embed(paths[lo:hi], spec=spec, progress=False,
+                                      skip_unreadable=True, **run)
             stream.quiet = True  # skips are reported once for the whole run, below
             keys: list[str] = []
             chunks: list[torch.Tensor] = []
@@ -326,7 +336,7 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
             feats = torch.cat(chunks) if chunks else torch.zeros(0, config["embed"]["dim"])
             info = {"config_id": cid, "range": [lo, hi], "paths": keys,
                     "skipped": [[str(s.key), s.reason] for s in stream.skipped]}
-            with atomic_path(_shard_path(shard_dir, k)) as tmp:
+            with atomic_path(shard_path(shard_dir, k)) as tmp:
                 save_file({"features": feats.contiguous()}, str(tmp),
                           metadata={"dinofeat": json.dumps(info)})
     finally:
@@ -389,20 +399,21 @@ def merge_shards(shard_dir: str | os.PathLike, out: str | os.PathLike) -> Featur
     manifest = _read_json(shard_dir / "manifest.json")
     cid = manifest["config_id"]
     ranges = shard_ranges(manifest["num_images"], manifest["shard_size"])
-    missing = [str(_shard_path(shard_dir, k)) for k, (lo, hi) in enumerate(ranges)
-               if not _shard_is_complete(_shard_path(shard_dir, k), cid, lo, hi)]
+    missing = [str(shard_path(shard_dir, k)) for k, (lo, hi) in enumerate(ranges)
+               if not _shard_is_complete(shard_path(shard_dir, k), cid, lo, hi)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) missing or incomplete: "
                                 f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     feats, paths, skipped = [], [], []
     for k in range(len(ranges)):
-        with safe_open(str(_shard_path(shard_dir, k)), "pt") as f:
+        with safe_open(str(shard_path(shard_dir, k)), "pt") as f:
             info = json.loads(f.metadata()["dinofeat"])
             feats.append(f.get_tensor("features"))
         paths.extend(info["paths"])
         skipped.extend(info["skipped"])
     features = torch.cat(feats) if feats else torch.zeros(0, manifest["embed"]["dim"])
     meta = {"model": manifest["model"], "embed": manifest["embed"],
+            **({"features": manifest["features"]} if "features" in manifest else {}),
             "num_images": manifest["num_images"], "skipped": skipped}
     save_features(out, features, paths, meta)
     return FeatureFile(features, paths, {**meta, "count": len(paths)})
@@ -424,20 +435,14 @@ class ExtractResult:
         return self.features.skipped if self.features else []
 
 
-def _distributed_setup(device: str | torch.device | None) -> tuple[int, int, bool]:
+def distributed_setup(device: str | torch.device | None) -> tuple[int, int, bool]:
     """``(rank, world_size, created)``: join the process group ``torchrun`` describes in
-    the environment (gloo on CPU, NCCL on CUDA), if there is one."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    cuda = (torch.device(device).type == "cuda") if device is not None else \
-        torch.cuda.is_available()
+    the environment (gloo on CPU, NCCL on this process's GPU), if there is one."""
     # Ranks with less work wait for the others at the barrier: allow long runs.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size(), True
+    return runtime.init_process_group(device, timeout=timedelta(hours=24))
+
+
+_distributed_setup = distributed_setup  # the name dinofeat.index imported
 
 
 def embed_to_file(model: "DinoModel", images: Any, out: str | os.PathLike, *,
@@ -455,7 +460,9 @@ def embed_to_file(model: "DinoModel", images: Any, out: str | os.PathLike, *,
     out = Path(out)
     _check_suffix(out)
     shard_dir = Path(shard_dir) if shard_dir is not None else out.with_name(out.name + ".shards")
-    rank, world, created = _distributed_setup(embed_options.get("device"))
+    rank, world, created = distributed_setup(embed_options.get("device"))
+    if embed_options.get("device") is not None:  # "cuda" -> this process's GPU under torchrun
+        embed_options["device"] = runtime.resolve_device(embed_options["device"])
     import torch.distributed as dist
     try:
         extract_to_shards(model, images, shard_dir, shard_size=shard_size, rank=rank,
@@ -475,8 +482,3 @@ def embed_to_file(model: "DinoModel", images: Any, out: str | os.PathLike, *,
     finally:
         if created:
             dist.destroy_process_group()
-
-
-# Public names for the index builder (dinofeat.search.build), which shares this shard layout.
-shard_path = _shard_path
-distributed_setup = _distributed_setup

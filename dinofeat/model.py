@@ -23,6 +23,7 @@ from .backbones import DinoVisionTransformer, build_backbone
 from .zoo import MODELS, ModelSpec, Preprocessing, get_spec
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .export import OnnxModel
     from .features import FeatureSpec
 
 __all__ = ["DinoModel", "load", "CHECKPOINT_NAMES"]
@@ -51,6 +52,7 @@ class DinoModel(nn.Module):
         self.spec = spec
         self.preprocessing = preprocessing or (spec.preprocessing if spec else Preprocessing())
         self.source = source
+        self.training_summary: dict[str, Any] | None = None  # recipe and k-NN of its run
         self._weights_hash: str | None = None
 
     # ----------------------------------------------------------------- facts
@@ -245,25 +247,17 @@ class DinoModel(nn.Module):
     # ------------------------------------------------------- linear classifier
     def attach_classifier(self, head, *, n_last_blocks: int | None = None,
                           avgpool: bool | None = None, class_names=None):
-        """Attach a linear head for :meth:`classify`: a
-        :class:`~dinofeat.eval.linear.LinearProbe`, a head saved by ``dinofeat eval
-        linear`` (``.safetensors``) or an original release ``*_linearweights.pth``
-        (``n_last_blocks``/``avgpool`` inferred from its width unless given). Checks that
-        the head fits this model's features; returns the head."""
-        from .eval.linear import LinearProbe
-        source = None
-        if not isinstance(head, LinearProbe):
-            source = head
-            head = LinearProbe.load(head, embed_dim=self.embed_dim, n_last_blocks=n_last_blocks,
-                                    avgpool=avgpool, class_names=class_names)
-        try:
-            head.check_model(self)
-        except ValueError as e:
-            if source is None:
-                raise
-            raise ValueError(f"{source}: {e}") from None
-        self.classifier = head.to(self.device).eval()
-        return head
+        """Deprecated: use :func:`dinofeat.eval.linear.attach_classifier` (``model`` first);
+        same arguments and result."""
+        import warnings
+
+        from .eval.linear import attach_classifier  # here, so that the model never sits
+        # above the evaluation suite at import time
+        warnings.warn("DinoModel.attach_classifier is deprecated; use "
+                      "dinofeat.eval.linear.attach_classifier(model, head)",
+                      DeprecationWarning, stacklevel=2)
+        return attach_classifier(self, head, n_last_blocks=n_last_blocks, avgpool=avgpool,
+                                 class_names=class_names)
 
     def classify(self, images, k: int = 5, **embed_kw) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(class name, probability)`` pairs per image from the attached head
@@ -273,8 +267,9 @@ class DinoModel(nn.Module):
         from .embedding import EmbedStream, collect, crop_to_patches
         head = getattr(self, "classifier", None)
         if head is None:
-            raise RuntimeError("no classifier attached: call model.attach_classifier(path) "
-                               "with a linear head first")
+            raise RuntimeError("no classifier attached: call "
+                               "dinofeat.eval.linear.attach_classifier(model, path) with a "
+                               "linear head first")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
 
@@ -289,13 +284,32 @@ class DinoModel(nn.Module):
         return [[(head.class_names[i], float(p)) for p, i in zip(ps.tolist(), ix.tolist())]
                 for ps, ix in zip(top.values, top.indices)]
 
+    # ------------------------------------------------------------ publishing
+    def save_pretrained(self, folder: str | os.PathLike, *, license: str = "apache-2.0"
+                        ) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and a README.md model card to
+        ``folder`` (:func:`dinofeat.pretrained.save_pretrained`); ``dinofeat.load(folder)``
+        restores this model, and timm reads the weights too."""
+        from .pretrained import save_pretrained
+        return save_pretrained(self, folder, license=license)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, license: str = "apache-2.0") -> str:
+        """Upload the :meth:`save_pretrained` folder to Hugging Face hub repo ``repo_id``
+        (created when missing); returns the commit URL. Load it back with
+        ``dinofeat.load("hf-hub:" + repo_id)``."""
+        from .pretrained import push_to_hub
+        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message, license=license)
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
 
 
 # --------------------------------------------------------------------- loading
 def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
-                     pos_embed_interp: str) -> nn.Module:
+                     pos_embed_interp: str, num_heads: int | None = None) -> nn.Module:
     if arch is not None:
         spec = MODELS.get(arch)
         if spec is not None and spec.arch == "xcit":
@@ -309,7 +323,7 @@ def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
                 kw["img_size"] = trained_grid_from_pos_embed(sd["pos_embed"]) * int(
                     sd["patch_embed.proj.weight"].shape[-1])
             return build_backbone(arch, pos_embed_interp=pos_embed_interp, **kw)
-    facts = weights.infer_architecture(sd)
+    facts = weights.infer_architecture(sd, num_heads=num_heads)
     if facts["family"] == "resnet":
         return build_backbone("resnet50")
     if facts["family"] == "xcit":
@@ -376,66 +390,108 @@ def load(name_or_path: str | os.PathLike = "vit_s16", device: str | torch.device
          *, arch: str | None = None, checkpoint_key: str = "teacher",
          revision: str | None = None, cache_dir: str | os.PathLike | None = None,
          pos_embed_interp: str | None = None,
-         preprocessing: Preprocessing | None = None) -> DinoModel:
-    """Load a DINO backbone as a :class:`DinoModel` in eval mode.
+         preprocessing: Preprocessing | None = None, token: str | bool | None = None,
+         layer_norm_eps: float | str | None = None) -> "DinoModel | OnnxModel":
+    """Load a DINO backbone as a :class:`DinoModel` in eval mode (an
+    :class:`~dinofeat.export.OnnxModel` for a ``.onnx`` file; both are
+    :class:`~dinofeat.protocol.FeatureModel` s).
 
     Args:
         name_or_path: a zoo name (``dinofeat.list_models()``), a weights file (original
             release backbone ``.pth`` or full checkpoint, dinofeat training checkpoint,
-            ``.safetensors``) or a training run folder. A ``.onnx`` file written by
-            ``dinofeat export`` gives a :class:`~dinofeat.export.OnnxModel` (ONNX
-            Runtime, CPU) with the same ``embed``.
-        device: where to put the model (default: CUDA if available, else CPU).
+            ``.safetensors``), a training run folder, a pretrained folder (``config.json``
+            with ``model.safetensors``: written by :meth:`DinoModel.save_pretrained`,
+            timm or transformers' ``ViTModel.save_pretrained``) or a Hugging Face hub
+            repo (``hf-hub:org/name[@revision]``, or ``org/name`` when no such local path
+            exists). A ``.onnx`` file written by ``dinofeat export`` gives a
+            :class:`~dinofeat.export.OnnxModel` (ONNX Runtime, CPU) with the same ``embed``.
+        device: where to put the model (default: CUDA if available, else CPU; under
+            ``torchrun`` this process's GPU, ``LOCAL_RANK``).
         arch: architecture for files; inferred from the tensors when omitted.
         checkpoint_key: ``"teacher"`` (default) or ``"student"`` for training checkpoints.
-        revision: Hugging Face hub revision (branch, tag or commit) for zoo models.
+        revision: Hugging Face hub revision (branch, tag or commit) for zoo models and
+            hub repos.
         cache_dir: Hugging Face cache folder (default: huggingface_hub's).
         pos_embed_interp: ``"dino"`` (original, default) or ``"timm"``.
         preprocessing: override the model's own preprocessing.
+        token: Hugging Face token for private hub repos (default: huggingface_hub's).
+        layer_norm_eps: LayerNorm epsilon of a ViT: ``None`` gives 1e-6, DINO's training
+            value, also for transformers configs that say 1e-12 (the converted
+            ``facebook/dino-*`` copies); ``"config"`` takes the folder's ``config.json``
+            value; a number sets it.
     """
+    from . import pretrained
     spec: ModelSpec | None = None
+    folder: pretrained.PretrainedFolder | None = None
     name = str(name_or_path)
+    hub = None if (isinstance(name_or_path, str) and name_or_path in MODELS) else \
+        pretrained.parse_hub_name(name_or_path)
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         spec = get_spec(name_or_path)
         path = weights.fetch_weights(spec, revision=revision, cache_dir=cache_dir)
+    elif hub is not None:
+        try:
+            path = pretrained.download(hub[0], hub[1] or revision, cache_dir=cache_dir,
+                                       token=token)
+        except weights.WeightsNotFoundError as e:
+            if name.startswith(pretrained.HUB_PREFIX):
+                raise
+            raise weights.WeightsNotFoundError(  # a plain org/name: maybe a mistyped path
+                f"no such weights file or folder: {name}; as a Hugging Face hub repo: {e}",
+                searched=[f"local path {name}: missing", *e.searched]) from None
     else:
         path = Path(name_or_path)
         if not path.exists():
             if isinstance(name_or_path, str) and os.sep not in name_or_path and \
                     "." not in Path(name_or_path).name:
                 raise KeyError(f"unknown model {name_or_path!r}; valid names: "
-                               f"{', '.join(MODELS)} (or a path to a weights file)")
+                               f"{', '.join(MODELS)} (or a path to a weights file, or "
+                               "hf-hub:ORG/NAME)")
             raise FileNotFoundError(f"no such weights file or folder: {path}")
-        path = _resolve_file(path)
-        if path.suffix.lower() == ".onnx":  # an exported model: ONNX Runtime on CPU
-            from .export import load_onnx
-            if device is not None and torch.device(device).type != "cpu":
-                raise ValueError(f"{path}: ONNX models run on CPU here; load the PyTorch "
-                                 "weights for a GPU")
-            return load_onnx(path)  # type: ignore[return-value]
+    if path.is_dir():
+        folder = pretrained.read_folder(path)
+    path = folder.weights if folder else _resolve_file(path)
+    if path.suffix.lower() == ".onnx":  # an exported model: ONNX Runtime on CPU
+        from .export import load_onnx
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"{path}: ONNX models run on CPU here; load the PyTorch "
+                             "weights for a GPU")
+        return load_onnx(path)
     ckpt = weights.read_checkpoint(path)
-    meta = weights.read_dinofeat_metadata(path, ckpt)
+    meta = {**weights.read_dinofeat_metadata(path, ckpt), **(folder.meta if folder else {})}
     sd = weights.backbone_state_dict(ckpt, checkpoint_key=checkpoint_key, source=str(path))
     arch = arch or (spec.name if spec else meta.get("arch"))
     interp = pos_embed_interp or (spec.pos_embed_interp if spec and spec.arch == "vit"
                                   else meta.get("pos_embed_interp", "dino"))
     try:
         with torch.device("meta"):  # shapes only: every value comes from the file, no random init
-            backbone = _build_for_state(sd, arch, interp)
+            backbone = _build_for_state(sd, arch, interp,
+                                        num_heads=folder.num_heads if folder else None)
     except weights.CheckpointError as e:  # name the file
         raise weights.CheckpointError(f"{path}: {e}") from None
     _load_strict(backbone, sd, str(path))
+    eps = folder.layer_norm_eps if (folder and layer_norm_eps == "config") else layer_norm_eps
+    if eps == "config":  # no config value: keep DINO's
+        eps = None
+    if eps is None and folder is not None and folder.kind == "dinofeat":
+        eps = folder.layer_norm_eps  # what the saved model computed with
+    if eps is not None:
+        pretrained.set_layer_norm_eps(backbone, float(eps))
+    if preprocessing is None and folder is not None and folder.preprocessing is not None:
+        preprocessing = folder.preprocessing
     if preprocessing is None and meta.get("preprocessing"):
         try:
             preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         except (TypeError, ValueError) as e:
             raise weights.CheckpointError(f"{path}: bad preprocessing in its metadata: {e}") \
                 from None
+    if hub is not None:  # the repo id is the name users know it by
+        meta["name"] = hub[0]
     model = DinoModel(backbone, name=spec.name if spec else meta.get("name", name), spec=spec,
                       preprocessing=preprocessing, source=str(path))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    model.training_summary = pretrained.training_summary(ckpt)
+    from .runtime import resolve_device
+    return model.to(resolve_device(device)).eval()
 
 
 def save_safetensors(model: DinoModel, path: str | os.PathLike, *,

@@ -20,9 +20,13 @@ freely: a file that needs any other object is refused with the object named.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import hashlib
 import os
 import re
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,6 +36,7 @@ from .zoo import ModelSpec
 
 __all__ = [
     "WeightsNotFoundError",
+    "is_transformers_vit",
     "CheckpointError",
     "fetch_weights",
     "read_checkpoint",
@@ -40,6 +45,15 @@ __all__ = [
     "sha256_file",
     "hf_cache_dir",
     "WEIGHTS_DIR_ENV",
+    "transformers_vit_to_timm",
+    "hub_endpoint",
+    "hub_offline",
+    "endpoint_reachable",
+    "set_interface",
+    "reset_interface",
+    "how_to_pass_weights",
+    "local_weights",
+    "local_weights_all",
 ]
 
 WEIGHTS_DIR_ENV = "DINOFEAT_WEIGHTS_DIR"
@@ -50,7 +64,37 @@ SAFE_GLOBALS: list = [argparse.Namespace]
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """No copy of a model's weights could be found or downloaded."""
+    """No copy of a model's weights could be found or downloaded. ``searched`` lists
+    every place tried (one line each)."""
+
+    def __init__(self, message: str, searched: list[str] | None = None):
+        super().__init__(message)
+        self.searched = list(searched or [])
+
+
+# Errors name what the user can type: Python code or command-line options. The CLI sets
+# "cli" once at start; a context variable keeps threads of a library user unaffected.
+_INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar("dinofeat_interface",
+                                                                 default="python")
+
+
+def set_interface(name: str) -> contextvars.Token:
+    """Word errors for ``"python"`` (default) or ``"cli"`` (the ``dinofeat`` command);
+    returns the token that :func:`reset_interface` takes to restore the previous one."""
+    if name not in ("python", "cli"):
+        raise ValueError(f"interface must be 'python' or 'cli', got {name!r}")
+    return _INTERFACE.set(name)
+
+
+def reset_interface(token: contextvars.Token) -> None:
+    _INTERFACE.reset(token)
+
+
+def how_to_pass_weights() -> str:
+    """How a user of the current interface names a weights file instead of a zoo name."""
+    if _INTERFACE.get() == "cli":
+        return "pass a weights file or folder with --model PATH (--weights PATH)"
+    return "pass a weights file or folder: dinofeat.load('/path/to/weights.safetensors')"
 
 
 class CheckpointError(ValueError):
@@ -70,7 +114,7 @@ def _env_true(name: str) -> bool | None:
     return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as set now; huggingface_hub's own
     flag, read when it was imported, when neither is set."""
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -101,6 +145,93 @@ def hf_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return expand(xdg) / "huggingface" / "hub"
 
 
+def hub_endpoint() -> str:
+    """The Hugging Face hub address: ``$HF_ENDPOINT`` as set now, else huggingface_hub's."""
+    if os.environ.get("HF_ENDPOINT"):
+        return os.environ["HF_ENDPOINT"].rstrip("/")
+    from huggingface_hub import constants
+    return str(constants.ENDPOINT).rstrip("/")
+
+
+PROBE_TIMEOUT_S = 3.0
+_probed: dict[tuple[str, int], tuple[float, bool]] = {}
+
+
+def endpoint_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``url``'s host (or to the HTTPS/HTTP proxy in the
+    environment) opens within ``timeout`` seconds.
+
+    One short probe instead of the HTTP clients' retries: without it a machine without
+    network spends about half a minute in huggingface_hub's back-off before failing. The
+    answer is remembered for a minute. Name resolution runs in a thread so that a stalled
+    DNS server cannot hold the caller beyond ``timeout`` either."""
+    import urllib.request
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return True  # file:// and the like: nothing to probe, the reader reports
+    proxy = urllib.request.getproxies().get(parts.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = parts.hostname
+    if not host:
+        return False
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    now = time.monotonic()
+    if (hit := _probed.get((host, port))) is not None and now - hit[0] < 60:
+        return hit[1]
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=attempt, daemon=True, name="dinofeat-probe")
+    t.start()
+    t.join(timeout)
+    ok = bool(result and result[0])
+    _probed[(host, port)] = (now, ok)
+    return ok
+
+
+def _hf_file_sha_ok(path: Path, spec: ModelSpec) -> None:
+    if spec.hf_sha256 and sha256_file(path) != spec.hf_sha256:
+        raise CheckpointError(f"{path}: SHA-256 does not match the zoo's value for {spec.name} "
+                              f"({spec.hf_sha256}, {spec.hf_hub_id} at {spec.hf_revision}); "
+                              "the hub copy changed or the download is corrupt: delete it "
+                              "and download again, or pin another revision")
+
+
+def local_weights_all(cache_dir: str | os.PathLike | None = None) -> dict[str, Path | None]:
+    """:func:`local_weights` of every zoo entry, by name."""
+    from .zoo import MODELS
+    return {name: local_weights(spec, cache_dir) for name, spec in MODELS.items()}
+
+
+def local_weights(spec: ModelSpec, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Where a copy of zoo entry ``spec``'s weights already is on this machine (the
+    sources of :func:`fetch_weights` that need no network), or ``None``."""
+    if (p := _from_weights_dir(spec)) is not None:
+        return p
+    if spec.local_file and (PACKAGE_WEIGHTS / spec.local_file).is_file():
+        return PACKAGE_WEIGHTS / spec.local_file
+    if spec.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(spec.hf_hub_id, "model.safetensors",
+                                     cache_dir=hf_cache_dir(cache_dir),
+                                     revision=spec.hf_revision)
+        if isinstance(hit, str):
+            return Path(hit)
+    if spec.backbone_url:
+        target = Path(torch.hub.get_dir()) / "checkpoints" / spec.backbone_url.rsplit("/", 1)[-1]
+        if target.is_file():
+            return target
+    return None
+
+
 def _from_weights_dir(spec: ModelSpec) -> Path | None:
     folder = os.environ.get(WEIGHTS_DIR_ENV)
     if not folder:
@@ -123,11 +254,12 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
     Hugging Face hub copy (``spec.hf_hub_id`` at ``revision``, default
     ``spec.hf_revision``) through huggingface_hub and its cache (:func:`hf_cache_dir`);
     the original release URL through torch's hub cache (``$TORCH_HOME/hub/checkpoints``).
-    With ``HF_HUB_OFFLINE=1`` only what is already on disk is used.
+    With ``HF_HUB_OFFLINE=1`` only what is already on disk is used; a server that does
+    not answer a connection within a few seconds is treated the same way (no retries).
 
     Raises :class:`WeightsNotFoundError` naming the model, every place searched and the
     ways to provide the file when no copy is reachable; :class:`CheckpointError` when a
-    release file's SHA-256 differs from the zoo's."""
+    file's SHA-256 differs from the zoo's."""
     tried: list[str] = []
     if (p := _from_weights_dir(spec)) is not None:
         return p
@@ -137,18 +269,31 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
         if p.is_file():
             return p
         tried.append(f"packaged file {p}: missing")
-    offline = _offline()
+    offline = hub_offline()
+    unreachable: list[str] = []
     if spec.hf_hub_id:
         from huggingface_hub import hf_hub_download
         rev = revision or spec.hf_revision
         where = hf_cache_dir(cache_dir)
+        endpoint = hub_endpoint()
+        cached_only = offline or not endpoint_reachable(endpoint)
+        if cached_only and not offline:
+            unreachable.append(endpoint)
         try:
-            return Path(hf_hub_download(spec.hf_hub_id, "model.safetensors", revision=rev,
-                                        cache_dir=where, local_files_only=offline))
-        except Exception as e:  # noqa: BLE001 - network, offline mode, missing repo: reported
+            path = Path(hf_hub_download(spec.hf_hub_id, "model.safetensors", revision=rev,
+                                        cache_dir=where, local_files_only=cached_only,
+                                        endpoint=endpoint))
+            if revision is None:
+                _hf_file_sha_ok(path, spec)
+            return path
+        except CheckpointError:
+            raise
+        except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = (f"not in the cache, and {endpoint} cannot be reached" if cached_only and
+                   not offline else f"{type(e).__name__}: {first}")
             tried.append(f"Hugging Face hub {spec.hf_hub_id} (revision {rev}, cache folder "
-                         f"{where}): {type(e).__name__}: {first}")
+                         f"{where}): {why}")
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
     if spec.backbone_url:
         target = ckpt_dir / spec.backbone_url.rsplit("/", 1)[-1]
@@ -158,6 +303,10 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
         if offline:
             tried.append(f"release URL {spec.backbone_url}: not in the torch hub cache "
                          f"{ckpt_dir}, and HF_HUB_OFFLINE is set (no download)")
+        elif not endpoint_reachable(spec.backbone_url):
+            unreachable.append(spec.backbone_url.split("/")[2] or spec.backbone_url)
+            tried.append(f"release URL {spec.backbone_url}: not in the torch hub cache "
+                         f"{ckpt_dir}, and the server cannot be reached")
         else:
             try:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -172,9 +321,15 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
                         f"from the zoo's value {spec.sha256} ({e}); nothing was saved") from None
                 tried.append(f"release URL {spec.backbone_url} (torch hub cache {ckpt_dir}): "
                              f"{type(e).__name__}: {e}")
-            except Exception as e:  # noqa: BLE001 - no network, HTTP error: reported below
+            except Exception as e:
                 tried.append(f"release URL {spec.backbone_url} (torch hub cache {ckpt_dir}): "
                              f"{type(e).__name__}: {e}")
+    if unreachable:  # no network: one line, the way out first
+        raise WeightsNotFoundError(
+            f"no copy of the weights of {spec.name!r} on this machine and no network "
+            f"({', '.join(unreachable)} not reachable within {PROBE_TIMEOUT_S:g} s): "
+            f"{how_to_pass_weights()}, set ${WEIGHTS_DIR_ENV}, or see 'Machines without "
+            "network access' in docs/weights.md", searched=tried)
     lines = "\n  - ".join(tried)
     release = spec.backbone_url.rsplit("/", 1)[-1] if spec.backbone_url else None
     hf_way = (f"pre-fill the Hugging Face cache on a machine with network access "
@@ -184,9 +339,10 @@ def fetch_weights(spec: ModelSpec, revision: str | None = None,
     release_way = (f"put the release file {release} into {ckpt_dir}; ") if release else ""
     raise WeightsNotFoundError(
         f"could not find weights for {spec.name!r}. Searched:\n  - {lines}\n"
-        "Ways to supply them: dinofeat.load('/path/to/weights.pth' or '.safetensors'); "
+        f"Ways to supply them: {how_to_pass_weights()}; "
         f"{hf_way}{release_way}or put '{spec.name}.safetensors'"
-        f"{f' or {release}' if release else ''} in a folder and set ${WEIGHTS_DIR_ENV} to it.")
+        f"{f' or {release}' if release else ''} in a folder and set ${WEIGHTS_DIR_ENV} to it.",
+        searched=tried)
 
 
 def _check_sha(path: Path, spec: ModelSpec) -> None:
@@ -245,11 +401,68 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except EOFError:
         raise CheckpointError(f"{path}: the file ends early (truncated download or copy?)"
                               ) from None
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+    except Exception as e:
         raise CheckpointError(_torch_load_problem(path, e)) from None
     if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return dict(obj)
+
+
+# Hugging Face transformers ViT (ViTModel / ViTForImageClassification, the layout of the
+# facebook/dino-* copies) -> timm's names. Files written by save_pretrained use the first
+# spelling of each pair; the second is the module layout of transformers 5.
+_HF_BLOCK = {
+    "layernorm_before": "norm1", "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "attention.attention.query": "q", "attention.q_proj": "q",
+    "attention.attention.key": "k", "attention.k_proj": "k",
+    "attention.attention.value": "v", "attention.v_proj": "v",
+}
+_HF_BLOCK_KEY = re.compile(r"(?:encoder\.layer|encoder\.layers|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def is_transformers_vit(sd: Mapping[str, Any]) -> bool:
+    return "embeddings.patch_embeddings.projection.weight" in sd
+
+
+def transformers_vit_to_timm(sd: Mapping[str, torch.Tensor], source: str = "checkpoint"
+                             ) -> dict[str, torch.Tensor]:
+    """A transformers ``ViTModel`` state dict under timm's (and the DINO release's) names:
+    query, key and value are stacked into one ``qkv`` projection; the pooler, a
+    classifier and the mask token are dropped (DINO's feature is the normed [CLS])."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for k, v in sd.items():
+        if k == "embeddings.cls_token":
+            out["cls_token"] = v
+        elif k == "embeddings.position_embeddings":
+            out["pos_embed"] = v
+        elif k.startswith("embeddings.patch_embeddings.projection."):
+            out["patch_embed.proj." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("layernorm."):
+            out["norm." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith(("pooler.", "classifier.")) or k == "embeddings.mask_token":
+            continue
+        elif (m := _HF_BLOCK_KEY.match(k)) and m.group(2) in _HF_BLOCK:
+            i, part, kind = int(m.group(1)), _HF_BLOCK[m.group(2)], m.group(3)
+            if part in ("q", "k", "v"):
+                qkv.setdefault((i, kind), {})[part] = v
+            else:
+                out[f"blocks.{i}.{part}.{kind}"] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise CheckpointError(f"{source}: transformers ViT layout with tensors dinofeat does "
+                              f"not know: {', '.join(sorted(unknown)[:8])}")
+    for (i, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{source}: block {i} lacks attention "
+                                  f"{', '.join(sorted({'q', 'k', 'v'} - set(parts)))} {kind}")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
 
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.", "vit.", "net.")
@@ -311,11 +524,15 @@ def backbone_state_dict(ckpt: Mapping[str, Any], checkpoint_key: str = "teacher"
         out[k2] = v
     if not out:
         raise CheckpointError(f"{source}: no backbone tensors found")
+    if is_transformers_vit(out):
+        return transformers_vit_to_timm(out, source)
     return out
 
 
-def infer_architecture(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Architecture facts read off the tensors of a backbone state dict.
+def infer_architecture(sd: Mapping[str, torch.Tensor], num_heads: int | None = None
+                       ) -> dict[str, Any]:
+    """Architecture facts read off the tensors of a backbone state dict (a ViT's number
+    of heads, which the tensors do not show, follows from its width unless given).
 
     Returns ``{"family": "vit", "embed_dim", "depth", "num_heads", "patch_size",
     "trained_grid"}``, ``{"family": "resnet", "embed_dim": 2048}`` or
@@ -335,11 +552,11 @@ def infer_architecture(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         w = sd["patch_embed.proj.weight"]
         dim, patch = w.shape[0], w.shape[-1]
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        if dim not in HEADS_BY_DIM:
+        if num_heads is None and dim not in HEADS_BY_DIM:
             raise CheckpointError(f"ViT with embedding dim {dim}: number of heads unknown; "
                                   "pass arch= explicitly")
         return {"family": "vit", "embed_dim": dim, "depth": depth,
-                "num_heads": HEADS_BY_DIM[dim], "patch_size": patch,
+                "num_heads": num_heads or HEADS_BY_DIM[dim], "patch_size": patch,
                 "trained_grid": trained_grid_from_pos_embed(sd["pos_embed"])}
     raise CheckpointError("cannot tell the architecture from the tensors (no pos_embed/"
                           "patch_embed, no ResNet layer4); pass arch= explicitly")
@@ -360,7 +577,7 @@ def read_dinofeat_metadata(path: str | os.PathLike, ckpt: Mapping[str, Any] | No
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("dinofeat")
-        except Exception:  # noqa: BLE001 - unreadable metadata is just absent
+        except Exception:
             return {}
         try:
             return json.loads(raw) if raw else {}

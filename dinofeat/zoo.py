@@ -118,7 +118,11 @@ class ModelSpec:
     knn_top1: float | None
     linear_top1: float | None
     hf_hub_id: str | None = None  # timm copy of the weights on the Hugging Face hub
+    # Pin of the hub copy: a 40-hex commit is immune to later pushes to the repo; the
+    # SHA-256 of its model.safetensors, when filled, is checked on every load at that
+    # revision. Both need a look at the hub; see docs/weights.md for filling them in.
     hf_revision: str = "main"
+    hf_sha256: str | None = None
     backbone_url: str | None = None  # original release files
     full_checkpoint_url: str | None = None
     linear_head_url: str | None = None
@@ -264,10 +268,12 @@ def list_models(as_dicts: bool = False):
     ]
 
 
-def format_table() -> str:
-    """The zoo as a plain-text table (what ``dinofeat models`` prints)."""
+def format_table(local: "dict[str, object] | None" = None) -> str:
+    """The zoo as a plain-text table (what ``dinofeat models`` prints). ``local`` maps a
+    name to where its weights already are on this machine (``None``: not here), as
+    :func:`dinofeat.weights.local_weights` finds them; given, a "here" column shows it."""
     head = ("name", "arch", "dim", "patch", "params", "k-NN", "linear", "weights",
-            "top-1 on")
+            "top-1 on") + (("here",) if local is not None else ())
     rows = [head]
     for s in MODELS.values():
         src = s.hf_hub_id or ("package" if s.local_file else "release .pth")
@@ -276,7 +282,7 @@ def format_table() -> str:
             f"{s.knn_top1:.1f}" if s.knn_top1 is not None else "-",
             f"{s.linear_top1:.1f}" if s.linear_top1 is not None else "-",
             src, s.dataset,
-        ))
+        ) + (("yes" if local.get(s.name) else "no",) if local is not None else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -82,6 +82,25 @@ def test_tiny_demo_accuracy_is_the_dino_vote_of_the_saved_model(tiny_demo):
         np.add.at(votes, y_train[bank][nn], np.exp(sims[i, nn] / 0.07))
         correct += int(votes.argmax() == y_test[test][i])
     assert res.knn_top1 == pytest.approx(100.0 * correct / len(test))
+    # raw pixels on the same bank: minus the mean bank image, L2-normalised, the same vote
+    pb = x_train[bank].reshape(len(bank), -1).astype(np.float64)
+    pt = x_test[test].reshape(len(test), -1).astype(np.float64)
+    mu = pb.mean(0)
+    pb, pt = pb - mu, pt - mu
+    pb /= np.linalg.norm(pb, axis=1, keepdims=True)
+    pt /= np.linalg.norm(pt, axis=1, keepdims=True)
+    sims = pt @ pb.T
+    correct = 0
+    for i in range(len(test)):
+        nn = np.argsort(-sims[i], kind="stable")[:20]
+        votes = np.zeros(10)
+        np.add.at(votes, y_train[bank][nn], np.exp(sims[i, nn] / 0.07))
+        correct += int(votes.argmax() == y_test[test][i])
+    assert res.pixels_knn_top1 == pytest.approx(100.0 * correct / len(test))
+    meta = json.loads((out / "results.json").read_text())
+    assert meta["pixels_knn_top1"] == res.pixels_knn_top1
+    assert meta["dino_minus_random"] == pytest.approx(res.knn_top1 - res.random_knn_top1)
+    assert "raw pixels" in res.summary()
     # the index holds the labelled bank photos, with class names as labels
     index = dinofeat.KNNIndex.load(out / "train.idx")
     assert len(index) == TINY["bank"]

@@ -207,3 +207,27 @@ def test_cli_knn_user_errors(tmp_path, capsys):
     rc = main(["eval", "knn", "--weights", str(weights), "--train", str(tmp_path / "nope"),
                "--val", str(tmp_path / "val"), "--no-cache"])
     assert rc == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_one_weighted_vote_for_the_index_and_the_evaluation():
+    """KNNIndex.classify and knn_classify share weighted_vote: same scores on the same
+    data, and the vote is sum exp(s / T) per class with missing neighbours (-1) ignored."""
+    import numpy as np
+
+    from dinofeat import KNNIndex
+    from dinofeat.eval.knn import knn_classify, weighted_vote
+    sims = torch.tensor([[0.9, 0.5, 0.1]], dtype=torch.float64)
+    classes = torch.tensor([[1, 1, -1]])
+    got = weighted_vote(sims, classes, 0.07, 3)
+    want = torch.tensor([[0.0, np.exp(0.9 / 0.07) + np.exp(0.5 / 0.07), 0.0]],
+                        dtype=torch.float64)
+    torch.testing.assert_close(got, want)
+    g = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    test = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=1)
+    index = KNNIndex(dim=8)
+    index.add(train, labels=labels.tolist())
+    from_index = index.classify(test, k=10, T=0.07, classes=list(range(4)))
+    from_eval = knn_classify(train, labels, test, k=10, T=0.07, num_classes=4)
+    np.testing.assert_allclose(from_index, from_eval.double().numpy(), rtol=1e-4)

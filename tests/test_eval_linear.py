@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from dinofeat.eval.linear import attach_classifier
 from dinofeat.eval import (LinearClassifier, LinearProbe, LinearProbeConfig, image_folder,
                            linear_features, train_linear_on_features, train_linear_probe)
 
@@ -110,7 +111,7 @@ def test_release_head_loads_and_classifies(tmp_path):
     w, b = torch.randn(5, 384) * 0.05, torch.randn(5)
     torch.save({"epoch": 100, "state_dict": {"module.linear.weight": w, "module.linear.bias": b},
                 "best_acc": 80.1}, tmp_path / "dino_vitbase16_linearweights.pth")
-    head = model.attach_classifier(tmp_path / "dino_vitbase16_linearweights.pth")
+    head = attach_classifier(model, tmp_path / "dino_vitbase16_linearweights.pth")
     assert (head.n_last_blocks, head.avgpool) == (1, True)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8))
     top = model.classify([img, img], k=3, num_workers=0)
@@ -129,14 +130,14 @@ def test_release_head_loads_and_classifies(tmp_path):
     # A 4 x D head is the ViT-S recipe (n=4); a head of the wrong width is refused.
     torch.save({"state_dict": {"module.linear.weight": torch.zeros(2, 768),
                                "module.linear.bias": torch.zeros(2)}}, tmp_path / "s.pth")
-    assert model.attach_classifier(tmp_path / "s.pth").n_last_blocks == 4
+    assert attach_classifier(model, tmp_path / "s.pth").n_last_blocks == 4
     torch.save({"state_dict": {"module.linear.weight": torch.zeros(2, 100),
                                "module.linear.bias": torch.zeros(2)}}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="multiple"):
-        model.attach_classifier(tmp_path / "bad.pth")
+        attach_classifier(model, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="no linear.weight"):
         torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "none.pth")
-        model.attach_classifier(tmp_path / "none.pth")
+        attach_classifier(model, tmp_path / "none.pth")
 
 
 def test_classify_needs_a_head():
@@ -227,7 +228,7 @@ def test_release_head_evaluated_by_class_order(tmp_path):
     torch.manual_seed(2)
     torch.save({"state_dict": {"module.linear.weight": torch.randn(3, 2 * 192),
                                "module.linear.bias": torch.zeros(3)}}, tmp_path / "h.pth")
-    head = model.attach_classifier(tmp_path / "h.pth")
+    head = attach_classifier(model, tmp_path / "h.pth")
     _tree(tmp_path / "val", 3, 1)  # classes "dark", "light" -> head classes 0 and 1
     val = image_folder(tmp_path / "val")
     res = evaluate_linear(model, head, val, num_workers=0, progress=False)

@@ -219,3 +219,43 @@ def test_cli_retrieval_matches_api(tmp_path, capsys):
     for p in ("medium", "hard"):
         for key, v in want[p].items():
             assert res["results"][p][key] == pytest.approx(v)
+
+
+def test_no_query_crop_embeds_whole_queries(tmp_path):
+    # the release's script embedded whole query images; query_crop=False reproduces it
+    import torch
+    from PIL import Image
+
+    import dinofeat
+    from dinofeat.eval import evaluate_retrieval
+    from test_eval_knn import _tiny_model_file
+
+    weights = _tiny_model_file(tmp_path)
+    root = tmp_path / "data" / "rparis6k"
+    (root / "jpg").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    names = [f"p{i}" for i in range(5)]
+    for i, n in enumerate(names):
+        arr = rng.integers(0, 255, size=(40 + 8 * i, 56, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "jpg" / f"{n}.jpg")
+    cfg = {"imlist": names, "qimlist": ["p1", "p3"],
+           "gnd": [{"bbx": [2.0, 2.0, 30.0, 30.0], "easy": [1, 2], "hard": [0], "junk": []},
+                   {"bbx": [8.0, 4.0, 50.0, 44.0], "easy": [3], "hard": [4], "junk": [0]}]}
+    (root / "gnd_rparis6k.pkl").write_bytes(pickle.dumps(cfg, protocol=2))
+    model = dinofeat.load(weights, device="cpu")
+    kw = dict(imsize=48, num_workers=0, progress=False)
+    whole = evaluate_retrieval(model, "rparis6k", tmp_path / "data", query_crop=False, **kw)
+    cropped = evaluate_retrieval(model, "rparis6k", tmp_path / "data", **kw)
+    assert (whole["query_crop"], cropped["query_crop"]) == (False, True)
+    emb = dict(preprocessing="whole", size=48, num_workers=0)
+    db = model.embed([root / "jpg" / f"{n}.jpg" for n in names], **emb)
+    for queries, res in (([root / "jpg" / "p1.jpg", root / "jpg" / "p3.jpg"], whole),
+                         ([Image.open(root / "jpg" / "p1.jpg").convert("RGB").crop((2, 2, 30, 30)),
+                           Image.open(root / "jpg" / "p3.jpg").convert("RGB").crop((8, 4, 50, 44))],
+                          cropped)):
+        q = model.embed(queries, **emb)
+        ranks = torch.argsort(db @ q.T, dim=0, descending=True).numpy()
+        want = revisited_map(ranks, cfg["gnd"])
+        for p in ("medium", "hard"):
+            for key, v in want[p].items():
+                assert res["results"][p][key] == pytest.approx(v)

@@ -122,3 +122,25 @@ def test_check_model_names_the_option(tiny_vit):
         FeatureSpec(n_last_blocks=5).check_model(tiny_vit)
     with pytest.raises(ValueError, match="cannot be combined"):
         FeatureSpec(pool="mean", avgpool=True)
+
+
+def test_index_refuses_queries_with_other_normalisation_or_blocks(tiny_vit, pics, tmp_path):
+    from dinofeat import KNNIndex
+    for i, p in enumerate(pics):
+        p.save(tmp_path / f"im{i}.png")
+    index = KNNIndex()
+    index.add_images(tmp_path, tiny_vit, progress=False)
+    index.search_images(pics[:1], tiny_vit, k=2)  # same settings: fine
+    for other, named in (({"normalize": False}, "normalized"), ({"n_last_blocks": 2}, "n_last_blocks"),
+                         ({"avgpool": True}, "avgpool")):
+        with pytest.raises(IncompatibleFeaturesError, match=named):
+            index.search_images(pics[:1], tiny_vit, k=2, **other)
+    # vectors recorded with another spec's identity are refused when added
+    spec = FeatureSpec(n_last_blocks=2)
+    with pytest.raises(IncompatibleFeaturesError, match="n_last_blocks"):
+        index.add(tiny_vit.embed(pics, spec), model_info=spec.identity(tiny_vit))
+    gem = FeatureSpec(pool="gem")
+    with pytest.raises(IncompatibleFeaturesError, match="pooling"):
+        index.add(tiny_vit.embed(pics, gem), model_info=gem.identity(tiny_vit))
+    same = FeatureSpec()
+    index.add(tiny_vit.embed(pics, same), model_info=same.identity(tiny_vit))

@@ -1,5 +1,5 @@
 """DINO training components against independent computations of the paper's formulas:
-loss (DESIGN 3.4), centre update, teacher temperature, schedules and teacher momentum (3.5),
+loss, centre update, teacher temperature, schedules and teacher momentum,
 parameter groups, per-parameter clipping, last-layer freeze, EMA, head (3.2), multi-crop
 augmentation statistics (3.3) and the collapse/loss ablations (issue 11)."""
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
-from torchvision.transforms import v2
 
 from dinofeat.training import (LARS, PRESETS, DINOHead, DINOLoss, MultiCropAugmentation,
                             MultiCropNetwork, Predictor, TrainConfig, apply_schedules,
                             build_optimizer, build_schedules, cancel_last_layer_gradients,
-                            clip_gradients, cosine_schedule, ema_update, param_groups)
-from dinofeat.training.augment import blur_kernel_size
+                            clip_gradients, cosine_schedule, ema_update, param_groups,
+                            WeightNormLinear)
+from dinofeat.training.augment import RandomGaussianBlur, blur_kernel_size
 from dinofeat.training.loss import batch_softmax, sinkhorn_knopp
 
 
@@ -54,7 +54,7 @@ def random_outputs(ncrops=4, b=5, k=16, seed=0):
 
 
 def reference_dino_loss(student, teacher, center, ncrops, tau_s, tau_t):
-    """DESIGN 3.4 term by term: pairs (q, v) with v != q, each averaged over the batch."""
+    """The loss term by term: pairs (q, v) with v != q, each averaged over the batch."""
     s = student.double().numpy().reshape(ncrops, -1, student.shape[-1])
     t = teacher.double().numpy().reshape(2, -1, teacher.shape[-1])
     c = center.double().numpy()
@@ -358,7 +358,8 @@ def test_per_parameter_clipping():
         p.grad = g / g.norm() * n
     before = [p.grad.clone() for p in model.parameters()]
     norms = clip_gradients(model, 3.0)
-    assert norms == pytest.approx(targets, rel=1e-5)
+    assert isinstance(norms, torch.Tensor)  # stays on the device: no host sync per step
+    assert norms.tolist() == pytest.approx(targets, rel=1e-5)
     for p, g0, n in zip(model.parameters(), before, targets):
         if n <= 3.0:
             assert torch.equal(p.grad, g0)  # untouched
@@ -367,7 +368,7 @@ def test_per_parameter_clipping():
             torch.testing.assert_close(p.grad, g0 * (3.0 / (n + 1e-6)))  # same direction
     # a global-norm clip would have scaled the small gradients too
     assert torch.equal(list(model.parameters())[0].grad, before[0])
-    assert clip_gradients(model, 0) == pytest.approx([0.5, 3.0, 2.9, 3.0], rel=1e-5)
+    assert clip_gradients(model, 0).tolist() == pytest.approx([0.5, 3.0, 2.9, 3.0], rel=1e-5)
 
 
 def _head_net(out_dim=16, norm_last_layer=True):
@@ -564,13 +565,15 @@ def test_augmentation_probabilities(monkeypatch):
     aug = MultiCropAugmentation(local_crops_number=nlocal, global_crop_size=12,
                                 local_crop_size=8)
     blur_calls: dict[int, int] = {}
-    original = v2.GaussianBlur.forward
+    sigmas: list[float] = []
+    original = RandomGaussianBlur.blur
 
-    def counting(self, *args):
+    def counting(self, img, sigma):
         blur_calls[id(self)] = blur_calls.get(id(self), 0) + 1
-        return original(self, *args)
+        sigmas.append(sigma)
+        return original(self, img, sigma)
 
-    monkeypatch.setattr(v2.GaussianBlur, "forward", counting)
+    monkeypatch.setattr(RandomGaussianBlur, "blur", counting)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     # white: colour jitter keeps it >= 0.6 * 255 > 128, so solarisation always shows
     white = torch.full((3, 16, 16), 255, dtype=torch.uint8)
@@ -596,7 +599,7 @@ def test_augmentation_probabilities(monkeypatch):
     def blur_of(pipeline):
         for step in pipeline.transforms:
             for t in getattr(step, "transforms", [step]):
-                if isinstance(t, v2.GaussianBlur):
+                if isinstance(t, RandomGaussianBlur):
                     return t
         raise AssertionError("no blur step")
 
@@ -606,6 +609,11 @@ def test_augmentation_probabilities(monkeypatch):
     assert rates[0] == 1.0
     assert abs(rates[1] - 0.1) < 3 * math.sqrt(0.1 * 0.9 / (2 * n))
     assert abs(rates[2] - 0.5) < 3 * math.sqrt(0.25 / (2 * n * nlocal))
+    # sigma ~ U[0.1, 2]: range, mean and variance within 4 standard errors
+    s = np.array(sigmas)
+    assert s.min() >= 0.1 and s.max() <= 2.0
+    assert abs(s.mean() - 1.05) < 4 * (1.9 / math.sqrt(12)) / math.sqrt(len(s))
+    assert abs(s.var() - 1.9 ** 2 / 12) < 4 * (1.9 ** 2 / math.sqrt(180)) / math.sqrt(len(s))
 
 
 def test_blur_kernel_rule():
@@ -776,12 +784,18 @@ def test_training_step_end_to_end():
 
 
 _WORKER = """
-import importlib.util, sys
+import importlib, os, sys, types
 import torch
 import torch.distributed as dist
-spec = importlib.util.spec_from_file_location("dino_loss", sys.argv[1])
-loss_mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(loss_mod)  # loss.py needs only torch and numpy: a light child
+# a light child: loss.py and dinofeat/runtime.py need only torch and numpy, so bare
+# package shells stand in for dinofeat/__init__.py and dinofeat/training/__init__.py
+training_dir = os.path.dirname(sys.argv[1])
+for name, folder in (("dinofeat", os.path.dirname(training_dir)),
+                     ("dinofeat.training", training_dir)):
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [folder]
+    sys.modules[name] = pkg
+loss_mod = importlib.import_module("dinofeat.training.loss")
 rank, world, init_file, out = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank,
@@ -842,3 +856,157 @@ def test_cuda_fused_adamw_and_fp16_loss():
     net(torch.randn(2, 3, 4, 4, device="cuda")).sum().backward()
     clip_gradients(net, 0.01)
     assert all(p.grad.norm() <= 0.01 + 1e-6 for p in net.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("loss_type", ["ce", "mse"])
+def test_loss_and_clipping_make_no_host_sync(monkeypatch, loss_type):
+    """No operation that waits for the GPU in every step: boolean-mask indexing, .item(),
+    .tolist(), .nonzero() or a tensor's truth value (checked on CPU by trapping them)."""
+    from dinofeat.training.loss import DINOLoss
+
+    def trap(name):
+        def f(*a, **k):
+            raise AssertionError(f"host sync: Tensor.{name}")
+        return f
+    loss_fn = DINOLoss(16, 4, 0.04, 0.04, 0, 10, loss=loss_type)
+    net = nn.Linear(8, 16)
+    x = torch.randn(12, 8)
+    getitem = torch.Tensor.__getitem__
+
+    def no_mask(self, idx):
+        if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
+            raise AssertionError("host sync: boolean-mask indexing")
+        return getitem(self, idx)
+    for name in ("item", "tolist", "nonzero", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, trap(name))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", no_mask)
+    out = net(x)
+    loss = loss_fn(out, out[:6].detach(), 0)
+    loss.backward()
+    clip_gradients(net, 0.5)
+    monkeypatch.undo()
+    assert math.isfinite(loss.item())
+
+
+def test_last_layer_initialised_like_nn_linear():
+    # the release builds its weight-normed last layer after the trunc-normal(0.02) pass, so
+    # V keeps nn.Linear's default: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
+    in_dim, out_dim = 256, 4096
+    torch.manual_seed(3)
+    layer = WeightNormLinear(in_dim, out_dim, fix_gain=True)
+    torch.manual_seed(3)
+    ref = nn.Linear(in_dim, out_dim, bias=False)
+    torch.testing.assert_close(layer.weight_v.detach(), ref.weight.detach(), rtol=0, atol=0)
+    v = DINOHead(24, out_dim, hidden_dim=32, bottleneck_dim=in_dim).last_layer.weight_v.detach()
+    bound = 1 / math.sqrt(in_dim)
+    assert v.abs().max().item() <= bound
+    # uniform on [-b, b]: std b/sqrt(3), row norm sqrt(in) * b / sqrt(3) = 1/sqrt(3) ~ 0.577
+    assert v.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    norms = v.norm(dim=1)
+    assert norms.mean().item() == pytest.approx(1 / math.sqrt(3), rel=0.02)
+    assert norms.min().item() > 0.45  # trunc-normal 0.02 would give ~0.32
+    # the quartiles of a uniform distribution, not a bell curve
+    q = torch.quantile(v.flatten()[:100_000], torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(q, torch.tensor([-bound / 2, bound / 2]), atol=bound * 0.03, rtol=0)
+
+
+def test_short_run_scales_warmups_unless_set(caplog, tmp_path):
+    import argparse
+    import logging
+
+    from dinofeat.training.config import add_arguments
+    parser = add_arguments(argparse.ArgumentParser())
+    with caplog.at_level(logging.INFO, logger="dinofeat"):
+        cfg = TrainConfig.from_args(parser.parse_args(["--epochs", "1"])).validate()
+    assert (cfg.epochs, cfg.warmup_epochs) == (1, 1)
+    lines = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert len(lines) == 1 and "learning-rate warm-up 10 -> 1 epoch" in lines[0]
+    # a preset's teacher-temperature warm-up (30 epochs) is scaled too: a tenth of the run
+    cfg = TrainConfig.from_args(parser.parse_args(["--preset", "vit_s16_300ep", "--epochs",
+                                                   "20"])).validate()
+    assert (cfg.warmup_epochs, cfg.warmup_teacher_temp_epochs) == (10, 2)
+    # long enough runs keep the release's warm-ups
+    cfg = TrainConfig.from_args(parser.parse_args(["--epochs", "12"]))
+    assert cfg.warmup_epochs == 10
+    # set explicitly (command line or config file): the error stays
+    with pytest.raises(ValueError, match="warm-up epochs exceed --epochs 1"):
+        TrainConfig.from_args(parser.parse_args(["--epochs", "1", "--warmup-epochs", "5"])
+                              ).validate()
+    f = tmp_path / "c.json"
+    f.write_text('{"warmup_epochs": 5}')
+    with pytest.raises(ValueError, match="warm-up epochs exceed --epochs 2"):
+        TrainConfig.from_args(parser.parse_args(["--config", str(f), "--epochs", "2"])
+                              ).validate()
+
+
+def test_help_says_defaults_are_not_the_papers_recipe():
+    import argparse
+
+    from dinofeat.training.config import PRESETS, add_arguments
+    text = " ".join(add_arguments(argparse.ArgumentParser()).format_help().split())
+    assert "not the paper's ViT-S/16 recipe; that one is --preset vit_s16_800ep" in text
+    paper = PRESETS["vit_s16_800ep"]
+    assert (paper["epochs"], paper["local_crops_number"]) == (800, 10)
+    assert (TrainConfig().epochs, TrainConfig().local_crops_number) == (100, 8)
+
+
+def test_fashion_mnist_recipes_come_from_the_one_preset():
+    from dinofeat.demo import RECIPES
+    from dinofeat.training.config import PRESETS
+    cfg = TrainConfig.from_preset("fashion_mnist").validate()
+    assert (cfg.arch, cfg.patch_size, cfg.batch_augment) == ("vit_mini7", 7, True)
+    for recipe in RECIPES.values():
+        for k, v in recipe.options.items():
+            assert PRESETS["fashion_mnist"][k] == v, (recipe.name, k)
+
+
+def test_crop_areas_and_colour_jitter_follow_the_recipe(monkeypatch):
+    """Crop areas within the global (0.4, 1) / local (0.05, 0.4) scale ranges with their
+    means near the middle, aspect ratios within (3/4, 4/3); colour jitter applied at rate
+    0.8 with brightness/contrast factors in [0.6, 1.4], saturation in [0.8, 1.2] and hue
+    in [-0.1, 0.1], all four in a random order."""
+    from torchvision import transforms as v1
+    from dinofeat.training import augment as A
+    areas: list[tuple[int, float, float]] = []
+    orig_params = v1.RandomResizedCrop.get_params
+
+    def record(img, scale, ratio):
+        top, left, h, w = orig_params(img, scale, ratio)
+        areas.append((round(scale[0] * 100), h * w / (img.size[0] * img.size[1]), w / h))
+        return top, left, h, w
+    jitters: list = []
+    orig_jitter = v1.ColorJitter.get_params
+
+    def record_jitter(*ranges):
+        out = orig_jitter(*ranges)
+        jitters.append(out)
+        return out
+    monkeypatch.setattr(v1.RandomResizedCrop, "get_params", staticmethod(record))
+    monkeypatch.setattr(v1.ColorJitter, "get_params", staticmethod(record_jitter))
+    aug = MultiCropAugmentation(local_crops_number=2, global_crop_size=32, local_crop_size=16)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200, 3), np.uint8))
+    torch.manual_seed(0)
+    n = 200
+    for _ in range(n):
+        aug(img)
+    glob = np.array([a for s, a, _ in areas if s == 40])
+    loc = np.array([a for s, a, _ in areas if s == 5])
+    ratios = np.array([r for _, _, r in areas])
+    assert len(glob) == 2 * n and len(loc) == 2 * n
+    assert glob.min() >= 0.4 - 0.02 and glob.max() <= 1.0
+    assert loc.min() >= 0.05 - 0.01 and loc.max() <= 0.4 + 0.01
+    # the box is drawn with a uniform area fraction, rejected when it does not fit: the
+    # mean stays near the middle of the range (large global boxes are rejected more often)
+    assert 0.55 < glob.mean() < 0.72 and 0.19 < loc.mean() < 0.26
+    assert ratios.min() >= 0.74 and ratios.max() <= 1.35
+    rate = len(jitters) / (4 * n)
+    assert abs(rate - 0.8) < 3 * math.sqrt(0.8 * 0.2 / (4 * n))
+    b = np.array([j[1] for j in jitters])
+    c = np.array([j[2] for j in jitters])
+    s = np.array([j[3] for j in jitters])
+    h = np.array([j[4] for j in jitters])
+    assert b.min() >= 0.6 and b.max() <= 1.4 and c.min() >= 0.6 and c.max() <= 1.4
+    assert s.min() >= 0.8 and s.max() <= 1.2 and h.min() >= -0.1 and h.max() <= 0.1
+    assert abs(b.mean() - 1) < 0.05 and abs(h.mean()) < 0.015
+    firsts = {int(j[0][0]) for j in jitters}
+    assert firsts == {0, 1, 2, 3}  # every operation comes first sometimes

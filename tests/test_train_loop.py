@@ -162,7 +162,7 @@ def test_end_to_end_run_writes_a_loadable_checkpoint(reference):
 
 def test_logged_schedules_follow_the_formulas(reference):
     """lr, weight decay, teacher momentum and temperature of every step, recomputed from
-    DESIGN 3.4-3.5, and the values actually written into the optimiser."""
+    the paper's formulas, and the values actually written into the optimiser."""
     cfg = tiny_config("x", "y")
     steps = read_log(reference["out"], "step")
     assert [r["iteration"] for r in steps] == list(range(8))

@@ -164,3 +164,22 @@ def test_tensorboard_option_needs_the_package(tmp_path):
     else:
         with pytest.raises(ValueError, match="pip install"):
             _TensorBoard(tmp_path / "tb")
+
+
+def test_cuda_rng_state_goes_to_the_current_device(monkeypatch):
+    """Each process's CUDA generator is saved and restored on its own GPU, not GPU 0."""
+    from dinofeat.training.checkpoint import capture_rng_state, restore_rng_state
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda s, device="cuda": restored.append((s.tolist(), device)))
+    state = capture_rng_state()
+    assert [s.tolist() for s in state["cuda"]] == [[7]]
+    restore_rng_state(state)
+    assert restored == [([7], 1)]
+    # a checkpoint of an earlier version holds every GPU's state: the current one is used
+    restored.clear()
+    restore_rng_state({**state, "cuda": [torch.tensor([0]), torch.tensor([1]), torch.tensor([2])]})
+    assert restored == [([1], 1)]

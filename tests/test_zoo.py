@@ -145,3 +145,30 @@ def test_cli_models_json(capsys):
     assert cli.main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == NAMES
+
+
+def test_cli_models_shows_local_copies(capsys, offline_weight_caches, monkeypatch,
+                                       hf_snapshot_writer):
+    """The 'here' column (and --json local_path): shipped, $DINOFEAT_WEIGHTS_DIR, HF cache."""
+    from dinofeat import weights
+    monkeypatch.setenv("DINOFEAT_WEIGHTS_DIR", str(offline_weight_caches.weights_dir))
+    (offline_weight_caches.weights_dir / "vit_b8.safetensors").write_bytes(b"x")
+    hf_snapshot_writer(offline_weight_caches.hf_cache, "timm/vit_small_patch8_224.dino",
+                       {"model.safetensors": b"y"})
+    here = weights.local_weights_all()
+    assert {n for n, p in here.items() if p} == {"vit_t_fmnist", "vit_b8", "vit_s8"}
+    assert cli.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "here"
+    col = {ln.split()[0]: ln.split()[-1] for ln in lines[2:] if ln.strip()}
+    assert col == {n: "yes" if here[n] else "no" for n in NAMES}
+    assert cli.main(["models", "--json"]) == 0
+    rows = {r["name"]: r["local_path"] for r in json.loads(capsys.readouterr().out)}
+    assert rows["vit_b8"].endswith("vit_b8.safetensors") and rows["vit_s16"] is None
+
+
+def test_cli_wording_does_not_leak_into_python():
+    """main() words errors for the command line only while it runs."""
+    from dinofeat import weights
+    assert cli.main(["models", "--markdown"]) == 0
+    assert "dinofeat.load(" in weights.how_to_pass_weights()

@@ -19,11 +19,12 @@ from .common import Parser, UserError
 __all__ = ["main", "build_parser", "UserError", "VERBS"]
 
 #: Modules of this package that register verbs, in ``--help`` order.
-VERBS = ("models", "features", "search", "train", "evaluate", "demo", "export")
+VERBS = ("models", "features", "search", "serve", "train", "evaluate", "demo", "export",
+         "push")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
     parser = Parser(
         prog="dinofeat",
         description="DINO self-supervised vision features: pretrained models, embeddings, "
@@ -48,6 +49,15 @@ def _paths_safe_output() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..weights import reset_interface, set_interface
+    token = set_interface("cli")  # library errors name --model PATH, not dinofeat.load(...)
+    try:
+        return _main(argv)
+    finally:  # a program calling main() keeps its own wording afterwards
+        reset_interface(token)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _paths_safe_output()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -29,12 +29,11 @@ def load_model_arg(args: argparse.Namespace):
 
 
 def features_device(args: argparse.Namespace) -> None:
-    """Under torchrun on GPUs, each process takes the GPU of its local rank."""
-    import os
-
-    import torch
-    if args.device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    """Under torchrun (or srun/mpirun) on GPUs, each process takes its own GPU: the
+    local rank's, else ``RANK % number of GPUs`` (:mod:`dinofeat.runtime`)."""
+    from .. import runtime
+    if args.device is None and runtime.launcher_ranks()[1] > 1:
+        args.device = str(runtime.default_device())
 
 
 

@@ -16,8 +16,8 @@ from .davis import (boundary_f_measure, davis_palette, evaluate_davis, evaluate_
                     propagate_labels, region_jaccard, segment_video)
 from .folders import LabeledImages, image_folder
 from .knn import evaluate_knn, knn_accuracy, knn_classify
-from .linear import (LinearClassifier, LinearProbe, LinearProbeConfig, evaluate_linear,
-                     linear_features, load_linear_head, train_linear_on_features,
+from .linear import (LinearClassifier, LinearProbe, LinearProbeConfig, attach_classifier,
+                     evaluate_linear, linear_features, load_linear_head, train_linear_on_features,
                      train_linear_probe)
 from .retrieval import (MapResult, RestrictedUnpickler, UnsafePickleError, average_precision,
                         compute_map, evaluate_retrieval, read_gnd, revisited_map)
@@ -25,6 +25,7 @@ from .retrieval import (MapResult, RestrictedUnpickler, UnsafePickleError, avera
 __all__ = [
     "knn_classify", "knn_accuracy", "evaluate_knn",
     "LinearClassifier", "LinearProbe", "LinearProbeConfig", "linear_features",
+    "attach_classifier",
     "train_linear_on_features", "train_linear_probe", "evaluate_linear", "load_linear_head",
     "compute_map", "average_precision", "revisited_map", "MapResult", "RestrictedUnpickler",
     "UnsafePickleError", "read_gnd", "evaluate_retrieval",

@@ -1,10 +1,15 @@
-"""Features for the evaluations: through ``DinoModel.embed``, with an on-disk cache.
+"""Features for the evaluations: through the model's ``embed``, with an on-disk cache.
+
+Every evaluation gets its features from :class:`~dinofeat.embedding.EmbedStream`, the
+same engine as ``embed``:
 
 * :func:`embed_labeled` embeds labelled image files and says which were readable.
 * :func:`cached_embed` does the same through a cache: features are stored as safetensors
-  under a key made of the model's weights hash, the embedding options (pooling,
-  preprocessing...) and the folder listing (relative path, size and modification time of
-  every file). An unchanged folder and model reuse the file; any change recomputes it.
+  under a key made of the features' identity
+  (:meth:`~dinofeat.features.FeatureSpec.identity`: weights hash, applied preprocessing,
+  pooling, blocks, normalisation), the precision and the folder listing (relative path,
+  size and modification time of every file). An unchanged folder and model reuse the
+  file; any change recomputes it.
 * :func:`extract_with_transform` runs a custom decoding transform (training
   augmentation, square resizing for copy detection...) and a custom feature function
   over image files, skipping unreadable ones.
@@ -21,26 +26,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..embedding import RUN_OPTIONS, EmbedStream
+from ..features import FeatureSpec
 from ..utils import atomic_path, get_logger
 
 __all__ = ["embed_images", "embed_labeled", "cached_embed", "feature_cache_key",
-           "extract_with_transform", "default_cache_dir", "autocast"]
+           "extract_with_transform", "default_cache_dir"]
 
 log = get_logger(__name__)
 
-CACHE_FORMAT = "dinofeat-eval-features/1"
-
-
-def autocast(device: torch.device, precision: str = "fp32"):
-    """A context running the model in ``precision`` ("fp32": as is; "bf16"/"fp16":
-    ``torch.autocast`` on ``device``)."""
-    import contextlib
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in dtypes:
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtypes[precision])
+CACHE_FORMAT = "dinofeat-eval-features/2"  # /2: keyed on FeatureSpec.identity
 
 
 def default_cache_dir() -> Path:
@@ -85,12 +80,16 @@ def _listing(paths: Sequence[Path], root: Path) -> list[list]:
 
 def feature_cache_key(model, paths: Sequence[Path], root: Path, labels: Sequence[int],
                       options: dict[str, Any]) -> str:
-    """SHA-256 of (model weights hash, model preprocessing, embedding options, the
-    listing of ``paths`` relative to ``root`` with sizes and mtimes, the labels)."""
+    """SHA-256 of (the identity of the features ``options`` make with ``model``, the
+    precision, the listing of ``paths`` relative to ``root`` with sizes and mtimes, the
+    labels). ``options``: ``embed`` keywords (``spec=`` or its fields, ``precision``);
+    how the work is run (batch size, workers, device, progress) is left out."""
+    fields, rest = FeatureSpec.split_options(options)
+    spec = FeatureSpec.from_options(rest.get("spec"), **fields)
     h = hashlib.sha256()
-    h.update(json.dumps({"format": CACHE_FORMAT, "weights": model.weights_hash,
-                         "preprocessing": model.preprocessing.to_dict(),
-                         "options": options}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({"format": CACHE_FORMAT, "features": spec.identity(model),
+                         "precision": rest.get("precision", "fp32")},
+                        sort_keys=True, default=str).encode())
     h.update(json.dumps(_listing(paths, root)).encode())
     h.update(json.dumps(list(map(int, labels))).encode())
     return h.hexdigest()
@@ -106,7 +105,7 @@ def cached_embed(model, paths: Sequence[Path], labels: Sequence[int], root: str 
     from safetensors.torch import save_file
     root = Path(root)
     options = {k: v for k, v in embed_kw.items()
-               if k not in ("batch_size", "num_workers", "progress", "device")}
+               if k not in RUN_OPTIONS or k == "precision"}
     if cache_dir is False:
         return (*embed_labeled(model, paths, labels, **embed_kw), None)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -124,8 +123,11 @@ def cached_embed(model, paths: Sequence[Path], labels: Sequence[int], root: str 
         except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed
             log.warning("ignoring unreadable feature cache %s (%s)", file, e)
     feats, labs, skipped = embed_labeled(model, paths, labels, **embed_kw)
+    fields, rest = FeatureSpec.split_options(options)
+    identity = FeatureSpec.from_options(rest.get("spec"), **fields).identity(model)
     meta = {"format": CACHE_FORMAT, "key": key, "root": str(root), "n_images": len(paths),
-            "model": model.describe(), "options": options, "skipped": skipped}
+            "model": model.describe(), "features": identity,
+            "precision": rest.get("precision", "fp32"), "skipped": skipped}
     try:
         with atomic_path(file) as tmp:
             save_file({"features": feats.contiguous(), "labels": labs.contiguous()}, str(tmp),
@@ -142,35 +144,28 @@ def extract_with_transform(model, paths: Sequence[Path], transform: Callable | N
                            desc: str = "features", progress: bool = True,
                            precision: str = "fp32"
                            ) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Decode image files, apply ``transform`` (on ``uint8 [3, H, W]``), normalise with
-    the model's mean/std on its device and run ``feature_fn`` under ``no_grad`` (and
-    :func:`autocast` for ``precision`` bf16/fp16).
+    """Decode image files, apply ``transform`` (on ``uint8 [3, H, W]``; ``None``: the
+    images as they are), normalise with the model's mean/std on its device and run
+    ``feature_fn`` on each batch, as ``embed`` does (an
+    :class:`~dinofeat.embedding.EmbedStream`: inference mode, ``precision``).
 
     Returns ``(feats [N', D] float32 on CPU, kept positions, skipped "path: reason")``;
     images of different sizes after ``transform`` are run in separate groups."""
-    from ..images import ImageSource, image_loader, normalize_batch
-    pp = model.preprocessing
-    sources = [ImageSource(Path(p), Path(p)) for p in paths]
-    loader = image_loader(sources, transform, batch_size=batch_size, num_workers=num_workers,
-                          pin_memory=model.device.type == "cuda")
-    rows: dict[int, torch.Tensor] = {}
-    skipped: list[str] = []
-    it = loader
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(loader, desc=desc, unit="batch", leave=False)
-    for batch in it:
-        for pos, reason in batch.failed:  # each unreadable file named once in the log
-            log.warning("skipping unreadable image %s: %s", paths[pos], reason)
-            skipped.append(f"{paths[pos]}: {reason}")
-        for positions, imgs in batch.groups:
-            x = normalize_batch(imgs, pp.mean, pp.std, device=model.device)
-            with torch.no_grad(), autocast(model.device, precision):
-                f = feature_fn(x).float().cpu()
-            rows.update(zip(positions, f))
-    if skipped:
-        log.warning("%s: skipped %d unreadable image(s)", desc, len(skipped))
+    stream = EmbedStream(model, [Path(p) for p in paths], feature_fn,
+                         transform=transform if transform is not None else _unchanged,
+                         batch_size=batch_size, num_workers=num_workers, precision=precision,
+                         progress=progress if progress else False, skip_unreadable=True,
+                         desc=desc, positions=True)
+    rows: list[torch.Tensor] = []
+    kept: list[int] = []
+    for positions, f in stream:
+        rows.append(f)
+        kept.extend(positions)
+    skipped = [f"{paths[s.position]}: {s.reason}" for s in stream.skipped]
     if not rows:
         raise ValueError(f"{desc}: none of the {len(paths)} images could be read")
-    kept = sorted(rows)
-    return torch.stack([rows[i] for i in kept]), kept, skipped
+    return torch.cat(rows), kept, skipped
+
+
+def _unchanged(image: torch.Tensor) -> torch.Tensor:
+    return image

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_classify", "knn_accuracy", "knn_topk", "evaluate_knn"]
+__all__ = ["knn_classify", "knn_accuracy", "knn_topk", "evaluate_knn", "weighted_vote"]
 
 
 def _as_labels(train_labels, n_train: int) -> torch.Tensor:
@@ -142,11 +142,27 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor,
     return _vote(sims, idx, labels, T, num_classes)
 
 
+def weighted_vote(sims: torch.Tensor, classes: torch.Tensor, T: float, num_classes: int
+                  ) -> torch.Tensor:
+    """DINO's vote: class scores ``[N, C]`` (dtype of ``sims``) from the neighbours'
+    cosine similarities ``sims [N, k]`` and class indices ``classes [N, k]``, each
+    neighbour adding ``exp(s / T)`` to its class. A class index of -1 marks a missing
+    neighbour (it votes for nothing). The one implementation of the vote:
+    :func:`knn_classify` and :meth:`dinofeat.KNNIndex.classify` both use it."""
+    if T <= 0:
+        raise ValueError(f"temperature T must be > 0, got {T}")
+    classes = classes.to(sims.device).long()
+    valid = classes >= 0
+    weights = torch.where(valid, (sims / T).exp(), torch.zeros((), dtype=sims.dtype,
+                                                               device=sims.device))
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=sims.dtype, device=sims.device)
+    return scores.scatter_add_(1, classes.clamp(min=0), weights)
+
+
 def _vote(sims: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor, T: float,
           num_classes: int) -> torch.Tensor:
     """Class scores ``[N, C]`` from the neighbours' similarities and indices ``[N, k]``."""
-    scores = torch.zeros(sims.shape[0], num_classes, device=sims.device)
-    return scores.scatter_add_(1, labels.to(sims.device)[idx], (sims / T).exp())
+    return weighted_vote(sims, labels.to(sims.device)[idx], T, num_classes)
 
 
 def knn_accuracy(scores: torch.Tensor, labels: torch.Tensor,

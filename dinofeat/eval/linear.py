@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..features import FeatureSpec
 from ..utils import atomic_path, atomic_write_json, get_logger
 from .folders import LabeledImages
 
@@ -54,6 +55,8 @@ __all__ = [
     "LinearProbeConfig",
     "linear_features",
     "linear_feature_dim",
+    "linear_spec",
+    "attach_classifier",
     "train_linear_on_features",
     "train_linear_probe",
     "evaluate_linear",
@@ -66,10 +69,13 @@ HEAD_FORMAT = "dinofeat-linear-head/1"
 
 
 # ------------------------------------------------------------------------ features
-def _layout(n_last_blocks: int, avgpool: bool) -> str:
-    if not avgpool:
-        return "cls"
-    return "interleaved" if n_last_blocks == 1 else "concat"
+def linear_spec(n_last_blocks: int = 1, avgpool: bool = False, layout: str | None = None
+                ) -> FeatureSpec:
+    """The :class:`~dinofeat.features.FeatureSpec` of a linear head's features: [CLS] of
+    the last ``n_last_blocks`` blocks (+ the average patch token with ``avgpool``, in
+    ``layout``), not L2-normalised."""
+    return FeatureSpec(pool="cls", normalize=False, n_last_blocks=n_last_blocks,
+                       avgpool=avgpool, layout=layout)
 
 
 def linear_feature_dim(embed_dim: int, n_last_blocks: int, avgpool: bool, is_vit: bool = True
@@ -81,34 +87,15 @@ def linear_feature_dim(embed_dim: int, n_last_blocks: int, avgpool: bool, is_vit
 def linear_features(model, x: torch.Tensor, n_last_blocks: int = 1, avgpool: bool = False,
                     layout: str | None = None) -> torch.Tensor:
     """Features of normalised images ``x [B, 3, H, W]`` for a linear head:
-    ``[B, D x (n_last_blocks + avgpool)]`` (see the module docstring for the layout).
-
-    ``model`` is a :class:`~dinofeat.model.DinoModel` (or anything with
-    ``intermediate_tokens`` and ``is_vit``). Non-ViT backbones give ``model(x)``.
-    """
-    if n_last_blocks < 1:
-        raise ValueError(f"n_last_blocks must be >= 1, got {n_last_blocks}")
-    if not getattr(model, "is_vit", True):
-        if n_last_blocks != 1 or avgpool:
-            raise ValueError(f"{getattr(model, 'name', 'this model')} is not a ViT: linear "
-                             "features are its pooled output (n_last_blocks=1, no avgpool)")
-        return model(x)
-    depth = getattr(getattr(model, "backbone", None), "depth", None)
-    if depth is not None and n_last_blocks > depth:
-        raise ValueError(f"n_last_blocks={n_last_blocks} but the model has {depth} blocks")
-    layout = layout or _layout(n_last_blocks, avgpool)
-    tokens = model.intermediate_tokens(x, n_last_blocks, norm=True)
-    cls = torch.cat([t[:, 0] for t in tokens], dim=-1)
-    if not avgpool:
-        return cls
-    avg = tokens[-1][:, 1:].mean(dim=1)
-    if layout == "interleaved":
-        if n_last_blocks != 1:
-            raise ValueError("the interleaved (release) layout exists only for n_last_blocks=1")
-        return torch.stack((cls, avg), dim=-1).flatten(1)
-    if layout == "concat":
-        return torch.cat((cls, avg), dim=-1)
-    raise ValueError(f"unknown feature layout {layout!r} (interleaved, concat)")
+    ``[B, D x (n_last_blocks + avgpool)]``, i.e.
+    ``linear_spec(n_last_blocks, avgpool, layout).pooled_features(model, x)`` (see the
+    module docstring for the layout). Non-ViT backbones give ``model(x)``."""
+    spec = linear_spec(n_last_blocks, avgpool, layout)
+    if not model.is_vit and (n_last_blocks != 1 or avgpool):
+        raise ValueError(f"{getattr(model, 'name', 'this model')} is not a ViT: linear "
+                         "features are its pooled output (n_last_blocks=1, no avgpool)")
+    spec.check_model(model)
+    return spec.pooled_features(model, x)
 
 
 # -------------------------------------------------------------------------- heads
@@ -145,9 +132,11 @@ class LinearProbe(nn.Module):
                              f"{classifier.num_classes} outputs")
         self.classifier = classifier
         self.class_names = [str(c) for c in class_names]
-        self.n_last_blocks = int(n_last_blocks)
-        self.avgpool = bool(avgpool)
-        self.layout = layout or _layout(self.n_last_blocks, self.avgpool)
+        self.spec = linear_spec(int(n_last_blocks), bool(avgpool),
+                                None if layout == "cls" else layout)
+        self.n_last_blocks = self.spec.n_last_blocks
+        self.avgpool = self.spec.avgpool
+        self.layout = self.spec.layout or "cls"  # the name saved heads use without avgpool
         self.model_info = model_info or {}
 
     @property
@@ -156,7 +145,7 @@ class LinearProbe(nn.Module):
 
     def features(self, model, x: torch.Tensor) -> torch.Tensor:
         """Frozen-backbone features of normalised images ``x [B, 3, H, W]``."""
-        return linear_features(model, x, self.n_last_blocks, self.avgpool, self.layout)
+        return linear_features(model, x, self.n_last_blocks, self.avgpool, self.spec.layout)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """Features ``[B, in_dim]`` -> logits ``[B, C]``."""
@@ -205,6 +194,28 @@ class LinearProbe(nn.Module):
         inferred for the latter)."""
         return load_linear_head(path, embed_dim=embed_dim, n_last_blocks=n_last_blocks,
                                 avgpool=avgpool, class_names=class_names)
+
+
+def attach_classifier(model, head, *, n_last_blocks: int | None = None,
+                      avgpool: bool | None = None, class_names=None) -> LinearProbe:
+    """Attach a linear head to ``model`` for ``model.classify``: a :class:`LinearProbe`, a
+    head saved by ``dinofeat eval linear`` (``.safetensors``) or an original release
+    ``*_linearweights.pth`` (``n_last_blocks``/``avgpool`` inferred from its width unless
+    given). Checks that the head fits the model's features (a ``ValueError`` naming the
+    file otherwise); returns the head, also kept as ``model.classifier``."""
+    source = None
+    if not isinstance(head, LinearProbe):
+        source = head
+        head = LinearProbe.load(head, embed_dim=model.embed_dim, n_last_blocks=n_last_blocks,
+                                avgpool=avgpool, class_names=class_names)
+    try:
+        head.check_model(model)
+    except ValueError as e:
+        if source is None:
+            raise
+        raise ValueError(f"{source}: {e}") from None
+    model.classifier = head.to(model.device).eval()
+    return head
 
 
 def _release_head_tensors(ckpt: dict, source: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,33 +526,27 @@ def train_linear_probe(model: Any, train: LabeledImages, val: LabeledImages | No
 
 def _train_epoch(model, clf, opt, paths, labels, transform, feature_fn, cfg, progress, epoch,
                  stats: dict) -> list[str]:
-    from ..images import ImageSource, image_loader, normalize_batch
-    from .features import autocast
-    pp = model.preprocessing
-    sources = [ImageSource(Path(p), Path(p)) for p in paths]
-    loader = image_loader(sources, transform, batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers, pin_memory=model.device.type == "cuda")
-    it = loader
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-    skipped = []
+    """One epoch: frozen features of augmented images (the same stream as ``embed``),
+    one optimiser step of the head per batch."""
+    from ..embedding import EmbedStream
+    stream = EmbedStream(model, [Path(p) for p in paths], feature_fn, transform=transform,
+                         batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                         precision=cfg.precision, progress=progress if progress else False,
+                         skip_unreadable=True, quiet=True, positions=True,
+                         desc=f"epoch {epoch + 1}/{cfg.epochs}")
     loss_sum, seen = 0.0, 0
-    for batch in it:
-        skipped.extend(f"{paths[pos]}: {reason}" for pos, reason in batch.failed)
-        for positions, imgs in batch.groups:
-            x = normalize_batch(imgs, pp.mean, pp.std, device=model.device)
-            with torch.no_grad(), autocast(model.device, cfg.precision):
-                feats = feature_fn(x).float()
-            y = torch.tensor([labels[i] for i in positions], device=model.device)
-            loss = F.cross_entropy(clf(feats), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(positions)
-            seen += len(positions)
+    for positions, feats in stream:
+        # made in inference mode: a plain copy can enter autograd
+        x = feats.clone().to(model.device)
+        y = torch.tensor([labels[i] for i in positions], device=model.device)
+        loss = F.cross_entropy(clf(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * len(positions)
+        seen += len(positions)
     stats.update(loss_sum=loss_sum, seen=seen)
-    return skipped
+    return [f"{paths[s.position]}: {s.reason}" for s in stream.skipped]
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ def write_results(path: str | os.PathLike, results: dict) -> Path:
     """Write ``results`` as JSON (atomically), adding when and with what it was made."""
     import torch
 
-    from .. import __version__
+    from ..version import __version__
     out = dict(results)
     out.setdefault("meta", {}).update({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -41,6 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
+from .. import runtime
 from ..utils import get_logger
 from . import auto as autos
 from . import build as builder
@@ -151,6 +152,7 @@ class KNNIndex:
         self._gpu_index: faiss.Index | None = None
         self._gpu_failed = False
         self._mapped = False  # faiss data memory-mapped from a generation file (read-only)
+        self._gpu_res = None  # faiss.StandardGpuResources of the GPU copy
         self._tombstones: set[int] = set()  # removed ids an index cannot delete (HNSW)
         # per-item records, row-aligned
         self._ids: list[int] = []
@@ -223,6 +225,14 @@ class KNNIndex:
 
     def paths(self) -> list[str | None]:
         return list(self._paths)
+
+    def vectors(self, ids: Iterable[int] | None = None) -> np.ndarray:
+        """The stored vectors ``float32 [len(ids), dim]`` of ``ids`` (default: every item,
+        in :attr:`ids` order): exact for flat storage, decoded for PQ/SQ codes."""
+        arr = self.ids if ids is None else np.asarray(list(ids), dtype=np.int64)
+        if len(arr) == 0:
+            return np.zeros((0, self.dim or 0), np.float32)
+        return np.ascontiguousarray(self._reconstruct(arr), dtype=np.float32)
 
     # ------------------------------------------------------------ building
     def _ensure_index(self, size_hint: int) -> None:
@@ -726,7 +736,11 @@ class KNNIndex:
         if self.device != "cpu" and not self._gpu_failed and gpu_available():
             if self._gpu_index is None:
                 try:
-                    self._gpu_index = faiss.index_cpu_to_all_gpus(self._index)
+                    # this process's GPU only (its local rank's under torchrun), not a
+                    # copy on every visible GPU
+                    self._gpu_res = faiss.StandardGpuResources()
+                    self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, _gpu_device(),
+                                                             self._index)
                 except RuntimeError as e:  # e.g. HNSW has no GPU version
                     self._gpu_failed = True
                     _log.info("searching on CPU: faiss-gpu cannot hold a %s index (%s)",
@@ -754,7 +768,15 @@ class KNNIndex:
             return (np.full((nq, k), empty_score, np.float32), np.full((nq, k), -1, np.int64))
         extra = len(self._tombstones)
         kk = min(k + extra, int(index.ntotal))
-        scores, ids = index.search(q, kk)
+        try:
+            scores, ids = index.search(q, kk)
+        except RuntimeError as e:  # a faiss-gpu failure (out of memory...): the CPU copy
+            if index is not self._gpu_index or self._gpu_index is None:
+                raise
+            self._gpu_failed, self._gpu_index = True, None
+            _log.warning("faiss GPU search failed (%s); searching on the CPU from now on",
+                         str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+            scores, ids = self._index.search(q, kk)
         if extra:
             dead = np.isin(ids, np.fromiter(self._tombstones, np.int64, extra))
             ids = np.where(dead, -1, ids)
@@ -817,9 +839,12 @@ class KNNIndex:
                 missing = {self._labels[r] for r in rows[valid & (cls < 0)].tolist()}
                 raise ValueError(f"neighbours have labels {sorted(missing)[:10]} that are not "
                                  "among classes=")
-            w = np.exp(scores.astype(np.float64) / T)
-            qi = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
-            np.add.at(out, (qi[valid], cls[valid]), w[valid])
+            import torch
+
+            from ..eval.knn import weighted_vote  # the one implementation of the vote
+            out = weighted_vote(torch.from_numpy(scores.astype(np.float64)),
+                                torch.from_numpy(np.where(valid, cls, -1)), T,
+                                len(cols)).numpy()
         return out
 
     def predict(self, queries: Any, k: int = 20, T: float = 0.07, **kw: Any) -> list:
@@ -830,7 +855,7 @@ class KNNIndex:
 
     # ------------------------------------------------------------ saving
     def _header(self, generation: int, files: dict[str, str | None]) -> dict[str, Any]:
-        from .. import __version__
+        from ..version import __version__
         return {
             "format": storage.FORMAT_NAME, "format_version": storage.FORMAT_VERSION,
             "generation": generation, **files,
@@ -1053,3 +1078,9 @@ class KNNIndex:
         for k in ("generation", "build", "saved_at", "next_id"):
             h.pop(k, None)
         return h
+
+
+def _gpu_device() -> int:
+    """The GPU faiss uses in this process: the one :mod:`dinofeat.runtime` gives it."""
+    dev = runtime.default_device()
+    return (dev.index or 0) if dev.type == "cuda" else 0

@@ -63,7 +63,8 @@ def capture_rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # the generator of this process's GPU only (one GPU per process under torchrun)
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
                   "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
         "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
@@ -76,10 +77,11 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
-        else:
-            torch.cuda.set_rng_state(cuda[0].cpu())
+        # into the current device (this process's GPU), not GPU 0. Checkpoints of earlier
+        # versions hold every visible GPU's state: take the current one's
+        current = torch.cuda.current_device()
+        own = cuda[current] if len(cuda) > 1 and current < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(own.cpu(), device=current)
     npst = state["numpy"]
     np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
                          npst["has_gauss"], npst["cached"]))

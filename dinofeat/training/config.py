@@ -6,7 +6,7 @@ folder stores it as JSON (:meth:`TrainConfig.to_dict`), and :data:`PRESETS` hold
 paper's recipes as plain override dictionaries. Field names follow the options of the
 original release (``--out_dim``, ``--momentum_teacher``, ...) so its recipes carry over.
 
-The defaults are the release's vanilla ViT-S/16 run (DESIGN 3.2-3.5). The ablation switches
+The defaults are the release's vanilla ViT-S/16 run (docs/training.md lists them). The ablation switches
 of the paper (collapse avoidance, sharpening, teacher type, loss, predictor, head shape,
 multi-crop) are fields too; each one's help says what the paper found.
 """
@@ -24,18 +24,18 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..runtime import PRECISIONS  # the one list of precision names
 from ..zoo import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["TrainConfig", "PRESETS", "small_data_preset", "add_arguments",
            "PRECISIONS", "OPTIMIZERS", "COLLAPSE_MODES", "TEACHER_MODES", "LOSSES"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 COLLAPSE_MODES = ("center", "batch_softmax", "sinkhorn", "none")
 TEACHER_MODES = ("momentum", "prev_epoch", "prev_iter")
 LOSSES = ("ce", "mse")
 
-#: Above this teacher temperature the paper reports collapse (DESIGN 3.4 / 3.6).
+#: Above this teacher temperature the paper reports collapse (its ablation table).
 MAX_STABLE_TEACHER_TEMP = 0.07
 
 
@@ -156,6 +156,10 @@ class TrainConfig:
                                            "in pixels of the output crop (the release's, "
                                            "for 224/96-px crops; scale it down with the "
                                            "crop size for small images)")
+    batch_augment: bool = _opt(False, "augment whole batches of equal-size images at once "
+                               "(the same random recipe per image; several times faster "
+                               "for small images such as 28-px photos, crops resampled "
+                               "by bicubic grid sampling without antialiasing)")
     grayscale: bool = _opt(False, "convert images to one channel repeated three times "
                            "(grayscale data such as Fashion-MNIST)")
     mean: tuple[float, float, float] = _opt(IMAGENET_MEAN, "per-channel normalisation mean")
@@ -217,16 +221,13 @@ class TrainConfig:
         are slow or missing, so fp16 honestly falls back to fp32 there (bf16 is kept: CPU
         autocast supports it).
         """
-        import torch
-        if self.precision == "bf16":
-            return torch.bfloat16
-        if self.precision == "fp16" and device_type == "cuda":
-            return torch.float16
-        return None
+        from ..runtime import autocast_dtype
+        return autocast_dtype(self.precision, device_type, cpu_fp16=False)
 
     def uses_loss_scaling(self, device_type: str) -> bool:
         """Whether a gradient scaler is needed (fp16 autocast on CUDA)."""
-        return self.precision == "fp16" and device_type == "cuda"
+        from ..runtime import needs_loss_scaling
+        return needs_loss_scaling(self.precision, device_type)
 
     # ------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
@@ -295,10 +296,31 @@ class TrainConfig:
         if config_file and preset:
             raise ValueError("give either --config or --preset, not both")
         if config_file:
-            return cls.from_json_file(config_file).replace(**given)
+            with open(config_file, encoding="utf-8") as f:
+                explicit = set(given) | set(json.load(f))
+            return cls.from_json_file(config_file).replace(**given)._fit_warmups(explicit)
         if preset:
-            return cls.from_preset(preset, **given)
-        return cls.from_dict(given)
+            return cls.from_preset(preset, **given)._fit_warmups(set(given))
+        return cls.from_dict(given)._fit_warmups(set(given))
+
+    def _fit_warmups(self, explicit: set[str]) -> "TrainConfig":
+        """Shorten the warm-ups (learning rate, teacher temperature) that are longer than
+        ``epochs`` to a tenth of the run (at least one epoch), unless the user set them
+        (``explicit``): a short trial run (``--epochs 1``) should run, not fail on the
+        release's 10-epoch warm-up. Says so in one log line."""
+        names = ("warmup_epochs", "warmup_teacher_temp_epochs")
+        changes = {n: max(1, self.epochs // 10) for n in names
+                   if getattr(self, n) > self.epochs and n not in explicit}
+        if not changes:
+            return self
+        from ..utils import get_logger
+        get_logger("dinofeat.train").info(
+            "--epochs %d is shorter than the warm-up: %s (set --warmup-epochs / "
+            "--warmup-teacher-temp-epochs to choose)", self.epochs, ", ".join(
+                f"{'learning-rate' if n == 'warmup_epochs' else 'teacher-temperature'} "
+                f"warm-up {getattr(self, n)} -> {v} epoch{'s' if v > 1 else ''}"
+                for n, v in changes.items()))
+        return dataclasses.replace(self, **changes)
 
     def _with(self, changes: Mapping[str, Any], source: str) -> "TrainConfig":
         known = {f.name: f for f in dataclasses.fields(self)}
@@ -520,8 +542,9 @@ def small_data_preset(image_size: int = 32, batch_size: int = 256, *,
       **warm-ups** scale with the run: lr warm-up ``min(10, epochs // 10)`` epochs. The
       teacher temperature stays at a constant 0.04 (the stable vanilla setting),
       ``norm_last_layer`` stays on (stability over the last few tenths of a point).
-    - ``num_workers`` 2 and ``precision`` fp32: small runs are often on CPU, where fp16
-      autocast is not available and fp32 is the honest setting.
+    - ``num_workers`` 2. ``precision`` is left at the release's fp16: on GPUs that is
+      autocast with loss scaling, on CPUs fp16 runs in fp32 (``--precision bf16`` is the
+      fast choice on CPUs with bf16 units).
     """
     if image_size < 8:
         raise ValueError(f"small_data_preset: image_size {image_size} is too small (min 8)")
@@ -558,7 +581,6 @@ def small_data_preset(image_size: int = 32, batch_size: int = 256, *,
         warmup_teacher_temp_epochs=0,
         norm_last_layer=True,
         num_workers=2,
-        precision="fp32",
     )
 
 
@@ -590,7 +612,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The release README's vanilla run: 100 epochs of ViT-S/16, every default.
     "vit_s16_100ep": dict(arch="vit_small", patch_size=16),
     # The README's "boosting" advice for ViT-S: 300 epochs, teacher 0.04 -> 0.07 over 30
-    # epochs, free last-layer norm (DESIGN 3.5: 76.1% linear after 300 epochs with 10 locals).
+    # epochs, free last-layer norm (the release: 76.1% linear after 300 epochs with 10 locals).
     "vit_s16_300ep": dict(arch="vit_small", patch_size=16, epochs=300, teacher_temp=0.07,
                           warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
                           norm_last_layer=False),
@@ -627,6 +649,49 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small_data": small_data_preset(),
 }
 
+# Fashion-MNIST on a CPU (28x28 grey photos; the recipes of dinofeat.demo, which set the
+# run's length): the release's recipe adapted to 28-px images and runs of minutes to an
+# hour on a 2-core CPU (the probes behind each choice: docs/benchmarks.md, "Fashion-MNIST"):
+# - patch 7 on 28 px: a 4x4 grid (16 tokens; local crops of 14 px: 2x2). On this CPU it
+#   trains 1.7x more images per second than patch 4 (49 tokens), and in runs this short
+#   images seen matter more than resolution;
+# - the Gaussian blur's sigma scaled to the image: the release's (0.1, 2) px is for 224-px
+#   crops; on a 28-px photo a sigma of 2 px erases the garment's details, (0.1, 0.5) keeps
+#   the same relative strength as the release at a quarter of ImageNet's 112-px detail;
+# - BatchNorm in the head's hidden layers (the release's option for ResNets): a random
+#   ViT gives nearly the same [CLS] for every photo, so the centred teacher starts almost
+#   uniform and the first hundreds of steps carry little signal; normalising the head's
+#   hidden units over the batch spreads the photos apart from the first step (measured:
+#   +3 k-NN points over the plain head after 300 steps, the best of 7 probes);
+# - head hidden width 512 (not 2048): the backbone is 192-d, and the head was a third of
+#   the step's time;
+# - 4 local crops instead of 8-10: 8 were not better per minute;
+# - out_dim 1024: K prototypes for 10 classes and a few thousand images per chunk;
+# - teacher momentum 0.99 (cosine to 1): the teacher's time constant, 100 steps, is a
+#   fraction of the run; the release's 0.996-0.9995 would leave it near its random start;
+# - lr 0.002 per 256 images (4x the release) with a one-chunk warm-up (3x that was worse);
+# - no frozen last layer (the first chunk is already the warm-up), bf16 autocast (CPU
+#   autocast is supported; ~1.4x faster on AMD, ~2x on Intel AMX), grey images;
+# - the augmentation of whole batches (28-px photos all have one size): per image it was
+#   half of the step's time on 2 cores (benchmarks/fashion_mnist_step.py).
+FASHION_MNIST: dict[str, Any] = dict(
+    arch="vit_mini7", patch_size=7, global_crop_size=28, local_crop_size=14,
+    global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), local_crops_number=4,
+    blur_sigma=(0.1, 0.5), out_dim=1024, hidden_dim=512, use_bn_in_head=True,
+    momentum_teacher=0.99, lr=0.002, min_lr=1e-6, warmup_epochs=1,
+    freeze_last_layer=0, norm_last_layer=True, drop_path_rate=0.1, precision="bf16",
+    grayscale=True, num_workers=1, saveckp_freq=0, log_every=5, batch_augment=True,
+    batch_size_per_gpu=64, epochs=10, mean=(0.286,) * 3, std=(0.353,) * 3)
+PRESETS["fashion_mnist"] = FASHION_MNIST
+
+
+#: One line for ``train --help`` and docs/training.md: the defaults are not the paper's recipe.
+PAPER_VS_DEFAULTS = ("The defaults (e.g. --arch vit_s16 alone) reproduce the release "
+                     "script's defaults (100 epochs, 8 local crops, teacher temperature "
+                     "0.04), not the paper's ViT-S/16 recipe; that one is --preset "
+                     "vit_s16_800ep (800 epochs, 10 local crops, teacher temperature 0.04 -> "
+                     "0.07, the published weights).")
+
 
 # ------------------------------------------------------------------ argparse
 def _option_strings(name: str) -> list[str]:
@@ -656,7 +721,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> argparse.ArgumentPar
     work: ``--batch-size-per-gpu`` and the release's ``--batch_size_per_gpu``; booleans are
     ``--norm-last-layer`` / ``--no-norm-last-layer`` (dashes only); pairs take two values (``--global-crops-scale 0.14 1``).
     """
-    group = parser.add_argument_group("recipe")
+    group = parser.add_argument_group("recipe", PAPER_VS_DEFAULTS)
     group.add_argument("--preset", choices=list(PRESETS), default=None,
                        help="start from a paper recipe (fields given explicitly override it)")
     group.add_argument("--config", default=None, metavar="FILE.json",
@@ -702,7 +767,7 @@ _SECTIONS.update({name: "teacher, loss and ablations" for name in (
     "sinkhorn_iters", "loss")})
 _SECTIONS.update({name: "multi-crop augmentation" for name in (
     "global_crops_scale", "local_crops_number", "local_crops_scale", "global_crop_size",
-    "local_crop_size", "blur_sigma", "grayscale", "mean", "std")})
+    "local_crop_size", "blur_sigma", "batch_augment", "grayscale", "mean", "std")})
 _SECTIONS.update({name: "data, output and logging" for name in (
     "data", "output_dir", "resume", "resume_from", "saveckp_freq", "save_every_iters",
     "num_workers", "log_every", "tensorboard", "knn_eval_data", "knn_eval_every", "device")})

@@ -31,9 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..images import ImageReadError, list_images, open_image, read_image
+from ..datasets import LabeledImageDataset, LabeledImages, LabelledImages, image_folder
+from ..images import ImageReadError, list_images, open_image
 
-__all__ = ["resolve_image_list", "labelled_image_folder", "TrainImages", "LabelledImages",
+__all__ = ["resolve_image_list", "labelled_image_folder", "TrainImages", "LabeledImages",
+           "LabelledImages", "LabeledImageDataset", "image_folder",
            "ResumableDistributedSampler", "sample_seed", "collate_crops", "BatchFailures",
            "build_train_loader", "MAX_REPLACEMENT_TRIES"]
 
@@ -72,22 +74,10 @@ def resolve_image_list(source: str | os.PathLike) -> list[Path]:
 
 
 def labelled_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
-    """``(paths, labels, class_names)`` of an ImageFolder tree ``root/<class>/...``.
-
-    Classes are the sorted sub-folder names; images directly in ``root`` are ignored."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"labelled image folder not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    paths: list[Path] = []
-    labels: list[int] = []
-    for c, name in enumerate(classes):
-        found = list_images(root / name)
-        paths += found
-        labels += [c] * len(found)
-    if not paths:
-        raise ValueError(f"{root} is not an ImageFolder tree: no images in class sub-folders")
-    return paths, labels, classes
+    """``(paths, labels, class_names)`` of an ImageFolder tree ``root/<class>/...``
+    (:func:`dinofeat.datasets.image_folder`, the package's one class-folder reader)."""
+    found = image_folder(root)
+    return found.paths, found.labels, found.classes
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -165,29 +155,6 @@ class TrainImages(Dataset):
         return list(crops), failures
 
 
-class LabelledImages(Dataset):
-    """``(uint8 image [3, h, w], label, readable)`` of a labelled ImageFolder tree (online
-    k-NN). ``transform`` maps a ``uint8 [3, H, W]`` image to its evaluation size
-    (e.g. :class:`dinofeat.images.ImageTransform`). An unreadable file gives a black image
-    and ``readable=False``, for the caller to drop."""
-
-    def __init__(self, root: str | os.PathLike, transform: Callable[[torch.Tensor], torch.Tensor],
-                 size: int):
-        self.paths, self.labels, self.classes = labelled_image_folder(root)
-        self.transform = transform
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
-        try:
-            return self.transform(read_image(self.paths[index])), self.labels[index], True
-        except ImageReadError:
-            return (torch.zeros(3, self.size, self.size, dtype=torch.uint8),
-                    self.labels[index], False)
-
-
 class ResumableDistributedSampler(DistributedSampler):
     """``DistributedSampler`` yielding ``(index, sample seed)`` pairs, able to begin an
     epoch after ``start`` samples (for a mid-epoch resume).
@@ -237,13 +204,15 @@ def collate_crops(batch: list[tuple[list[torch.Tensor], list[str]]]
 
 def build_train_loader(dataset: TrainImages, *, batch_size: int, num_workers: int = 8,
                        seed: int = 0, rank: int = 0, world_size: int = 1,
-                       pin_memory: bool = False) -> tuple[DataLoader,
+                       pin_memory: bool = False, collate_fn: Callable | None = None
+                       ) -> tuple[DataLoader,
                                                           ResumableDistributedSampler]:
     """DataLoader + sampler for training: shuffled, sharded over ``world_size`` processes,
     incomplete last batches dropped, workers kept alive between epochs.
 
     The loader has its own random generator, so creating its iterator does not advance
-    the global torch RNG (which drop-path uses): needed for an exact resume."""
+    the global torch RNG (which drop-path uses): needed for an exact resume. ``collate_fn``
+    replaces :func:`collate_crops` (e.g. an augmentation of whole batches)."""
     if len(dataset) < batch_size * world_size:
         raise ValueError(f"{dataset.source}: {len(dataset)} images are fewer than one batch "
                          f"({batch_size} per process x {world_size} processes); lower "
@@ -254,6 +223,6 @@ def build_train_loader(dataset: TrainImages, *, batch_size: int, num_workers: in
     gen.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                         num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
-                        collate_fn=collate_crops, persistent_workers=num_workers > 0,
+                        collate_fn=collate_fn or collate_crops, persistent_workers=num_workers > 0,
                         generator=gen, prefetch_factor=2 if num_workers > 0 else None)
     return loader, sampler

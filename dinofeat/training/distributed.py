@@ -14,7 +14,6 @@ all processes with :func:`all_reduce_mean`.
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import runtime
 from ..utils import get_logger
 
 __all__ = ["DistContext", "init_distributed", "is_distributed", "get_world_size", "get_rank",
-           "all_reduce_mean", "all_reduce_sum", "all_gather_objects", "broadcast_object",
+           "all_reduce_mean", "all_reduce_sum", "all_gather_objects", "gather_objects",
+           "broadcast_object", "broadcast_tensors",
            "barrier", "has_batchnorm", "convert_sync_batchnorm", "wrap_ddp", "unwrap",
            "cleanup"]
 
@@ -55,79 +56,46 @@ class DistContext:
         return self.world_size > 1
 
 
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
-
-
 def init_distributed(device: str | torch.device | None = None,
                      backend: str | None = None,
                      timeout_minutes: float = 30.0) -> DistContext:
     """Join the ``torchrun`` job described by the environment, or run alone.
 
     Args:
-        device: ``"cuda"``/``"cpu"`` (default: CUDA when available). Under torchrun each
-            process takes GPU ``LOCAL_RANK``.
+        device: ``"cuda"``/``"cpu"`` (default: CUDA when available). Under a launcher
+            each process takes its own GPU (``LOCAL_RANK``, or ``RANK % device_count()``
+            when the launcher does not set ``LOCAL_RANK``).
         backend: ``"nccl"`` or ``"gloo"`` (default: NCCL on GPU, gloo on CPU).
         timeout_minutes: how long collective operations wait for a slow process.
 
     Returns the :class:`DistContext`. A process group that is already initialised (for
     instance by the caller) is reused as it is.
     """
-    want_cuda = (torch.device(device).type == "cuda") if device is not None \
-        else torch.cuda.is_available()
-    if want_cuda and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but CUDA is not available; use --device cpu")
-    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
-    local_rank = _env_int("LOCAL_RANK") or 0
-    owns = False
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        backend = dist.get_backend()
-    elif rank is not None and world is not None and world > 1:
-        if not dist.is_available():
-            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-        for var in ("MASTER_ADDR", "MASTER_PORT"):
-            if not os.environ.get(var):
-                raise ValueError(f"RANK/WORLD_SIZE are set but {var} is not; start the job "
-                                 "with torchrun (it sets all of them)")
-        backend = backend or ("nccl" if want_cuda else "gloo")
-        if want_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank,
-                                world_size=world,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-        owns = True
-        log.info("process %d of %d joined (%s, local rank %d)", rank, world, backend,
-                 local_rank)
-    else:
-        rank, world, backend = 0, 1, None
-    if want_cuda:
-        index = local_rank if world > 1 else (torch.device(device).index or 0
-                                              if device is not None else 0)
-        torch.cuda.set_device(index)
-        dev = torch.device("cuda", index)
-    else:
-        dev = torch.device("cpu")
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev,
-                       backend=backend, owns_group=owns)
+    dev = runtime.resolve_device(device)
+    rank, world, owns = runtime.init_process_group(
+        dev, backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if dev.type == "cuda" and world > 1:  # each process its own GPU, whatever was asked
+        dev = torch.device("cuda", runtime.local_device_index(rank))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    local_rank = dev.index if dev.type == "cuda" else (runtime.launcher_ranks()[2] or 0)
+    used_backend = dist.get_backend() if (dist.is_available() and dist.is_initialized()) \
+        else None
+    if owns:
+        log.info("process %d of %d joined (%s, %s)", rank, world, used_backend, dev)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank or 0, device=dev,
+                       backend=used_backend if world > 1 else None, owns_group=owns)
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+is_distributed = runtime.is_distributed
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+    return runtime.get_world_size() if runtime.is_distributed() else 1
 
 
 def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    return runtime.get_rank() if runtime.is_distributed() else 0
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -155,6 +123,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank ``dst``, ``None`` on the others
+    (``[obj]`` when alone). Only for our own processes' small plain objects."""
+    if not is_distributed():
+        return [obj]
+    box: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, box, dst=dst)
+    return box
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every process."""
     if not is_distributed():
@@ -162,6 +140,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@torch.no_grad()
+def broadcast_tensors(tensors: Any, src: int = 0) -> None:
+    """Overwrite ``tensors`` (an iterable of tensors, in the same order on every rank) with
+    rank ``src``'s values, in place."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        dist.broadcast(t.data if isinstance(t, nn.Parameter) else t, src=src)
 
 
 def barrier() -> None:

@@ -9,6 +9,7 @@ BatchNorm; ``head.mlp.*`` for a one-layer head),
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Sequence
 
 import torch
@@ -33,7 +34,10 @@ class WeightNormLinear(nn.Module):
 
     Parameters ``weight_g`` ``[out, 1]`` and ``weight_v`` ``[out, in]`` (the names of the
     release checkpoints). ``fix_gain=True`` freezes ``g`` (``requires_grad=False``); it is
-    initialised to 1 either way.
+    initialised to 1 either way. ``V`` keeps ``nn.Linear``'s default initialisation
+    (uniform in +-1/sqrt(in), row norms about 0.58), as in the release, which builds this
+    layer after its truncated-normal pass over the MLP: a larger ``V`` makes each AdamW
+    step a smaller rotation of the prototypes.
 
     Shapes: ``[..., in] -> [..., out]``.
     """
@@ -43,7 +47,7 @@ class WeightNormLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not fix_gain)
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default
 
     @property
     def weight(self) -> torch.Tensor:
@@ -76,7 +80,7 @@ def _mlp(in_dim: int, hidden_dim: int, out_dim: int, nlayers: int, use_bn: bool)
 
 
 class DINOHead(nn.Module):
-    """The DINO projection head (DESIGN 3.2).
+    """The DINO projection head.
 
     ``mlp``: ``nlayers`` linear layers ``in_dim -> hidden_dim -> ... -> bottleneck_dim`` with
     GELU (and optional BatchNorm) between; then L2 normalisation (``l2_bottleneck``); then

@@ -1,4 +1,4 @@
-"""The DINO training loop (DESIGN 3.4-3.5): :func:`train`.
+"""The DINO training loop: :func:`train`.
 
 One optimiser step, in order:
 
@@ -44,14 +44,17 @@ from ..backbones import build_backbone, parse_arch
 from ..weights import CheckpointError
 from ..utils import atomic_write_json, get_logger
 from ..zoo import Preprocessing
+from .. import runtime
 from . import distributed as D
 from .augment import MultiCropAugmentation
+from .batch_augment import BatchMultiCropAugmentation
 from .checkpoint import (CHECKPOINT_NAME, RELEASE_ARCH_FIELDS, capture_rng_state,
                          load_checkpoint, numbered_checkpoint_name, read_release_checkpoint,
                          restore_rng_state, save_checkpoint)
 from .config import TrainConfig
 from .data import TrainImages, build_train_loader
 from .head import MultiCropNetwork, Predictor, build_head
+from .knn import online_knn
 from .loss import DINOLoss
 from .monitor import CollapseMonitor, max_rss_bytes, rss_bytes, teacher_stats
 from .optim import (apply_schedules, build_optimizer, cancel_last_layer_gradients,
@@ -74,6 +77,8 @@ _SHAPE_FIELDS = ("out_dim", "norm_last_layer", "use_bn_in_head", "head_layers", 
 #: Options that fix where in the data a mid-epoch checkpoint is.
 _DATA_FIELDS = ("batch_size_per_gpu", "grad_accum_steps", "seed", "data")
 _MAX_BAD_FILES_KEPT = 10_000
+#: Backbone families whose convolutions gain from cuDNN's autotuning (``cudnn.benchmark``).
+CUDNN_BENCHMARK_FAMILIES = ("resnet", "xcit")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -303,55 +308,6 @@ class _TensorBoard:
             self.writer.close()
 
 
-# ------------------------------------------------------------------ online k-NN
-@torch.no_grad()
-def _online_knn(backbone: nn.Module, cfg: TrainConfig, prep: Preprocessing,
-                device: torch.device, autocast_dtype) -> dict[str, float]:
-    """Weighted k-NN (k=20, T=0.07, DESIGN 3.7) of the teacher backbone's [CLS] features on
-    ``cfg.knn_eval_data``/train -> /val."""
-    from ..eval.knn import knn_accuracy, knn_classify
-    from ..images import ImageTransform, normalize_batch
-    from .data import LabelledImages
-
-    root = Path(cfg.knn_eval_data)
-    transform = ImageTransform(prep)
-    feats, labels, classes = {}, {}, {}
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        for split in ("train", "val"):
-            ds = LabelledImages(root / split, transform, prep.crop_size)
-            loader = torch.utils.data.DataLoader(
-                ds, batch_size=max(cfg.batch_size_per_gpu, 64),
-                num_workers=min(cfg.num_workers, 4), generator=torch.Generator())
-            out, labs = [], []
-            for x, y, ok in loader:
-                x = normalize_batch(x[ok], prep.mean, prep.std, device=device)
-                with torch.autocast(device.type, dtype=autocast_dtype,
-                                    enabled=autocast_dtype is not None):
-                    f = backbone(x)
-                out.append(f.float().cpu())
-                labs.append(y[ok])
-            feats[split], labels[split], classes[split] = torch.cat(out), torch.cat(labs), \
-                ds.classes
-    finally:
-        backbone.train(was_training)
-    # val labels -> train class indices by name
-    index = {name: i for i, name in enumerate(classes["train"])}
-    missing = [c for c in classes["val"] if c not in index]
-    if missing:
-        raise ValueError(f"{root}/val has classes missing from {root}/train: "
-                         f"{', '.join(missing[:5])}")
-    remap = torch.tensor([index[c] for c in classes["val"]])
-    val_labels = remap[labels["val"]]
-    k = min(20, feats["train"].shape[0])
-    scores = knn_classify(feats["train"], labels["train"], feats["val"], k=k, T=0.07,
-                          num_classes=len(classes["train"]))
-    acc = knn_accuracy(scores, val_labels, (1, 5))
-    return {"knn_top1": acc[1], "knn_top5": acc[5], "knn_k": k,
-            "knn_train": int(feats["train"].shape[0]), "knn_val": int(feats["val"].shape[0])}
-
-
 # ------------------------------------------------------------------ the run
 class _Run:
     """State of one training run on this process (see :func:`train`)."""
@@ -368,13 +324,20 @@ class _Run:
     # .............................................................. setup
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        self.augment = MultiCropAugmentation.from_config(cfg)
-        self.dataset = TrainImages(cfg.data, self.augment)  # bad --data fails before mkdir
+        if cfg.batch_augment:  # per image: decode + seed; per batch: the crops
+            self.augment = BatchMultiCropAugmentation.from_config(cfg)
+            self.dataset = TrainImages(cfg.data, self.augment.prepare)
+        else:
+            self.augment = MultiCropAugmentation.from_config(cfg)
+            self.dataset = TrainImages(cfg.data, self.augment)  # bad --data fails before mkdir
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
         family, _, _ = parse_arch(cfg.arch, cfg.patch_size)
         self.channels_last = family == "resnet"
+        # IEEE fp32 (no TF32) stated explicitly; cuDNN autotuning pays off for the
+        # convolution-heavy backbones, whose input shapes are fixed per crop size
+        runtime.configure_cuda(self.device, benchmark=family in CUDNN_BENCHMARK_FAMILIES)
         self.autocast_dtype = cfg.autocast_dtype(self.device.type)
         if cfg.precision == "fp16" and self.autocast_dtype is None:
             log.info("precision fp16 needs CUDA; running in fp32 on %s", self.device)
@@ -388,7 +351,8 @@ class _Run:
         self.loader, self.sampler = build_train_loader(
             self.dataset, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers,
             seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-            pin_memory=self.device.type == "cuda")
+            pin_memory=self.device.type == "cuda",
+            collate_fn=self.augment.collate if cfg.batch_augment else None)
         micro_per_epoch = len(self.loader)
         ipe = micro_per_epoch // cfg.grad_accum_steps
         if cfg.max_iters_per_epoch is not None:
@@ -456,17 +420,69 @@ class _Run:
     def _resume(self) -> None:
         cfg = self.cfg
         path = self.out / CHECKPOINT_NAME
-        if cfg.resume and path.is_file():
+        # rank 0 decides, from its own disk (the one that holds the run folder); the other
+        # ranks follow, even when their disk shows another file or none
+        kind = None
+        if self.is_main:
+            if cfg.resume and path.is_file():
+                kind = "own"
+            elif cfg.resume_from:
+                kind = "release"
+            elif path.is_file():
+                log.warning("%s exists but resume is off: starting again from scratch (it "
+                            "will be overwritten)", path)
+        kind = D.broadcast_object(kind)
+        if kind == "own":
             self._resume_own(path)
-        elif cfg.resume_from:
+        elif kind == "release":
             self._resume_release(Path(cfg.resume_from))
-        elif path.is_file() and self.is_main:
-            log.warning("%s exists but resume is off: starting again from scratch (it will "
-                        "be overwritten)", path)
+        if kind is not None and self.ctx.distributed:
+            # every rank continues from rank 0's teacher and centre, bit for bit (the
+            # student is broadcast by DistributedDataParallel when it wraps it)
+            D.broadcast_tensors(list(self.teacher.parameters()) +
+                                list(self.teacher.buffers()) +
+                                list(self.dino_loss.buffers()))
+
+    def _read_shared(self, path: Path, reader: Callable[[Path], Any]) -> Any:
+        """``reader(path)`` as rank 0 sees it, on every rank: rank 0 reads the file; a rank
+        whose disk shows the same file (a shared file system) reads its own copy, any
+        other rank receives rank 0's. An error on rank 0 is raised on every rank."""
+        value, error, stamp = None, None, None
+        if self.is_main:
+            try:
+                value = reader(path)
+                st = path.stat()
+                stamp = (st.st_size, st.st_mtime_ns)
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+        if not self.ctx.distributed:
+            if error is not None:
+                raise error
+            return value
+        msg, stamp = D.broadcast_object(
+            (None if error is None else f"{type(error).__name__}: {error}", stamp))
+        if error is not None:
+            raise error
+        if msg is not None:
+            raise RuntimeError(f"rank 0 could not resume from {path}: {msg}")
+        if not self.is_main:
+            try:
+                st = path.stat()
+                same = (st.st_size, st.st_mtime_ns) == tuple(stamp)
+            except OSError:
+                same = False
+            if same:
+                value = reader(path)
+        need = D.all_gather_objects(value is None)
+        if any(need):  # someone lacks the file: rank 0 sends its copy to everyone
+            got = D.broadcast_object(value if self.is_main else None)
+            if value is None:
+                value = got
+        return value
 
     def _resume_own(self, path: Path) -> None:
         cfg, ctx = self.cfg, self.ctx
-        ckpt = load_checkpoint(path)
+        ckpt = self._read_shared(path, load_checkpoint)
         old = dict(ckpt.get("config") or {})
         bad = [f"{k}: {old.get(k)!r} in the checkpoint, {getattr(cfg, k)!r} now"
                for k in _SHAPE_FIELDS if k in old and old[k] != _plain(getattr(cfg, k))]
@@ -540,7 +556,8 @@ class _Run:
     def _resume_release(self, path: Path) -> None:
         cfg = self.cfg
         expected = set(D.unwrap(self.student).state_dict())
-        rel = read_release_checkpoint(path, expected_keys=expected)
+        rel = self._read_shared(path, lambda p: read_release_checkpoint(
+            p, expected_keys=expected))
         args = rel["args"]
         ours = {"arch": canonical_arch(cfg), "patch_size": cfg.patch_size,
                 "out_dim": cfg.out_dim, "norm_last_layer": cfg.norm_last_layer,
@@ -588,12 +605,16 @@ class _Run:
                      self.epoch)
 
     # .............................................................. checkpoints
-    def _checkpoint_state(self, epoch: int, epoch_step: int) -> dict[str, Any]:
-        # collective: every rank sends its RNG states and unreadable-file counts
-        gathered = D.all_gather_objects({
+    def _checkpoint_state(self, epoch: int, epoch_step: int) -> dict[str, Any] | None:
+        """The checkpoint dictionary on rank 0, ``None`` on the other ranks (copying the
+        networks and optimizer to the CPU is rank 0's work only). Collective: every rank
+        sends its RNG states and unreadable-file counts to rank 0."""
+        gathered = D.gather_objects({
             "rng": capture_rng_state(), "skipped_total": self.skipped_total,
             "skipped_epoch": self.skipped_epoch,
             "bad_files": sorted(self.bad_files)[:_MAX_BAD_FILES_KEPT]})
+        if not self.is_main:
+            return None
         return {
             "student": network_state_dict(self.student),
             "teacher": network_state_dict(self.teacher),
@@ -618,7 +639,7 @@ class _Run:
 
     def save(self, epoch: int, epoch_step: int, numbered: bool = False) -> None:
         state = self._checkpoint_state(epoch, epoch_step)
-        if self.is_main:
+        if state is not None:
             save_checkpoint(state, self.ckpt_path)
             if numbered:
                 shutil.copyfile(self.ckpt_path, self.out / numbered_checkpoint_name(epoch))
@@ -704,7 +725,10 @@ class _Run:
     # .............................................................. epochs
     def _micro_batches(self, data_iter, n: int):
         for _ in range(n):
-            yield next(data_iter)
+            t0 = time.perf_counter()
+            batch = next(data_iter)
+            self._data_wait += time.perf_counter() - t0  # the step waited for the loader
+            yield batch
 
     def _callback(self, event: str, epoch: int, step: int, loss: float | None,
                   record: dict | None) -> None:
@@ -735,6 +759,7 @@ class _Run:
         images_per_step = self.total_batch
         t_epoch = t_window = time.perf_counter()
         window_steps = 0
+        self._data_wait = 0.0
         losses = self.epoch_losses
         steps = range(start_step, ipe)
         bar = None
@@ -764,8 +789,11 @@ class _Run:
                               "teacher_temp": self.dino_loss.teacher_temperature(epoch),
                               "images_per_s": window_steps * images_per_step /
                               max(now - t_window, 1e-9),
+                              # share of the time spent waiting for images: above ~0.05
+                              # the loader, not the model, sets the pace (more workers)
+                              "data_wait_frac": self._data_wait / max(now - t_window, 1e-9),
                               "time": time.time(), **self._memory(), **stats}
-                    t_window, window_steps = now, 0
+                    t_window, window_steps, self._data_wait = now, 0, 0.0
                     self.jlog.write(record)
                     self.tb.write(record, it, "train")
                 if bar is not None:
@@ -795,13 +823,15 @@ class _Run:
         knn = None
         if cfg.knn_eval_every and ((epoch + 1) % cfg.knn_eval_every == 0 or
                                    epoch + 1 == cfg.epochs):
+            # every process embeds its share; the same result on all of them
+            knn = online_knn(D.unwrap(self.teacher).backbone, cfg.knn_eval_data,
+                             Preprocessing(**run_metadata(cfg, self.name)["preprocessing"]),
+                             self.device, self.autocast_dtype,
+                             batch_size=max(cfg.batch_size_per_gpu, 64),
+                             num_workers=min(cfg.num_workers, 4))
             if self.is_main:
-                knn = _online_knn(D.unwrap(self.teacher).backbone, cfg,
-                                  Preprocessing(**run_metadata(cfg, self.name)["preprocessing"]),
-                                  self.device, self.autocast_dtype)
                 log.info("epoch %d: k-NN top-1 %.2f%%, top-5 %.2f%%", epoch, knn["knn_top1"],
                          knn["knn_top5"])
-            knn = D.broadcast_object(knn)
             self.last_knn = knn
         lr, wd, momentum = self.schedules.at(self.iteration - 1)
         skipped = D.all_reduce_sum(torch.tensor([self.skipped_epoch, self.skipped_total],
@@ -906,7 +936,8 @@ def train(config: TrainConfig | None = None, *,
     cfg.validate()
     if not cfg.data:
         raise ValueError("no training data: pass data= (a folder of images or a .txt list)")
-    if cfg.resume_from and not Path(cfg.resume_from).is_file():  # before building networks
+    if cfg.resume_from and runtime.launcher_ranks()[0] == 0 and \
+            not Path(cfg.resume_from).is_file():  # before building networks; rank 0 reads it
         raise FileNotFoundError(f"--resume-from: no such checkpoint file: {cfg.resume_from}")
     run = _Run(cfg, callbacks)
     try:

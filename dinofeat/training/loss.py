@@ -1,4 +1,4 @@
-"""The DINO loss: teacher centering and sharpening, cross-entropy over crop pairs (DESIGN 3.4),
+"""The DINO loss: teacher centering and sharpening, cross-entropy over crop pairs,
 with the collapse-avoidance and loss ablations of the paper as switches.
 
 For teacher global views ``q`` (2 of them) and student views ``v`` (all ``ncrops``),
@@ -20,14 +20,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import runtime
+
 __all__ = ["DINOLoss", "teacher_temperature_schedule", "sinkhorn_knopp", "batch_softmax"]
 
 _COLLAPSE = ("center", "batch_softmax", "sinkhorn", "none")
 _LOSSES = ("ce", "mse")
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+_distributed = runtime.is_distributed
 
 
 def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
@@ -184,14 +185,15 @@ class DINOLoss(nn.Module):
         ce = -torch.einsum("qbk,vbk->qv", p_t, log_p_s) / b            # [2, ncrops]
         pair = torch.ones(2, self.ncrops, dtype=torch.bool, device=ce.device)
         pair[0, 0] = pair[1, 1] = False                                 # same view: skipped
+        # torch.where, not ce[pair]: boolean-mask indexing waits for the GPU every step
         if self.loss_type == "ce":
-            loss = ce[pair].sum() / self.n_terms
+            loss = torch.where(pair, ce, 0.0).sum() / self.n_terms
         else:
             t_n = F.normalize(self._mse_targets(teacher_out, probs), dim=-1).view(2, b, k)
             s_n = F.normalize(student_out.float(), dim=-1).view(self.ncrops, b, k)
             # ||s - t||^2 = 2 - 2 <s, t> for unit vectors
             mse = 2.0 - 2.0 * torch.einsum("qbk,vbk->qv", t_n, s_n) / b
-            loss = mse[pair].sum() / self.n_terms
+            loss = torch.where(pair, mse, 0.0).sum() / self.n_terms
         self._record_stats(probs, ce.detach(), pair, loss.detach(), epoch)
         if self.collapse == "center":
             self.update_center(teacher_out)
@@ -214,7 +216,7 @@ class DINOLoss(nn.Module):
         entropy_rows = -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1)  # [2B]
         b = probs.shape[0] // 2
         entropy_per_view = entropy_rows.view(2, b).mean(dim=1)                   # [2]
-        kl = (ce - entropy_per_view[:, None])[pair].mean()
+        kl = torch.where(pair, ce - entropy_per_view[:, None], 0.0).sum() / self.n_terms
         self._stats = {
             "loss": loss,
             "teacher_entropy": entropy_rows.mean(),

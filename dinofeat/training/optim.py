@@ -125,22 +125,23 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
 
 
 @torch.no_grad()
-def clip_gradients(module: nn.Module, clip: float) -> list[float]:
+def clip_gradients(module: nn.Module, clip: float) -> torch.Tensor:
     """Clip every parameter's gradient to norm ``clip`` on its own (not a global norm).
 
     A gradient with L2 norm ``n`` is multiplied by ``clip / (n + 1e-6)`` when that factor is
     below 1; others are left untouched. ``clip <= 0`` only measures. Returns the norms before
-    clipping, one per parameter with a gradient, in ``named_parameters`` order. (With fp16
-    loss scaling, unscale the gradients first.)
+    clipping as a 1-D fp32 tensor on the gradients' device (no host sync: read it only
+    when needed), one per parameter with a gradient, in ``named_parameters`` order. (With
+    fp16 loss scaling, unscale the gradients first.)
     """
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
-        return []
+        return torch.zeros(0)
     norms = torch._foreach_norm(grads)
     if clip > 0:
         factors = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
         torch._foreach_mul_(grads, factors)
-    return torch.stack([n.float() for n in norms]).tolist()
+    return torch.stack([n.float() for n in norms])
 
 
 def cancel_last_layer_gradients(module: nn.Module, epoch: int, freeze_last_layer: int) -> None:

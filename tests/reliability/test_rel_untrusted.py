@@ -41,6 +41,7 @@ from PIL import Image
 import dinofeat
 from _zoo import picture
 from dinofeat.cli import main
+from dinofeat.eval.linear import attach_classifier
 
 PACKAGE = Path(dinofeat.__file__).resolve().parent
 
@@ -240,7 +241,7 @@ def _load_head(c: Ctx, p: Path):
 
 def _attach(c: Ctx, p: Path):
     import copy
-    return copy.deepcopy(c.model).attach_classifier(p)
+    return attach_classifier(copy.deepcopy(c.model), p)
 
 
 def _probe_data(c: Ctx):
@@ -540,7 +541,7 @@ def test_safetensors_wrong_dtype_or_shape_for_each_reader(tiny_model, tmp_path, 
     wide = tmp_path / "wide.safetensors"
     save_file({"linear.weight": torch.zeros(3, 100), "linear.bias": torch.zeros(3)}, str(wide))
     with pytest.raises(ValueError, match="wide.safetensors"):
-        tiny_model.attach_classifier(wide, n_last_blocks=1, avgpool=False)
+        tiny_attach_classifier(model, wide, n_last_blocks=1, avgpool=False)
     # whitening: projection of the wrong shape
     w = learn_whitening(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)))
     good = w.save(tmp_path / "w.safetensors")
