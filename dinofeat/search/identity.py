@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..features import FIELDS, FeatureSpec, IncompatibleFeaturesError, check_identities, describe_identity
+from ..features import (FIELDS, FeatureSpec, IncompatibleFeaturesError, describe_identity,
+                        identity_differences)
 
 __all__ = ["IncompatibleFeaturesError", "features_info", "as_info", "describe", "pool_of",
            "check_compatible", "embedding_identity", "embed_options", "load_model"]
@@ -64,9 +65,19 @@ def check_compatible(index_info: Mapping[str, Any] | None, query_info: Mapping[s
     """Raise :class:`IncompatibleFeaturesError` when two feature identities make different
     vectors: weights, preprocessing, pooling, normalisation, multi-scale averaging, the
     n-last-blocks/avgpool representation or whitening
-    (:func:`dinofeat.features.check_identities`). Nothing is checked when either side is
-    unknown."""
-    check_identities(index_info, query_info, what, where="this index")
+    (:func:`dinofeat.features.identity_differences`). Nothing is checked when either side
+    is unknown."""
+    diffs = [_INDEX_NAMES.get(d, d) for d in identity_differences(index_info, query_info)]
+    if diffs:
+        raise IncompatibleFeaturesError(
+            f"{what} come from a different feature space than this index ({', '.join(diffs)} "
+            f"differ): the {what} are from [{describe_identity(query_info or {})}], the index "
+            f"holds [{describe_identity(index_info or {})}]; embed them with the index's model "
+            "and settings")
+
+
+# the index format's names for two FeatureSpec fields (its headers predate the spec)
+_INDEX_NAMES = {"pool": "pooling", "normalize": "normalized"}
 
 
 def embedding_identity(model: Any, spec: FeatureSpec | None = None, *,
