@@ -76,6 +76,8 @@ class Sizes:
     nlocal: int = 10
     batch: int = 64
     out_dim: int = 65536
+    hidden: int = 2048           # projection head MLP width and bottleneck (the release's)
+    bottleneck: int = 256
     warmup: int = 3
     steps: int = 10
     photos: int = 64             # distinct 500x375 photos made for the loader parts
@@ -99,7 +101,7 @@ class Sizes:
 
 FULL = Sizes()
 DRY = Sizes(arch="vit_tiny", global_size=32, local_size=16, nlocal=2, batch=4, out_dim=256,
-            warmup=1, steps=1, photos=8, loader_steps=2, workers=1, small_crop=32,
+            hidden=64, bottleneck=32, warmup=1, steps=1, photos=8, loader_steps=2, workers=1, small_crop=32,
             small_local=16, small_out_dim=128, compile_batch=4, embed_images=8,
             embed_batch=4, bench_batch=4, attn_arch="vit_tiny", attn_size=64,
             fmnist_steps=2, fmnist_bank=200, fmnist_test=100)
@@ -191,9 +193,14 @@ def read_log(run_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------ train
 def release_step(S: Sizes, dev: torch.device) -> Callable[[list[torch.Tensor]], float]:
     """The original's training step in plain PyTorch (benchmarks/plain.py's modules)."""
-    from plain import build_plain_dino, dino_loss
+    from plain import PlainHead, build_plain_dino, dino_loss
     dims = {"vit_small": (384, 12, 6), "vit_tiny": (192, 12, 3)}[S.arch]
     student, teacher = build_plain_dino(*dims, S.patch, S.out_dim)
+    if (S.hidden, S.bottleneck) != (2048, 256):  # the dry run's small head
+        student.head = PlainHead(dims[0], S.out_dim, S.hidden, S.bottleneck)
+        teacher.head = PlainHead(dims[0], S.out_dim, S.hidden, S.bottleneck)
+        teacher.head.load_state_dict(student.head.state_dict())
+        teacher.head.requires_grad_(False)
     student.to(dev).train()
     teacher.to(dev)
     decay = [p for n, p in student.named_parameters() if not n.endswith(".bias") and p.ndim > 1]
@@ -237,6 +244,7 @@ def dinofeat_step(S: Sizes, dev: torch.device, precision: str):
     from dinofeat.training.optim import (build_optimizer, cancel_last_layer_gradients,
                                          clip_gradients, ema_update, param_groups)
     cfg = TrainConfig(arch=S.arch, patch_size=S.patch, out_dim=S.out_dim,
+                      hidden_dim=S.hidden, bottleneck_dim=S.bottleneck,
                       global_crop_size=S.global_size, local_crop_size=S.local_size,
                       local_crops_number=S.nlocal, batch_size_per_gpu=S.batch,
                       precision=precision, epochs=100)
@@ -338,13 +346,15 @@ def part_loader(S: Sizes, dev: torch.device, rec: Part, deadline: float, work: P
                 "loader_images_per_s_ceiling": nw * 1000 / ms})
     data = image_list(work, paths, S.batch * S.loader_steps)
     res = dinofeat.train(arch=S.arch, patch_size=S.patch, out_dim=S.out_dim,
+                         hidden_dim=S.hidden, bottleneck_dim=S.bottleneck,
                          global_crop_size=S.global_size, local_crop_size=S.local_size,
                          local_crops_number=S.nlocal, batch_size_per_gpu=S.batch,
                          precision="fp16", epochs=1, warmup_epochs=0, num_workers=nw,
                          log_every=1,
                          saveckp_freq=0, data=str(data), output_dir=str(work / "loader_run"),
                          device=str(dev), resume=False)
-    steps = [r for r in read_log(res.run_dir) if r.get("type") == "step"][2:]  # warm-up off
+    steps = [r for r in read_log(res.run_dir) if r.get("type") == "step"]
+    steps = steps[2:] or steps[-1:]  # the first two (warm-up) off when there are more
     if steps:
         rec.update({
             "images_per_s": statistics.median(r["images_per_s"] for r in steps),
@@ -358,7 +368,7 @@ def part_loader(S: Sizes, dev: torch.device, rec: Part, deadline: float, work: P
 def small_config(S: Sizes, data: Path, out: Path, **kw):
     from dinofeat.training import TrainConfig
     base = dict(arch=S.small_arch, patch_size=16, out_dim=S.small_out_dim,
-                global_crop_size=S.small_crop, local_crop_size=S.small_local,
+                hidden_dim=S.hidden, bottleneck_dim=S.bottleneck, global_crop_size=S.small_crop, local_crop_size=S.small_local,
                 local_crops_number=2, batch_size_per_gpu=8, epochs=2, warmup_epochs=1,
                 num_workers=min(2, workers(S)), log_every=1, saveckp_freq=0,
                 data=str(data), output_dir=str(out))
@@ -561,8 +571,9 @@ def part_fashion_mnist(S: Sizes, dev: torch.device, rec: Part, deadline: float,
     from dinofeat import demo
     from dinofeat.datasets import load_fashion_mnist
     from dinofeat.model import save_safetensors
-    xtr, ytr = load_fashion_mnist("train")
-    xte, yte = load_fashion_mnist("test")
+    root = os.environ.get("GPU_CHECK_FASHION_MNIST") or None
+    xtr, ytr = load_fashion_mnist("train", root)
+    xte, yte = load_fashion_mnist("test", root)
     mean, std = demo.fashion_mnist_stats(xtr)
     folder = demo.export_training_images(xtr[:S.fmnist_bank] if S is DRY else xtr,
                                          work / "fmnist_png")
@@ -671,6 +682,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=None, help="results JSON (default "
                     "benchmarks/results/gpu_check.json, gpu_check_dry_run.json with --dry-run)")
     ap.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--fashion-mnist", default=None, metavar="DIR",
+                    help="folder of the Fashion-MNIST .gz files (default: the Debian package's "
+                         "/usr/share/datasets/fashion-mnist, else data/fashion-mnist here)")
     ap.add_argument("--_child", nargs=3, metavar=("PART", "RESULT", "WORK"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -684,6 +698,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_part(name, S, dev, rec, BUDGET[name], Path(work), dry)
         return rec.data
 
+    fm = args.fashion_mnist
+    if fm is None and (ROOT / "data" / "fashion-mnist").is_dir() and \
+            not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        fm = str(ROOT / "data" / "fashion-mnist")
+    if fm:
+        os.environ["GPU_CHECK_FASHION_MNIST"] = fm  # read by the child processes too
     if not dry and not torch.cuda.is_available():
         ap.error("no CUDA GPU here: run with --dry-run to check the script on the CPU")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]

@@ -8,19 +8,50 @@ and the complete DINO training core::
     feats = model.embed("photos/")            # [N, 384]
 """
 
-from .search import KNNIndex
-from .attention import AttentionMaps
-from .images import ImageReadError, list_images, open_image
-from .model import DinoModel, load
-from .shortcuts import attention_maps, embed
-from .zoo import list_models
-from .training.loop import train  # dinofeat.train(config, **overrides): a plain function
-from .training.config import TrainConfig
-from . import eval  # the paper's evaluations: dinofeat.eval.knn_classify, compute_map...
-from . import accel  # the platform's fastest correct kernels (fast_inference...)
-from .export import OnnxModel, export_model
-from .features import FeatureSpec
-from .protocol import FeatureModel
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public names are imported on first use (PEP 562), so that ``import dinofeat`` and the
+# command line's ``--help`` do not pay for torch, torchvision and faiss until needed.
+_LAZY = {
+    "KNNIndex": ".search", "AttentionMaps": ".attention", "ImageReadError": ".images",
+    "list_images": ".images", "open_image": ".images", "DinoModel": ".model",
+    "load": ".model", "attention_maps": ".shortcuts", "embed": ".shortcuts",
+    "list_models": ".zoo", "train": ".training.loop", "TrainConfig": ".training.config",
+    "OnnxModel": ".export", "export_model": ".export", "FeatureSpec": ".features",
+    "FeatureModel": ".protocol",
+}
+_SUBMODULES = ("eval", "accel")  # dinofeat.eval.knn_classify, dinofeat.accel...
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from . import accel, eval  # noqa: F401
+    from .attention import AttentionMaps  # noqa: F401
+    from .export import OnnxModel, export_model  # noqa: F401
+    from .images import ImageReadError, list_images, open_image  # noqa: F401
+    from .features import FeatureSpec  # noqa: F401
+    from .protocol import FeatureModel  # noqa: F401
+    from .search import KNNIndex  # noqa: F401
+    from .model import DinoModel, load  # noqa: F401
+    from .shortcuts import attention_maps, embed  # noqa: F401
+    from .training.config import TrainConfig  # noqa: F401
+    from .training.loop import train  # noqa: F401
+    from .zoo import list_models  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'dinofeat' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
 
 from .version import __version__
 

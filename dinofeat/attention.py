@@ -131,8 +131,7 @@ class AttentionMaps:
             pictures += [(f"head{i:02d}_heatmap.png", colorize(self.heads[i])),
                          (f"head{i:02d}_overlay.png", overlay(self.image, self.heads[i])),
                          (f"head{i:02d}_mask.png", _mask_picture(self.image, self.masks[i]))]
-        strip = np.concatenate(list(self.masks), axis=1).astype(np.uint8) * 255
-        pictures.append(("masks.png", strip))
+        pictures.append(("masks.png", _mask_strip(self.masks)))
         written = []
         for name, arr in pictures:
             path = out / name
@@ -140,6 +139,22 @@ class AttentionMaps:
                 Image.fromarray(arr).save(tmp, format="PNG")
             written.append(path)
         return written
+
+
+def _mask_strip(masks: np.ndarray) -> np.ndarray:
+    """Every head's mask side by side, white on black, each under a band naming its head
+    (``head 0`` ... as in the ``headNN_*`` files), with a grey gap between heads."""
+    from PIL import ImageDraw
+    heads, h, w = masks.shape
+    band, gap = 14, 2
+    strip = Image.new("L", (heads * w + (heads - 1) * gap, band + h), 128)
+    draw = ImageDraw.Draw(strip)
+    for i, m in enumerate(masks):
+        x = i * (w + gap)
+        draw.rectangle([x, 0, x + w - 1, band - 1], fill=0)
+        draw.text((x + 2, 1), f"head {i}", fill=255)
+        strip.paste(Image.fromarray(m.astype(np.uint8) * 255), (x, band))
+    return np.asarray(strip)
 
 
 def _single_image(img: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -79,12 +79,12 @@ class EmbedStream:
     model: "FeatureModel"
     images: Any
     fn: Callable[[torch.Tensor], torch.Tensor]
-    preprocessing: Preprocessing | None = None
+    preprocessing: None | str | Preprocessing = None
     size: int | None = None
     batch_size: int = 64
     num_workers: int | None = None
     precision: str = "fp32"
-    device: torch.device | None = None
+    device: str | torch.device | None = None
     progress: bool | None = None
     skip_unreadable: bool | None = None
     desc: str = "embed"
@@ -120,7 +120,7 @@ class EmbedStream:
         return self.resolved.sources
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return (self.stop if self.stop is not None else len(self.resolved)) - self.start
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
@@ -225,6 +225,10 @@ def patch_fn(model: "FeatureModel", blocks: int | Sequence[int] | None = None, *
     many = blocks is not None and not isinstance(blocks, int)
     wanted = None if blocks is None else ([blocks] if isinstance(blocks, int) else list(blocks))
     if wanted is not None:
+        if depth is None:
+            raise TypeError(f"blocks={blocks!r} needs the model's blocks, which {model.name} "
+                            "does not expose (an ONNX export holds only the output tokens: "
+                            "use blocks=None, or the PyTorch weights)")
         if not wanted:
             raise ValueError("blocks= is an empty list")
         for b in wanted:
@@ -233,9 +237,13 @@ def patch_fn(model: "FeatureModel", blocks: int | Sequence[int] | None = None, *
                                  f"(use 0..{depth - 1} or negative indices)")
         wanted = [b % depth for b in wanted]
 
+    p = model.patch_size
+    if not p:
+        raise TypeError(f"patch features need a patch grid; {model.name} has none")
+
     def fn(x: torch.Tensor) -> torch.Tensor:
-        x = crop_to_patches(x, model.patch_size)
-        h, w = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
+        x = crop_to_patches(x, p)
+        h, w = x.shape[-2] // p, x.shape[-1] // p
         if wanted is None:
             toks = [model.forward_tokens(x)]
         else:
@@ -272,6 +280,7 @@ def embed(model: "FeatureModel", images: Any, spec: FeatureSpec | None = None, *
     position) of every row."""
     stream = iter_embed(model, images, spec, **options)
     keys, feats = collect(stream)
-    if feats is None:
-        feats = torch.zeros(0, stream.spec.dim(model))
+    if feats is None:  # no readable image: an empty matrix of the right width
+        feats = torch.zeros(0, FeatureSpec.from_options(spec, **{
+            k: v for k, v in options.items() if k not in RUN_OPTIONS}).dim(model))
     return (feats, keys) if return_keys else feats

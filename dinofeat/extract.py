@@ -342,7 +342,8 @@ def extract_to_shards(model: "DinoModel", images: Any, shard_dir: str | os.PathL
     finally:
         bar.close()
     if skipped_total:
-        log.warning("rank %d: skipped %d unreadable image(s) of %d", rank, skipped_total, total)
+        log.warning("%sskipped %d unreadable image(s) of %d",  # rank only when several
+                    f"rank {rank}: " if world_size > 1 else "", skipped_total, total)
     return {"config_id": cid, **config}
 
 

@@ -93,13 +93,11 @@ def crop_to_patches(x: torch.Tensor, patch_size: int | None) -> torch.Tensor:
 def multiscale_features(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                         scales: Sequence[float] = MULTISCALE_FACTORS) -> torch.Tensor:
     """Average of ``fn`` over bilinear rescalings of ``x`` by ``scales``."""
-    total = None
-    for s in scales:
-        xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear",
-                                            align_corners=False)
-        f = fn(xs).float()
-        total = f if total is None else total + f
-    return total / len(scales)
+    if not scales:
+        raise ValueError("multiscale_features needs at least one scale")
+    feats = [fn(x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear",
+                                               align_corners=False)).float() for s in scales]
+    return torch.stack(feats).mean(dim=0)
 
 
 def resolve_preprocessing(model: Any, preprocessing: None | str | Preprocessing
@@ -136,8 +134,9 @@ def _preprocessing_from(value: Any) -> None | str | Preprocessing:
     if value is None or isinstance(value, (str, Preprocessing)):
         return value
     if isinstance(value, Mapping):
-        return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in value.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in value.items()}
+        return Preprocessing(**fields)
     raise TypeError(f"preprocessing must be None, 'dino', 'whole', a Preprocessing or its "
                     f"dict, got {type(value).__name__}")
 
@@ -394,7 +393,7 @@ def check_identities(expected: Mapping[str, Any] | None, got: Mapping[str, Any] 
     """Raise :class:`IncompatibleFeaturesError` when ``got`` (the identity of new
     features) differs from ``expected`` (what ``where`` holds), naming the keys."""
     diffs = identity_differences(expected, got)
-    if diffs:
+    if diffs and expected and got:
         raise IncompatibleFeaturesError(
             f"{what} come from a different feature space than {where} ({', '.join(diffs)} "
             f"differ): the {what} are from [{describe_identity(got)}], {where} holds "

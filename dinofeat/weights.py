@@ -25,14 +25,35 @@ import hashlib
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from .zoo import ModelSpec
+
+
+class _LazyTorch:
+    """torch, imported on first use: ``dinofeat models`` lists the local copies of the
+    weights (paths only) without paying for ``import torch``."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torch as module
+        return getattr(module, name)
+
+
+torch: Any = sys.modules.get("torch") or _LazyTorch()
+
+
+def _torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()``; computed as torch does ($TORCH_HOME/hub, else
+    $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub) while torch is not imported."""
+    if "torch" in sys.modules:
+        return Path(sys.modules["torch"].hub.get_dir())
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+    return Path(os.path.expanduser(home)) / "hub"
 
 __all__ = [
     "WeightsNotFoundError",
@@ -226,7 +247,7 @@ def local_weights(spec: ModelSpec, cache_dir: str | os.PathLike | None = None) -
         if isinstance(hit, str):
             return Path(hit)
     if spec.backbone_url:
-        target = Path(torch.hub.get_dir()) / "checkpoints" / spec.backbone_url.rsplit("/", 1)[-1]
+        target = _torch_hub_dir() / "checkpoints" / spec.backbone_url.rsplit("/", 1)[-1]
         if target.is_file():
             return target
     return None

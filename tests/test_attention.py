@@ -111,8 +111,14 @@ def test_save_writes_pngs_that_open(tiny_vit, make_image, tmp_path):
         with Image.open(p) as im:
             im.load()
             assert im.format == "PNG"
-            if p.name == "masks.png":
-                assert im.size == (48 * maps.num_heads, 32)
+            if p.name == "masks.png":  # masks side by side, 2-px gaps, a 14-px label band
+                h = maps.num_heads
+                assert im.size == (48 * h + 2 * (h - 1), 14 + 32)
+                strip = np.asarray(im)
+                for i in range(h):  # each head's band carries its (white) label
+                    assert strip[:14, i * 50:i * 50 + 48].max() > 128
+                    assert (strip[14:, i * 50:i * 50 + 48] > 0).mean() == pytest.approx(
+                        maps.masks[i].mean())
             else:
                 assert im.size == (48, 32)  # 50 x 40 cropped to 48 x 32
     assert {"image.png", "mean_overlay.png", "head00_heatmap.png", "head02_mask.png"} <= {

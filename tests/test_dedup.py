@@ -301,7 +301,7 @@ def test_dedup_cli(collection, tmp_path, capsys):
     from dinofeat.model import save_safetensors
     root, expected = collection
     weights = save_safetensors(_tiny_model(), tmp_path / "tiny.safetensors")
-    code = main(["dedup", str(root), "--weights", str(weights), "--threshold",
+    code = main(["dedup", str(root), "--model", str(weights), "--threshold",
                  str(RANDOM_MODEL_THRESHOLD), "--out", str(tmp_path / "g.csv"), "--html",
                  str(tmp_path / "r.html"), "--num-workers", "0", "--no-progress"])
     out = capsys.readouterr().out

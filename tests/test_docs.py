@@ -2,7 +2,7 @@
 page, no docstring the API reference cannot parse) and has its main pages.
 
 Needs the ``docs`` extra (``scripts/test.sh`` installs it); skipped without it. The build
-runs docs/hooks.py, which regenerates docs/cli.md (git-ignored) from ``dinofeat --help``.
+runs docs/hooks.py, which refreshes docs/cli.md (committed) from ``dinofeat --help``.
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ def page(site: Path, name: str) -> str:
 
 def test_home_and_guides_exist(site):
     assert "dinofeat" in page(site, "")
-    for name in ("concepts", "examples", "weights", "search", "training", "evaluation",
-                 "performance", "benchmarks", "reliability", "comparison"):
+    for name in ("concepts", "architecture", "examples", "weights", "search", "training",
+                 "evaluation", "performance", "benchmarks", "reliability", "comparison"):
         page(site, name)
 
 
 def test_api_reference_is_generated_from_docstrings(site):
     html = page(site, "api")
-    for name in ("dinofeat.load", "KNNIndex", "attention_maps", "knn_classify"):
+    for name in ("dinofeat.load", "KNNIndex", "attention_maps", "knn_classify", "FeatureSpec",
+                 "FeatureModel"):
         assert name in html, f"the API page does not document {name}"
 
 

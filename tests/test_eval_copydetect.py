@@ -134,8 +134,8 @@ def test_cli_copydetect_whitening_saved_and_reused(tmp_path, capsys):
     weights = _tiny_model_file(tmp_path)
     root = tmp_path / "copydays"
     _copydays(root)
-    common = ["--weights", str(weights), "--device", "cpu", "--no-progress", "--num-workers",
-              "0", "--imsize", "32"]
+    common = ["--model", str(weights), "--device", "cpu", "--no-progress", "--num-workers",
+              "0", "--size", "32"]
     out = tmp_path / "cd.json"
     rc = main(["eval", "copydetect", "--data-root", str(root), "--distractors",
                str(root / "distractors"), "--save-whitening", str(tmp_path / "wh.safetensors"),

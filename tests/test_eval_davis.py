@@ -240,8 +240,8 @@ def test_cli_davis_writes_masks_and_scores(tmp_path, capsys):
     (root / "ImageSets" / "2017").mkdir(parents=True)
     (root / "ImageSets" / "2017" / "val.txt").write_text("square\nsquare2\n")
     out = tmp_path / "masks"
-    rc = main(["eval", "davis", "--data-root", str(root), "--output", str(out),
-               "--weights", str(weights), "--short-side", "64", "--no-progress",
+    rc = main(["eval", "davis", "--data-root", str(root), "--out", str(out),
+               "--model", str(weights), "--short-side", "64", "--no-progress",
                "--device", "cpu"])
     assert rc == 0
     assert "J&F" in capsys.readouterr().out

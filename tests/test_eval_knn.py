@@ -153,8 +153,8 @@ def test_cli_knn_matches_api_and_caches(tmp_path, capsys):
     _image_tree(tmp_path / "val", 2, seed=2)
     (tmp_path / "train" / "red" / "broken.png").write_bytes(b"not a png")
     cache, out = tmp_path / "cache", tmp_path / "knn.json"
-    argv = ["eval", "knn", "--weights", str(weights), "--train", str(tmp_path / "train"),
-            "--val", str(tmp_path / "val"), "--k", "1", "3", "20", "--cache-dir", str(cache),
+    argv = ["eval", "knn", "--model", str(weights), "--train", str(tmp_path / "train"),
+            "--val", str(tmp_path / "val"), "-k", "1", "3", "20", "--cache-dir", str(cache),
             "--out", str(out), "--no-progress", "--num-workers", "0", "--device", "cpu"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -200,11 +200,11 @@ def test_cli_knn_user_errors(tmp_path, capsys):
     weights = tmp_path / "never-loaded.safetensors"  # folders are checked first
     _image_tree(tmp_path / "train", 1, seed=1)
     (tmp_path / "val" / "cats").mkdir(parents=True)
-    rc = main(["eval", "knn", "--weights", str(weights), "--train", str(tmp_path / "train"),
+    rc = main(["eval", "knn", "--model", str(weights), "--train", str(tmp_path / "train"),
                "--val", str(tmp_path / "val"), "--no-cache"])
     assert rc == 2
     assert "cats" in capsys.readouterr().err
-    rc = main(["eval", "knn", "--weights", str(weights), "--train", str(tmp_path / "nope"),
+    rc = main(["eval", "knn", "--model", str(weights), "--train", str(tmp_path / "nope"),
                "--val", str(tmp_path / "val"), "--no-cache"])
     assert rc == 2 and "no such folder" in capsys.readouterr().err
 

@@ -204,17 +204,17 @@ def test_cli_linear_train_then_evaluate(tmp_path, capsys):
     weights = _tiny_model_file(tmp_path)
     _tree(tmp_path / "train", 4, 0)
     _tree(tmp_path / "val", 2, 1)
-    common = ["--weights", str(weights), "--device", "cpu", "--no-progress",
+    common = ["--model", str(weights), "--device", "cpu", "--no-progress",
               "--num-workers", "0"]
     rc = main(["eval", "linear", "--train", str(tmp_path / "train"), "--val",
-               str(tmp_path / "val"), "--output", str(tmp_path / "run"), "--epochs", "2",
+               str(tmp_path / "val"), "--out", str(tmp_path / "run"), "--epochs", "2",
                "--batch-size", "4", "--precompute"] + common)
     assert rc == 0
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     # ViT-S-like default for dims < 768: the last 4 blocks, here all 2 there are.
     assert res["config"]["n_last_blocks"] == 2
     rc = main(["eval", "linear", "--val", str(tmp_path / "val"), "--evaluate",
-               str(tmp_path / "run" / "linear_head.safetensors"), "--output",
+               str(tmp_path / "run" / "linear_head.safetensors"), "--out",
                str(tmp_path / "ev")] + common)
     assert rc == 0
     ev = json.loads((tmp_path / "ev" / "results.json").read_text())

@@ -201,7 +201,7 @@ def test_cli_retrieval_matches_api(tmp_path, capsys):
     (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(cfg, protocol=2))
     out = tmp_path / "ret.json"
     rc = main(["eval", "retrieval", "--dataset", "roxford5k", "--data-root",
-               str(tmp_path / "data"), "--imsize", "48", "--weights", str(weights),
+               str(tmp_path / "data"), "--size", "48", "--model", str(weights),
                "--out", str(out), "--no-progress", "--num-workers", "0", "--device", "cpu"])
     assert rc == 0
     assert "medium" in capsys.readouterr().out

@@ -144,11 +144,11 @@ def test_cli_export(tiny_vit, tmp_path, capsys):
     weights = tmp_path / "tiny.safetensors"
     save_safetensors(tiny_vit, weights)
     out = tmp_path / "m.onnx"
-    assert main(["export", "--weights", str(weights), "--out", str(out), "--attention",
+    assert main(["export", "--model", str(weights), "--out", str(out), "--attention",
                  "--check-size", "32", "--check-size", "64"]) == 0
     text = capsys.readouterr().out
     assert "cls_attention" in text and "max abs difference" in text and out.is_file()
     assert "1x3x64x80" in text
-    assert main(["export", "--weights", str(weights), "--out", str(tmp_path / "m.pt"),
+    assert main(["export", "--model", str(weights), "--out", str(tmp_path / "m.pt"),
                  "--format", "onnx"]) == 2
     assert "must end in .onnx" in capsys.readouterr().err

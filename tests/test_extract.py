@@ -135,7 +135,7 @@ def test_two_processes_under_torchrun(tmp_path, tiny_vit, photos, weights):
     out = tmp_path / "two.safetensors"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "dinofeat", "embed", str(photos), "--weights", str(weights), "--out",
+           "2", "-m", "dinofeat", "embed", str(photos), "--model", str(weights), "--out",
            str(out), "--shard-size", "2", "--batch-size", "2", "--num-workers", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
                           cwd=tmp_path)
@@ -152,7 +152,7 @@ def test_two_processes_under_torchrun(tmp_path, tiny_vit, photos, weights):
 # ---------------------------------------------------------------------------- CLI
 def test_cli_embed(tmp_path, tiny_vit, photos, weights, capsys):
     out = tmp_path / "f.npy"
-    rc = main(["embed", str(photos), "--weights", str(weights), "--out", str(out),
+    rc = main(["embed", str(photos), "--model", str(weights), "--out", str(out),
                "--pool", "cls+gem", "--batch-size", "3", "--shard-size", "4", "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
@@ -168,7 +168,7 @@ def test_cli_embed(tmp_path, tiny_vit, photos, weights, capsys):
 def test_cli_attn(tmp_path, weights, make_image, capsys):
     img = tmp_path / "photo.jpg"
     make_image(50, 70).save(img)
-    rc = main(["attn", str(img), "--weights", str(weights), "--out", str(tmp_path / "a"),
+    rc = main(["attn", str(img), "--model", str(weights), "--out", str(tmp_path / "a"),
                "--size", "64", "--threshold", "0.5"])
     assert rc == 0
     text = capsys.readouterr().out
@@ -178,13 +178,13 @@ def test_cli_attn(tmp_path, weights, make_image, capsys):
 
 def test_cli_errors(tmp_path, weights, photos, capsys):
     cases = [
-        (["embed", str(photos), "--weights", str(weights), "--out", str(tmp_path / "x.txt")],
+        (["embed", str(photos), "--model", str(weights), "--out", str(tmp_path / "x.txt")],
          ".safetensors or .npy"),
-        (["embed", str(tmp_path / "nope"), "--weights", str(weights), "--out",
+        (["embed", str(tmp_path / "nope"), "--model", str(weights), "--out",
           str(tmp_path / "x.npy")], "no such image file or folder"),
-        (["attn", str(tmp_path / "nope.jpg"), "--weights", str(weights), "--out",
+        (["attn", str(tmp_path / "nope.jpg"), "--model", str(weights), "--out",
           str(tmp_path / "a")], "nope.jpg"),
-        (["embed", str(photos), "--weights", str(tmp_path / "missing.pth"), "--out",
+        (["embed", str(photos), "--model", str(tmp_path / "missing.pth"), "--out",
           str(tmp_path / "x.npy")], "missing.pth"),
     ]
     for argv, msg in cases:

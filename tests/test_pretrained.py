@@ -375,11 +375,11 @@ def test_no_network_fails_fast_in_one_line(tmp_path, how):
              "    print(f'{{time.monotonic() - t0:.2f}}')\nsys.exit(rc)")
     out = str(tmp_path / "f.npy")
     if how == "cli-hub-name":
-        code = pre + "\n" + timed.format(call=f"main(['embed', {str(img)!r}, '--weights', "
+        code = pre + "\n" + timed.format(call=f"main(['embed', {str(img)!r}, '--model', "
                                                 f"'hf-hub:org/absent', '--out', {out!r}])")
     elif how == "cli-zoo":
         code = pre + zoo_patch + "\n" + timed.format(
-            call=f"main(['embed', {str(img)!r}, '--arch', 'vit_s16', '--out', {out!r}])")
+            call=f"main(['embed', {str(img)!r}, '--model', 'vit_s16', '--out', {out!r}])")
     else:
         code = pre + zoo_patch + "\n" + timed.format(call="dinofeat.load('vit_s16')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

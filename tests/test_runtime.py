@@ -196,3 +196,17 @@ def test_inference_on_cuda_is_ieee_fp32_inside_and_restored_after(restore_cuda_f
         assert torch.backends.cudnn.conv.fp32_precision == "ieee"
         assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # the user's setting is back
+
+
+def test_cli_features_take_this_process_gpu_under_srun(env, fake_gpus):
+    import argparse
+
+    from dinofeat.cli.common import features_device
+    fake_gpus(4)
+    env(RANK=5, WORLD_SIZE=8)  # no LOCAL_RANK: srun / mpirun
+    args = argparse.Namespace(device=None)
+    features_device(args)
+    assert args.device == "cuda:1"
+    args = argparse.Namespace(device="cpu")
+    features_device(args)
+    assert args.device == "cpu"  # an explicit choice is kept

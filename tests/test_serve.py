@@ -44,7 +44,7 @@ def collection(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(collection):
-    srv = Server(collection["index"], "--weights", str(collection["weights"]))
+    srv = Server(collection["index"], "--model", str(collection["weights"]))
     yield srv
     srv.stop()
 
@@ -350,7 +350,7 @@ def test_searches_during_index_add_see_old_or_new_index(collection, tmp_path):
         env = dict(os.environ, PYTHONPATH=str(REPO))
         add = subprocess.run([sys.executable, "-m", "dinofeat", "index", "add", str(index),
                               str(tmp_path / "new"), "--labels-from-folders",
-                              "--weights", str(collection["weights"]),
+                              "--model", str(collection["weights"]),
                               "--no-progress"], env=env, capture_output=True, text=True,
                              timeout=300, check=False)
         assert add.returncode == 0, add.stderr

@@ -33,7 +33,7 @@ from _serve import Server, build_index
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-browser")
     index, weights, photos = build_index(root, n=16)
-    srv = Server(index, "--weights", str(weights))
+    srv = Server(index, "--model", str(weights))
     yield srv, photos, root
     srv.stop()
 

@@ -721,7 +721,7 @@ def test_argparse_generation():
     help_text = parser.format_help()
     assert "--momentum-teacher" in help_text and "(default: 0.996)" in help_text
     args = parser.parse_args(["--arch", "vit_tiny", "--patch_size", "8", "--no-norm-last-layer",
-                              "--global-crops-scale", "0.14", "1", "--output", "runs/x",
+                              "--global-crops-scale", "0.14", "1", "--out", "runs/x",
                               "--max-iters-per-epoch", "4", "--collapse", "sinkhorn"])
     cfg = TrainConfig.from_args(args)
     assert (cfg.arch, cfg.patch_size, cfg.norm_last_layer, cfg.global_crops_scale,

@@ -475,22 +475,23 @@ def test_cli_train_runs_and_help_lists_every_option(image_dir, tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
+    from dinofeat.training.config import cli_option
     for name in TrainConfig.__dataclass_fields__:
-        assert f"--{name.replace('_', '-')}" in help_text, name
+        assert cli_option(name) in help_text, name
     assert "(default: 0.996)" in help_text and "--preset" in help_text
 
     out = tmp_path / "cli_run"
-    rc = main(["train", "--arch", "vit_tiny16", "--data", str(image_dir), "--output", str(out),
+    rc = main(["train", "--arch", "vit_tiny16", "--data", str(image_dir), "--out", str(out),
                "--out-dim", "64", "--hidden-dim", "64", "--bottleneck-dim", "32",
                "--global-crop-size", "32", "--local-crop-size", "16",
-               "--local-crops-number", "2", "--batch-size-per-gpu", "8", "--epochs", "1",
+               "--local-crops-number", "2", "--batch-size", "8", "--epochs", "1",
                "--warmup-epochs", "0", "--max-iters-per-epoch", "1", "--num-workers", "0",
                "--precision", "fp32"])
     assert rc == 0
-    assert "1 epochs, 1 steps" in capsys.readouterr().out
+    assert "1 epoch, 1 step" in capsys.readouterr().out
     assert load_checkpoint(out / "checkpoint.pth")["config"]["batch_size_per_gpu"] == 8
 
-    assert main(["train", "--data", str(tmp_path / "missing"), "--output", str(out),
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(out),
                  "--epochs", "1", "--warmup-epochs", "0"]) == 2
     assert "training data not found" in capsys.readouterr().err
 

@@ -15,6 +15,7 @@ import sys
 from typing import Sequence
 
 from .common import Parser, UserError
+from .output import install_output, safe
 
 __all__ = ["main", "build_parser", "UserError", "VERBS"]
 
@@ -36,7 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in VERBS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
+    _finish_verbs(parser)
     return parser
+
+
+def _finish_verbs(parser: argparse.ArgumentParser) -> None:
+    """Every verb's parser accepts ``--debug`` too (before or after the verb) and records
+    itself, so that late errors point to that verb's own ``--help``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for verb in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                  help="show full tracebacks instead of one-line errors")
+                verb.set_defaults(verb_parser=verb)
+                _finish_verbs(verb)
 
 
 def _paths_safe_output() -> None:
@@ -59,12 +73,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     _paths_safe_output()
+    streams = install_output()
+    try:
+        return _parse_and_run(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _parse_and_run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    verb = getattr(args, "verb_parser", parser)
+    if extra:
+        verb.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2 if not argv else 0
+    see = f" (see '{verb.prog} --help')"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -75,13 +101,14 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.debug:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"dinofeat: error: {msg}", file=sys.stderr)
+        print(safe(f"dinofeat: error: {msg}") + (see if isinstance(e, UserError) else ""),
+              file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a failure, not a user mistake: still one line
         if args.debug:
             raise
-        print(f"dinofeat: error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(safe(f"dinofeat: error: {type(e).__name__}: {e}") + " (run with --debug for "
+              "the traceback)", file=sys.stderr)
         return 1
 
 

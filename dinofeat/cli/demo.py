@@ -10,7 +10,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     res = run_demo(args.out, steps=args.steps, train_images=args.train_images,
                    bank=args.bank, test=args.test, queries=args.queries,
                    threads=args.threads, seed=args.seed, data_root=args.data,
-                   compare_shipped=not args.no_shipped, progress=not args.no_progress)
+                   compare_shipped=not args.no_shipped, progress=args.progress)
     print(res.summary())
     print(f"wrote {res.out_dir}/: neighbours.png, attention/, model.safetensors, train.idx, "
           f"results.json ({res.total_seconds / 60:.1f} min in all)")
@@ -46,5 +46,6 @@ def register(sub) -> None:
                         "/usr/share/datasets/fashion-mnist or $DINOFEAT_FASHION_MNIST)")
     d.add_argument("--no-shipped", action="store_true",
                    help="do not also score the shipped vit_t_fmnist model")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
     d.set_defaults(func=_cmd_demo)

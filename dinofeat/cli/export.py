@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UserError, load_model_arg, model_args_fixup
+from .common import UserError, add_model_args, load_model_arg, model_args_fixup
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -51,9 +51,5 @@ def register(sub) -> None:
     p.add_argument("--check-size", type=int, action="append", default=None, metavar="PX",
                    help="image size for the parity check (repeatable; default: the "
                         "model's crop size and a larger non-square one)")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default=None, help="zoo model name (default vit_s16); with "
-                   "--weights, the architecture of the file")
-    g.add_argument("--weights", default=None, metavar="PATH",
-                   help="weights file or training run folder instead of a zoo model")
-    p.set_defaults(default_arch="vit_s16", func=model_args_fixup(_cmd_export))
+    add_model_args(p, "vit_s16", running=False)
+    p.set_defaults(func=model_args_fixup(_cmd_export))

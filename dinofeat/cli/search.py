@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (UserError, add_model_args, embed_run_options,
-                     features_device, load_model_arg, model_args_fixup, rank)
+from .common import (LibraryDefault, UserError, add_deprecated, add_model_args,
+                     embed_run_options,
+                     features_device, load_model_arg, model_args_fixup, rank,
+                     resolve_default, resolve_model_args)
+from .output import plural
 
 
 def _print_add_report(report, index, out) -> None:
-    print(f"{out}: {report}; {len(index)} items in the index ({report.seconds:.1f} s)")
-    for path, reason in report.unreadable[:5]:
-        print(f"  unreadable: {path}: {reason}")
-    if len(report.unreadable) > 5:
-        print(f"  ... and {len(report.unreadable) - 5} more unreadable files")
-
-
+    # Unreadable files were each named once on stderr as they were met.
+    print(f"{out}: {report}; {plural(len(index), 'item')} in the index "
+          f"({report.seconds:.1f} s)")
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
@@ -45,18 +44,27 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     if index.build_state.get("last_add") and rank() == 0:
         print(f"{args.out}: {index.build_state['last_add']}; {len(index)} items "
               f"({index.resolved_factory}, {index.dim}-d, {model.name}, pool={args.pool})")
-        unreadable = index.build_state.get("unreadable") or []
-        for path, reason in unreadable[:5]:
-            print(f"  unreadable: {path}: {reason}")
     return 0
 
 
+def index_model_args(q) -> None:
+    """``--model PATH``: the weights an index was built with, when the recorded file moved."""
+    g = q.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="the index's model, if the weights file recorded at build time "
+                        "moved (default: the one recorded in the index)")
+    add_deprecated(g, "--weights", new="--model", dest="weights_alias")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA "
+                   "when available)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast precision (default fp32)")
 
 
 def _index_model(index, args: argparse.Namespace):
-    """The model an index was built with (``--weights`` if given), errors naming it."""
+    """The model an index was built with (``--model`` if given), errors naming it."""
+    resolve_model_args(args, default="")
     try:
-        return index.load_model(args.weights, device=args.device)
+        return index.load_model(args.model or None, device=args.device)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{args.index}: {e}") from None
 
@@ -192,12 +200,13 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     from ..search.dedup import dedup_folder
     if not Path(args.folder).exists():
         raise FileNotFoundError(f"no such image folder: {args.folder}")
+    args.threshold = resolve_default(args.threshold)
     if not -1 <= args.threshold <= 1:
         raise UserError("--threshold is a cosine similarity between -1 and 1")
     if args.out and Path(args.out).suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--out must end in .json or .csv, got {args.out}")
     if args.k is not None and args.k < 1:
-        raise UserError("--k must be at least 1 (or left out: all pairs)")
+        raise UserError("-k must be at least 1 (or left out: all pairs)")
     features_device(args)
     model = load_model_arg(args)
     opts = embed_run_options(args)
@@ -205,16 +214,24 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
         opts["size"] = args.size
     if args.preprocessing:
         opts["preprocessing"] = args.preprocessing
-    result = dedup_folder(args.folder, model, args.threshold, pool=args.pool,
-                          whitening=args.whitening, k=args.k, factory=args.factory,
-                          out=args.out, html_path=args.html, **opts)
+    # The library logs its summary too; the command prints it once, on stdout.
+    import logging
+    dedup_log = logging.getLogger("dinofeat.dedup")
+    level = dedup_log.level
+    dedup_log.setLevel(logging.WARNING)
+    try:
+        result = dedup_folder(args.folder, model, args.threshold, pool=args.pool,
+                              whitening=args.whitening, k=args.k, factory=args.factory,
+                              out=args.out, html_path=args.html, **opts)
+    finally:
+        dedup_log.setLevel(level)
     print(result)
     for n, g in enumerate(result.groups[:args.show], 1):
         print(f"group {n}: keep {g.keep}")
         for p, s in zip(g.paths[1:], g.similarity[1:]):
             print(f"    {s:.4f}  {p}")
     if len(result.groups) > args.show:
-        print(f"... {len(result.groups) - args.show} more groups")
+        print(f"... {plural(len(result.groups) - args.show, 'more group')}")
     for what, path in (("groups", args.out), ("review page", args.html)):
         if path:
             print(f"{what} written to {path}")
@@ -223,7 +240,6 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """index build/add/info, search, dedup (issue: index)."""
-    from ..search.dedup import DEFAULT_THRESHOLD
 
     def running(q, checkpoint: bool = True) -> None:
         g = q.add_argument_group("running")
@@ -282,10 +298,7 @@ def register(sub) -> None:
                         "hold yet (by content hash) with the index's own model and options.")
     q.add_argument("index", help="index folder")
     q.add_argument("folder", help="image folder (recursive) or file")
-    q.add_argument("--weights", default=None, metavar="PATH",
-                   help="the model's weights, if the file recorded at build time moved")
-    q.add_argument("--device", default=None)
-    q.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    index_model_args(q)
     q.add_argument("--labels-from-folders", action="store_true")
     running(q)
     q.set_defaults(func=_cmd_index_add)
@@ -303,11 +316,9 @@ def register(sub) -> None:
     q.add_argument("index", help="index folder")
     q.add_argument("queries", nargs="+", metavar="query", help="query image file(s)")
     q.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    add_deprecated(q, "--k", new="-k", dest="k", type=int)
     q.add_argument("--json", action="store_true", help="print JSON")
-    q.add_argument("--weights", default=None, metavar="PATH",
-                   help="the model's weights, if the file recorded at build time moved")
-    q.add_argument("--device", default=None)
-    q.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    index_model_args(q)
     q.add_argument("--batch-size", type=int, default=16)
     q.set_defaults(func=_cmd_search)
 
@@ -318,8 +329,9 @@ def register(sub) -> None:
         "connected components. Writes the groups as JSON or CSV and an HTML page with "
         "thumbnails to review. The threshold depends on the model: check the page.")
     q.add_argument("folder", help="image folder (recursive)")
-    q.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"cosine similarity linking two images (default {DEFAULT_THRESHOLD})")
+    q.add_argument("--threshold", type=float,
+                   default=LibraryDefault("..search.dedup", "DEFAULT_THRESHOLD"),
+                   help="cosine similarity linking two images (default %(default)s)")
     q.add_argument("--out", default=None, help="groups file, .json or .csv")
     q.add_argument("--html", default=None, help="review page with thumbnails, e.g. report.html")
     q.add_argument("--whitening", default=None, metavar="FILE",
@@ -327,10 +339,11 @@ def register(sub) -> None:
     q.add_argument("--pool", choices=("cls", "gem", "cls+gem"), default="cls+gem")
     q.add_argument("--size", type=int, default=None)
     q.add_argument("--preprocessing", choices=("dino", "whole"), default=None)
-    q.add_argument("--k", type=int, default=None,
+    q.add_argument("-k", type=int, default=None,
                    help="approximate: link only among each image's K nearest neighbours "
                         "(large collections); default: all pairs, exactly")
-    q.add_argument("--factory", default="Flat", help="faiss index for --k (default Flat)")
+    add_deprecated(q, "--k", new="-k", dest="k", type=int)
+    q.add_argument("--factory", default="Flat", help="faiss index for -k (default Flat)")
     q.add_argument("--show", type=int, default=10, help="groups to print (default 10)")
     add_model_args(q, "vit_s16")
     running(q, checkpoint=False)

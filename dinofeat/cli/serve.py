@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UserError
+from .common import UserError, add_deprecated
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         require_serve_extra()
     except ImportError as e:
         raise UserError(str(e)) from None
-    serve(args.index, host=args.host, port=args.port, weights=args.weights, device=args.device,
+    serve(args.index, host=args.host, port=args.port, weights=args.model, device=args.device,
           max_upload_mb=args.max_upload_mb, workers=args.workers)
     return 0
 
@@ -43,10 +43,11 @@ def register(sub) -> None:
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 "
                         "exposes it to the network without authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--weights", "--model", dest="weights", default=None, metavar="PATH",
+    p.add_argument("--model", default=None, metavar="PATH",
                    help="the index's model: a weights file or zoo name (needed when the index "
                         "records a weights file outside its folder; its weights hash must "
                         "match the index's)")
+    add_deprecated(p, "--weights", new="--model", dest="model")
     p.add_argument("--device", default=None, help="where to run the model (default: CUDA "
                    "if available, else CPU)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",

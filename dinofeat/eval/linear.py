@@ -80,7 +80,8 @@ def linear_spec(n_last_blocks: int = 1, avgpool: bool = False, layout: str | Non
 
 def linear_feature_dim(embed_dim: int, n_last_blocks: int, avgpool: bool, is_vit: bool = True
                        ) -> int:
-    """Width of :func:`linear_features`: ``D x (n + avgpool)`` for ViTs, ``D`` otherwise."""
+    """Width of :func:`linear_features`: ``D x (n + avgpool)`` for ViTs, ``D`` otherwise
+    (with a model at hand, ``linear_spec(n, avgpool).dim(model)`` says the same)."""
     return embed_dim * (n_last_blocks + int(avgpool)) if is_vit else embed_dim
 
 
@@ -153,8 +154,7 @@ class LinearProbe(nn.Module):
 
     def check_model(self, model) -> None:
         """Raise a clear ``ValueError`` when ``model``'s features cannot feed this head."""
-        dim = linear_feature_dim(model.embed_dim, self.n_last_blocks, self.avgpool,
-                                 getattr(model, "is_vit", True))
+        dim = self.spec.dim(model)
         if dim != self.in_dim:
             raise ValueError(f"linear head expects {self.in_dim}-dim features but "
                              f"{getattr(model, 'name', 'the model')} gives {dim} with "
@@ -450,8 +450,7 @@ def train_linear_probe(model: Any, train: LabeledImages, val: LabeledImages | No
                                                 device=device, progress=progress)
     else:
         torch.manual_seed(cfg.seed)
-        in_dim = linear_feature_dim(model.embed_dim, cfg.n_last_blocks, cfg.avgpool,
-                                    model.is_vit)
+        in_dim = linear_spec(cfg.n_last_blocks, cfg.avgpool).dim(model)
         clf = LinearClassifier(in_dim, num_classes).to(device)
         opt, sched = _optimizer(clf, cfg)
         history: list[dict] = []
@@ -464,7 +463,7 @@ def train_linear_probe(model: Any, train: LabeledImages, val: LabeledImages | No
                     cfg.n_last_blocks, cfg.avgpool, cfg.epochs) or \
                     ck["state_dict"]["linear.weight"].shape != clf.linear.weight.shape:
                 raise ValueError(f"{ckpt_path} belongs to a run with other settings "
-                                 f"({saved}); use another --output folder")
+                                 f"({saved}); use another --out folder")
             clf.load_state_dict(ck["state_dict"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])

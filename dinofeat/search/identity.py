@@ -113,7 +113,7 @@ def load_model(info: Mapping[str, Any] | None, weights: str | os.PathLike | None
 
     A recorded source outside the folder is not followed: an index folder may come from
     someone else, and its header must not make dinofeat read files elsewhere. The error
-    names the file to pass as ``weights`` (``--weights``) instead."""
+    names the file to pass as ``weights`` (``--model`` on the command line) instead."""
     from ..model import load
     from ..utils import UnsafePathError, resolve_inside
     from ..zoo import MODELS
@@ -136,16 +136,16 @@ def load_model(info: Mapping[str, Any] | None, weights: str | os.PathLike | None
         raise FileNotFoundError(
             f"this index was built with the weights file {source} (model.source in its "
             "index.json), which is outside the index folder and is not loaded without your "
-            f"say-so; pass it as --weights {source} (weights=)")
+            f"say-so; pass it as --model {source} (weights=)")
     elif not info:
         raise FileNotFoundError("this index records no model (it was built from "
                                 "feature vectors, not images); pass the weights file "
-                                "(--weights PATH / weights=)")
+                                "(--model PATH / weights=)")
     else:
         raise FileNotFoundError(
             f"this index was built with model {name!r}"
             f"{f' from {source}' if source else ''}, which is not available here; pass "
-            "the weights file (--weights PATH / weights=)")
+            "the weights file (--model PATH / weights=)")
     want = info.get("weights_hash")
     if want and model.weights_hash != want:
         raise IncompatibleFeaturesError(

@@ -3,14 +3,34 @@ schedules and optimisers, and the training loop.
 
 ``dinofeat.train(config, **overrides)`` is :func:`dinofeat.training.loop.train`."""
 
-from .augment import MultiCropAugmentation
-from .config import PRESETS, TrainConfig, add_arguments, small_data_preset
-from .head import DINOHead, MultiCropNetwork, Predictor, WeightNormLinear, build_head
-from .loss import DINOLoss
-from .optim import (LARS, apply_schedules, build_optimizer, cancel_last_layer_gradients,
-                    clip_gradients, ema_update, param_groups)
-from .schedules import Schedules, build_schedules, cosine_schedule
-from .loop import NonFiniteLossError, TrainResult, TrainState, train
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562): the command line reads the options in .config without
+# paying for torch.
+_LAZY = {
+    "MultiCropAugmentation": "augment", "PRESETS": "config", "TrainConfig": "config",
+    "add_arguments": "config", "small_data_preset": "config", "DINOHead": "head",
+    "MultiCropNetwork": "head", "Predictor": "head", "WeightNormLinear": "head",
+    "build_head": "head", "DINOLoss": "loss", "LARS": "optim", "apply_schedules": "optim",
+    "build_optimizer": "optim", "cancel_last_layer_gradients": "optim",
+    "clip_gradients": "optim", "ema_update": "optim", "param_groups": "optim",
+    "Schedules": "schedules", "build_schedules": "schedules",
+    "cosine_schedule": "schedules", "NonFiniteLossError": "loop", "TrainResult": "loop",
+    "TrainState": "loop", "train": "loop",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:  # a submodule (dinofeat.training.loop), as before
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "TrainConfig", "PRESETS", "small_data_preset", "add_arguments",

@@ -2,8 +2,9 @@
 
 :class:`~dinofeat.training.augment.MultiCropAugmentation` runs ~30 torchvision operations
 per image (6 crops x resize, flip, jitter, grayscale, blur, solarise, normalise). On 28-px
-photos each operation costs its fixed overhead, not its pixels: on a 2-core CPU that was
-half of a training step's time (``benchmarks/fashion_mnist_step.py``). Here the same
+photos each operation costs its fixed overhead, not its pixels: about a quarter of a
+training step's time on one CPU core (``benchmarks/fashion_mnist_step.py``; batched: ~4x
+less). Here the same
 random recipe is drawn per image, and the pixel work runs as a few tensor operations over
 the whole batch:
 

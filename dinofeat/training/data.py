@@ -216,7 +216,7 @@ def build_train_loader(dataset: TrainImages, *, batch_size: int, num_workers: in
     if len(dataset) < batch_size * world_size:
         raise ValueError(f"{dataset.source}: {len(dataset)} images are fewer than one batch "
                          f"({batch_size} per process x {world_size} processes); lower "
-                         "--batch-size-per-gpu or add images")
+                         "--batch-size or add images")
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=True)
     gen = torch.Generator()

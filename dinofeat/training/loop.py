@@ -411,11 +411,15 @@ class _Run:
         self.tb = _TensorBoard(self.out / "tb" if (cfg.tensorboard and self.is_main) else None)
         if self.is_main:
             n_params = sum(p.numel() for p in self.student.parameters())
-            log.info("%s: %d images, %d processes x %d images x %d accumulation = batch %d, "
-                     "%d steps per epoch, %d epochs, student %.1fM parameters, %s on %s",
-                     self.name, len(self.dataset), ctx.world_size, cfg.batch_size_per_gpu,
-                     cfg.grad_accum_steps, self.total_batch, ipe, cfg.epochs, n_params / 1e6,
-                     canonical_arch(cfg), self.device)
+            def n(k: int, word: str) -> str:  # "1 process", "2 processes"
+                return f"{k} {word}" if k == 1 else f"{k} {word}" + (
+                    "es" if word.endswith("s") else "s")
+            log.info("%s: %s, %s x %s x %d accumulation = batch %d, %s per epoch, %s, "
+                     "student %.1fM parameters, %s on %s",
+                     self.name, n(len(self.dataset), "image"), n(ctx.world_size, "process"),
+                     n(cfg.batch_size_per_gpu, "image"), cfg.grad_accum_steps,
+                     self.total_batch, n(ipe, "step"), n(cfg.epochs, "epoch"),
+                     n_params / 1e6, canonical_arch(cfg), self.device)
 
     def _resume(self) -> None:
         cfg = self.cfg
@@ -495,7 +499,7 @@ class _Run:
             bad.insert(0, f"arch: {old_arch} in the checkpoint, {canonical_arch(cfg)} now")
         if bad:
             raise ValueError(f"{path} was made with different networks ({'; '.join(bad)}); "
-                             "use the same options, another --output, or --no-resume")
+                             "use the same options, another --out, or --no-resume")
         load_network_state(self.student, ckpt["student"], f"{path} (student)")
         load_network_state(self.teacher, ckpt["teacher"], f"{path} (teacher)")
         self._load_optimizer_state(ckpt["optimizer"])

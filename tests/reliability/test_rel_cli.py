@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,44 +58,45 @@ CASES = [
     (["models", "--bogus"], "unrecognized arguments"),
     # embed
     (["embed", "{imgs}"], "--out"),
-    (["embed", "{missing}", "--out", "{o}/f.npy", "--weights", "{w}"], "missing"),
-    (["embed", "{imgs}", "--out", "{o}/f.txt", "--weights", "{w}"], ".safetensors or .npy"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--shard-size", "0"],
+    (["embed", "{missing}", "--out", "{o}/f.npy", "--model", "{w}"], "missing"),
+    (["embed", "{imgs}", "--out", "{o}/f.txt", "--model", "{w}"], ".safetensors or .npy"),
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--shard-size", "0"],
      "--shard-size"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--pool", "max"],
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--pool", "max"],
      "invalid choice"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--batch-size", "abc"],
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--batch-size", "abc"],
      "invalid int value"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--batch-size", "0"],
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--batch-size", "0"],
      "batch_size"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--pool", "gem",
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--pool", "gem",
       "--n-last-blocks", "4"], "cannot be combined"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--avgpool",
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--avgpool",
       "--pool", "gem"], "avgpool"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--size", "-5"], "size"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{missing}.pth"], "missing.pth"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{txt}"], "file.txt"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--arch", "vit_giant"], "vit_giant"),
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--arch", "vit_s16"], "vit_s16"),  # no weights
-    (["embed", "{imgs}", "--out", "{o}/f.npy", "--weights", "{w}", "--precision", "fp8"],
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--size", "-5"], "size"),
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{missing}.pth"], "missing.pth"),
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{txt}"], "file.txt"),
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "vit_giant"], "vit_giant"),
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "vit_s16"], "vit_s16"),  # no weights
+    (["embed", "{imgs}", "--out", "{o}/f.npy", "--model", "{w}", "--precision", "fp8"],
      "invalid choice"),
     # attn
-    (["attn", "{missing}.jpg", "--out", "{o}/a", "--weights", "{w}"], "missing.jpg"),
-    (["attn", "{notes}", "--out", "{o}/a", "--weights", "{w}"], "notes.jpg"),
-    (["attn", "{img}", "--out", "{o}/a", "--weights", "{w}", "--threshold", "1.5"],
+    (["attn", "{missing}.jpg", "--out", "{o}/a", "--model", "{w}"], "missing.jpg"),
+    (["attn", "{notes}", "--out", "{o}/a", "--model", "{w}"], "notes.jpg"),
+    (["attn", "{img}", "--out", "{o}/a", "--model", "{w}", "--threshold", "1.5"],
      "threshold"),
-    (["attn", "{img}", "--out", "{o}/a", "--weights", "{w}", "--size", "0"], "size"),
-    (["attn", "{imgs}", "--out", "{o}/a", "--weights", "{w}"], "one image"),
-    (["attn", "{img}", "--out", "{txt}", "--weights", "{w}"], "file.txt"),
+    (["attn", "{img}", "--out", "{o}/a", "--model", "{w}", "--short-side", "0"],
+     "short-side"),
+    (["attn", "{notidx}", "--out", "{o}/a", "--model", "{w}"], "no image files"),
+    (["attn", "{img}", "--out", "{txt}", "--model", "{w}"], "file.txt"),
     # index
     (["index"], "ACTION"),
-    (["index", "build", "{missing}", "--out", "{o}/i.idx", "--weights", "{w}"], "missing"),
-    (["index", "build", "{imgs}", "--out", "{o}/i.idx", "--weights", "{w}",
+    (["index", "build", "{missing}", "--out", "{o}/i.idx", "--model", "{w}"], "missing"),
+    (["index", "build", "{imgs}", "--out", "{o}/i.idx", "--model", "{w}",
       "--checkpoint-every", "0"], "--checkpoint-every"),
-    (["index", "build", "{imgs}", "--out", "{o}/i.idx", "--weights", "{w}", "--factory",
+    (["index", "build", "{imgs}", "--out", "{o}/i.idx", "--model", "{w}", "--factory",
       "Bogus99"], "Bogus99"),
-    (["index", "build", "{imgs}", "--out", "{txt}", "--weights", "{w}"], "file.txt"),
-    (["index", "build", "{imgs}", "--out", "{notidx}", "--weights", "{w}"], "not-an-index"),
+    (["index", "build", "{imgs}", "--out", "{txt}", "--model", "{w}"], "file.txt"),
+    (["index", "build", "{imgs}", "--out", "{notidx}", "--model", "{w}"], "not-an-index"),
     (["index", "add", "{missing}.idx", "{imgs}"], "missing.idx"),
     (["index", "add", "{vecidx}", "{imgs}"], "vec.idx"),  # no model recorded
     (["index", "info", "{missing}.idx"], "missing.idx"),
@@ -107,56 +109,60 @@ CASES = [
     (["search", "{vecidx}", "{img}"], "vec.idx"),  # an index without a model
     (["search", "{vecidx}"], "required"),
     # dedup
-    (["dedup", "{missing}", "--weights", "{w}"], "missing"),
-    (["dedup", "{imgs}", "--weights", "{w}", "--threshold", "2"], "--threshold"),
-    (["dedup", "{imgs}", "--weights", "{w}", "--out", "{o}/g.txt"], ".json or .csv"),
-    (["dedup", "{imgs}", "--weights", "{w}", "--whitening", "{missing}.safetensors"],
+    (["dedup", "{missing}", "--model", "{w}"], "missing"),
+    (["dedup", "{imgs}", "--model", "{w}", "--threshold", "2"], "--threshold"),
+    (["dedup", "{imgs}", "--model", "{w}", "--out", "{o}/g.txt"], ".json or .csv"),
+    (["dedup", "{imgs}", "--model", "{w}", "--whitening", "{missing}.safetensors"],
      "missing.safetensors"),
-    (["dedup", "{imgs}", "--weights", "{w}", "--k", "0"], "k"),
+    (["dedup", "{imgs}", "--model", "{w}", "-k", "0"], "k"),
     # train
-    (["train", "--output", "{o}/r"], "--data"),
-    (["train", "--data", "{missing}", "--output", "{o}/r"], "missing"),
-    (["train", "--data", "{txt}", "--output", "{o}/r"], "file.txt"),
-    (["train", "--data", "{imgs}", "--output", "{o}/r", "--epochs", "-1"], "epochs"),
-    (["train", "--data", "{imgs}", "--output", "{o}/r", "--epochs", "2", "--warmup-epochs", "10",
-      "--batch-size-per-gpu", "2"], "warm-up"),
-    (["train", "--data", "{imgs}", "--output", "{o}/r", "--arch", "vit_giant"], "vit_giant"),
-    (["train", "--data", "{imgs}", "--output", "{o}/r", "--preset", "bogus"], "invalid choice"),
-    (["train", "--data", "{imgs}", "--output", "{o}/r", "--resume-from", "{missing}.pth",
-      "--batch-size-per-gpu", "2"], "missing.pth"),
-    (["train", "--data", "{imgs}", "--output", "{o}/r", "--batch-size-per-gpu", "0"], "batch"),
-    (["train", "--data", "{imgs}", "--output", "{o}/r", "--teacher-temp", "abc"], "invalid"),
-    (["train", "--data", "{imgs}", "--output", "{txt}"], "file.txt"),
+    (["train", "--out", "{o}/r"], "--data"),
+    (["train", "--data", "{missing}", "--out", "{o}/r"], "missing"),
+    (["train", "--data", "{txt}", "--out", "{o}/r"], "file.txt"),
+    (["train", "--data", "{imgs}", "--out", "{o}/r", "--epochs", "-1"], "epochs"),
+    (["train", "--data", "{imgs}", "--out", "{o}/r", "--epochs", "2", "--warmup-epochs", "5"],
+     "warm-up"),
+    (["train", "--data", "{imgs}", "--out", "{o}/r", "--arch", "vit_giant"], "vit_giant"),
+    (["train", "--data", "{imgs}", "--out", "{o}/r", "--preset", "bogus"], "invalid choice"),
+    (["train", "--data", "{imgs}", "--out", "{o}/r", "--resume-from", "{missing}.pth",
+      "--batch-size", "2"], "missing.pth"),
+    (["train", "--data", "{imgs}", "--out", "{o}/r", "--batch-size", "0"], "batch"),
+    (["train", "--data", "{imgs}", "--out", "{o}/r", "--teacher-temp", "abc"], "invalid"),
+    (["train", "--data", "{imgs}", "--out", "{txt}"], "file.txt"),
     # eval
     (["eval"], "TASK"),
     (["eval", "knn", "--val", "{imgs}"], "--train"),
-    (["eval", "knn", "--train", "{missing}", "--val", "{imgs}", "--weights", "{w}"], "missing"),
-    (["eval", "knn", "--train", "{imgs}", "--val", "{imgs}", "--weights", "{w}", "--k", "0"],
+    (["eval", "knn", "--train", "{missing}", "--val", "{imgs}", "--model", "{w}"], "missing"),
+    (["eval", "knn", "--train", "{imgs}", "--val", "{imgs}", "--model", "{w}", "-k", "0"],
      "k"),
-    (["eval", "knn", "--train", "{imgs}", "--val", "{imgs}", "--weights", "{w}", "--T", "0"],
-     "T"),
-    (["eval", "linear", "--weights", "{w}"], "--train"),
-    (["eval", "linear", "--weights", "{w}", "--evaluate", "{missing}.pth", "--val", "{imgs}"],
+    (["eval", "knn", "--train", "{imgs}", "--val", "{imgs}", "--model", "{w}", "--temperature",
+      "0"], "temperature"),
+    (["eval", "linear", "--model", "{w}"], "--train"),
+    (["eval", "linear", "--model", "{w}", "--evaluate", "{missing}.pth", "--val", "{imgs}"],
      "missing.pth"),
-    (["eval", "linear", "--weights", "{w}", "--train", "{imgs}", "--val", "{imgs}",
-      "--epochs", "0", "--output", "{o}/lin"], "epochs"),
+    (["eval", "linear", "--model", "{w}", "--train", "{imgs}", "--val", "{imgs}",
+      "--epochs", "0", "--out", "{o}/lin"], "epochs"),
     (["eval", "retrieval", "--dataset", "rome", "--data-root", "{d}"], "invalid choice"),
     (["eval", "retrieval", "--dataset", "roxford5k", "--data-root", "{missing}",
-      "--weights", "{w}"], "missing"),
-    (["eval", "copydetect", "--data-root", "{missing}", "--weights", "{w}"], "missing"),
-    (["eval", "copydetect", "--data-root", "{imgs}", "--weights", "{w}", "--whitening",
+      "--model", "{w}"], "missing"),
+    (["eval", "copydetect", "--data-root", "{missing}", "--model", "{w}"], "missing"),
+    (["eval", "copydetect", "--data-root", "{imgs}", "--model", "{w}", "--whitening",
       "{missing}.json"], "missing"),
-    (["eval", "davis", "--data-root", "{missing}", "--output", "{o}/dv", "--weights", "{w}"],
+    (["eval", "davis", "--data-root", "{missing}", "--out", "{o}/dv", "--model", "{w}"],
      "missing"),
     # demo, export
     (["demo", "--steps", "0", "--out", "{o}/demo"], "steps"),
     (["demo", "--data", "{missing}", "--out", "{o}/demo"], "missing"),
-    (["export", "--out", "{o}/m.txt", "--weights", "{w}"], ".onnx"),
-    (["export", "--format", "tflite", "--out", "{o}/m.onnx", "--weights", "{w}"],
+    (["export", "--out", "{o}/m.txt", "--model", "{w}"], ".onnx"),
+    (["export", "--format", "tflite", "--out", "{o}/m.onnx", "--model", "{w}"],
      "invalid choice"),
-    (["export", "--out", "{o}/m.onnx", "--weights", "{missing}.pth"], "missing.pth"),
-    (["export", "--out", "{o}/m.onnx", "--weights", "{w}", "--check-size", "0"], "size"),
+    (["export", "--out", "{o}/m.onnx", "--model", "{missing}.pth"], "missing.pth"),
+    (["export", "--out", "{o}/m.onnx", "--model", "{w}", "--check-size", "0"], "size"),
 ]
+
+
+# A progress line, as written to a pipe ("embed:  50%|#####     | 2/4 [...]").
+PROGRESS = re.compile(r"^[^:]+: +\d+%\|")
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
@@ -189,7 +195,7 @@ def test_user_mistake_is_one_line_and_nonzero(argv, expect, paths, offline, tmp_
         assert rc == 2 and "usage" in out
         return
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(
-        "dinofeat.")]  # log lines ("dinofeat.train: ...") are not the error
+        "dinofeat.") and not PROGRESS.match(ln)]  # log and progress lines are not the error
     errors = [ln for ln in lines if ln.startswith("dinofeat") and ": error: " in ln]
     assert len(errors) == 1 and lines[0] == errors[0], (argv, err)
     # the one error line; only the missing-weights error adds its list of places searched
@@ -202,7 +208,7 @@ def test_user_mistake_is_one_line_and_nonzero(argv, expect, paths, offline, tmp_
 def test_debug_shows_the_traceback(paths, offline, tally):
     with pytest.raises(FileNotFoundError):
         main(["--debug", "embed", paths["missing"], "--out", paths["d"] + "/f.npy",
-              "--weights", paths["w"]])
+              "--model", paths["w"]])
     tally.add("CLI: user mistakes", inputs=1, checks=1)
 
 

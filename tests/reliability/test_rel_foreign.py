@@ -70,7 +70,7 @@ def test_cli_shard_dir_dot_keeps_the_working_folder(tmp_path, tiny_weights, phot
     (photos / "notes.txt").write_text("keep me")
     before = _tree(photos)
     proc = subprocess.run(
-        [sys.executable, "-m", "dinofeat", "embed", ".", "--weights", str(tiny_weights),
+        [sys.executable, "-m", "dinofeat", "embed", ".", "--model", str(tiny_weights),
          "--out", "feats.safetensors", "--shard-dir", ".", "--num-workers", "0"],
         cwd=photos, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

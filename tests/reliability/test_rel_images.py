@@ -129,7 +129,7 @@ def test_cli_embed_in_process(tiny_weights, zoo_dir, unreadable_by_permission, t
     readable, unreadable = _expect(files)
     out = tmp_path / "feats.safetensors"
     with caplog.at_level(logging.INFO, logger="dinofeat"):
-        rc = main(["embed", str(root), "--weights", str(tiny_weights), "--out", str(out),
+        rc = main(["embed", str(root), "--model", str(tiny_weights), "--out", str(out),
                    "--num-workers", "0", "--batch-size", "8", "--shard-size", "7",
                    "--no-progress"])
     assert rc == 0
@@ -153,7 +153,7 @@ def test_cli_embed_subprocess_no_traceback(tiny_weights, tmp_path, tally):
     readable, unreadable = _expect(files, permission_denied=not is_root())
     out = tmp_path / "f.npy"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "dinofeat", "embed", str(root), "--weights",
+    proc = subprocess.run([sys.executable, "-m", "dinofeat", "embed", str(root), "--model",
                            str(tiny_weights), "--out", str(out), "--num-workers", "0",
                            "--no-progress"], capture_output=True, env=env, timeout=300)
     err = proc.stderr.decode("utf-8", "surrogateescape")
@@ -186,7 +186,7 @@ def test_index_build_api_and_cli(tiny_model, tiny_weights, zoo_dir, unreadable_b
     assert [index.lookup([i])[0]["path"] for i in ids[:, 0]] == [str(p) for p in readable[:3]]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dinofeat"):
-        rc = main(["index", "build", str(root), "--weights", str(tiny_weights), "--out",
+        rc = main(["index", "build", str(root), "--model", str(tiny_weights), "--out",
                    str(tmp_path / "b.idx"), "--num-workers", "0", "--no-progress"])
     assert rc == 0
     assert len(KNNIndex.load(tmp_path / "b.idx")) == len(readable)
@@ -214,7 +214,7 @@ def test_dedup_api_and_cli(tiny_model, tiny_weights, zoo_dir, unreadable_by_perm
     res.save(tmp_path / "g.csv")  # names that are not UTF-8 survive in every format
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dinofeat"):
-        rc = main(["dedup", str(root), "--weights", str(tiny_weights), "--num-workers", "0",
+        rc = main(["dedup", str(root), "--model", str(tiny_weights), "--num-workers", "0",
                    "--no-progress", "--out", str(tmp_path / "c.csv"), "--html",
                    str(tmp_path / "c.html")])
     assert rc == 0, capsys.readouterr().err

@@ -98,7 +98,7 @@ def test_search_with_another_models_weights_cli(tiny_model, tiny_weights, tmp_pa
     d.mkdir()
     for i in range(3):
         Image.fromarray(picture(40, 40, seed=i)).save(d / f"{i}.png")
-    assert main(["index", "build", str(d), "--weights", str(tiny_weights), "--out",
+    assert main(["index", "build", str(d), "--model", str(tiny_weights), "--out",
                  str(tmp_path / "i.idx"), "--num-workers", "0", "--no-progress"]) == 0
     import copy
     other = copy.deepcopy(tiny_model)
@@ -106,7 +106,7 @@ def test_search_with_another_models_weights_cli(tiny_model, tiny_weights, tmp_pa
         other.backbone.vit.cls_token.add_(1.0)
     w2 = save_safetensors(other, tmp_path / "other.safetensors")
     capsys.readouterr()
-    rc = main(["search", str(tmp_path / "i.idx"), str(d / "0.png"), "--weights", str(w2)])
+    rc = main(["search", str(tmp_path / "i.idx"), str(d / "0.png"), "--model", str(w2)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("dinofeat: error:"), err
     assert "weights" in err

@@ -139,7 +139,7 @@ def test_model_source_outside_the_folder_is_not_followed(tmp_path, tiny_model, t
     with pytest.raises(FileNotFoundError) as err:
         loaded.load_model()
     msg = str(err.value)
-    assert len(msg.splitlines()) == 1 and "--weights" in msg and str(weights) in msg
+    assert len(msg.splitlines()) == 1 and "--model" in msg and str(weights) in msg
     assert "model.source" in msg
     # the same weights passed explicitly are fine
     assert loaded.load_model(weights).weights_hash == model.weights_hash
@@ -150,7 +150,7 @@ def test_model_source_outside_the_folder_is_not_followed(tmp_path, tiny_model, t
     # a source that climbs out through '..' from inside is still outside
     _edit_header(folder, model={**loaded.model_info,
                                 "source": str(folder / ".." / "w.safetensors")})
-    with pytest.raises(FileNotFoundError, match="--weights"):
+    with pytest.raises(FileNotFoundError, match="--model"):
         KNNIndex.load(folder).load_model()
     tally.add("index files", inputs=2, checks=6)
 
@@ -167,13 +167,13 @@ def test_cli_search_names_weights_for_an_outside_source(tmp_path, tiny_model, ca
         Image.fromarray(picture(40, 40, seed=i)).save(photos / f"{i}.png")
     weights = save_safetensors(tiny_model, tmp_path / "w.safetensors")
     out = tmp_path / "p.idx"
-    assert main(["index", "build", str(photos), "--weights", str(weights), "--out", str(out),
+    assert main(["index", "build", str(photos), "--model", str(weights), "--out", str(out),
                  "--num-workers", "0", "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["search", str(out), str(photos / "0.png")]) == 2
     err = capsys.readouterr().err
-    assert f"--weights {weights}" in err and len(err.strip().splitlines()) == 1
-    assert main(["search", str(out), str(photos / "0.png"), "--weights", str(weights)]) == 0
+    assert f"--model {weights}" in err and len(err.strip().splitlines()) == 1
+    assert main(["search", str(out), str(photos / "0.png"), "--model", str(weights)]) == 0
     tally.add("index files", inputs=1, checks=3)
 
 

@@ -303,8 +303,8 @@ def test_non_finite_loss_through_the_cli(images, tmp_path, capsys, tally):
     iteration and the kept checkpoint, exit code 1, the checkpoint finite and loadable."""
     out = tmp_path / "run"
     with one_thread():
-        rc = main(["train", "--arch", "vit_mini16", "--data", str(images), "--output",
-                   str(out), "--epochs", "2", "--batch-size-per-gpu", "2", "--num-workers",
+        rc = main(["train", "--arch", "vit_mini16", "--data", str(images), "--out",
+                   str(out), "--epochs", "2", "--batch-size", "2", "--num-workers",
                    "0", "--global-crop-size", "32", "--local-crop-size", "16",
                    "--local-crops-number", "1", "--out-dim", "32", "--hidden-dim", "32",
                    "--bottleneck-dim", "16", "--warmup-epochs", "0",

@@ -204,9 +204,9 @@ def _cli_resume_from(c: Ctx, p: Path):
     err = io.StringIO()
     import contextlib
     with contextlib.redirect_stderr(err):
-        rc = main(["train", "--arch", "vit_mini16", "--data", str(c.images), "--output",
+        rc = main(["train", "--arch", "vit_mini16", "--data", str(c.images), "--out",
                    str(c.tmp / "cli-run"), "--resume-from", str(p), "--epochs", "1",
-                   "--batch-size-per-gpu", "2", "--num-workers", "0",
+                   "--batch-size", "2", "--num-workers", "0",
                    "--global-crop-size", "32", "--local-crop-size", "16",
                    "--local-crops-number", "1", "--out-dim", "32", "--hidden-dim", "32",
                    "--bottleneck-dim", "16", "--warmup-epochs", "0",
@@ -395,7 +395,7 @@ TARGETS = [
     Target("CLI train --resume-from", _run_copy, _cli_resume_from),
     Target("linear head .pth", _head_pth, _load_head),
     Target("linear head .safetensors", _head_safetensors, _load_head),
-    Target("DinoModel.attach_classifier", _head_pth, _attach),
+    Target("eval.linear.attach_classifier", _head_pth, _attach),
     Target("linear probe resume checkpoint", _probe_ckpt, _probe_resume),
     Target("whitening .safetensors", _whitening(".safetensors"), _load_whitening),
     Target("whitening .json", _whitening(".json"), _load_whitening),
@@ -541,7 +541,7 @@ def test_safetensors_wrong_dtype_or_shape_for_each_reader(tiny_model, tmp_path, 
     wide = tmp_path / "wide.safetensors"
     save_file({"linear.weight": torch.zeros(3, 100), "linear.bias": torch.zeros(3)}, str(wide))
     with pytest.raises(ValueError, match="wide.safetensors"):
-        tiny_attach_classifier(model, wide, n_last_blocks=1, avgpool=False)
+        attach_classifier(tiny_model, wide, n_last_blocks=1, avgpool=False)
     # whitening: projection of the wrong shape
     w = learn_whitening(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)))
     good = w.save(tmp_path / "w.safetensors")
