@@ -56,7 +56,7 @@ def main() -> None:
         loss_fn = DINOLoss(k, n, 0.04, 0.04, 0, 100, collapse=collapse).to(dev)
         s = torch.randn(n * b, k, device=dev, requires_grad=True)
         t = torch.randn(2 * b, k, device=dev)
-        ms = _best_ms(lambda: loss_fn(s, t, 0).backward(), sync=sync)
+        ms = _best_ms(lambda loss_fn=loss_fn, s=s, t=t: loss_fn(s, t, 0).backward(), sync=sync)
         print(f"DINO loss fwd+bwd, {collapse:13s} ncrops {n}, B {b}, K {k}: {ms:8.1f} ms")
 
     head = DINOHead(384, k).to(dev)

@@ -162,7 +162,7 @@ def profile(recipe: str, rounds: int) -> dict[str, Any]:
         add("multi-crop augmentation (per image)", time.perf_counter() - t0)
         last = [time.perf_counter()]
 
-        def timer(name: str) -> None:
+        def timer(name: str, last: list[float] = last) -> None:
             now = time.perf_counter()
             add(name, now - last[0])
             last[0] = now

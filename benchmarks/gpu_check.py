@@ -60,7 +60,6 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 PARTS = ("train", "loader", "resume", "nccl_accum", "compile", "embed", "attention",

@@ -129,7 +129,6 @@ def exact_part(n: int, dim: int, args, centers) -> dict:
         print(f"  {m:<24} {s['qps']:>9,.0f} q/s  (min-max {s['qps_min']:,.0f}-"
               f"{s['qps_max']:,.0f})  x{s['speedup_vs_torch']:.2f} vs torch  "
               f"agreement {s['recall_vs_torch']:.4f}", flush=True)
-    del db, dbt, raw, index
     return out
 
 
@@ -167,7 +166,7 @@ def blas_part(n: int, dim: int, args, centers) -> dict:
                    f"faiss, threshold {BLAS_THRESHOLD}": faiss_with(BLAS_THRESHOLD, batch),
                    "torch matmul+topk": torch_with(batch)}
         times = {m: [] for m in methods}
-        for m, fn in methods.items():
+        for fn in methods.values():
             fn()
         for _ in range(args.repeats):
             for m, fn in methods.items():
@@ -201,9 +200,9 @@ def ann_part(n: int, dim: int, args, centers) -> dict:
               "IVF1024,SQ8": ("nprobe", [4, 16, 64]),
               "HNSW16": ("efSearch", [16, 64, 256]), "HNSW32": ("efSearch", [16, 64, 256])}
     indexes, info = {}, {}
-    for factory, (param, values) in builds.items():
+    for factory, (param, _values) in builds.items():
         index = KNNIndex(dim=dim, factory=factory)
-        t_build, _ = timed(lambda: index.add(db))
+        t_build, _ = timed(lambda index=index: index.add(db))
         if not index.is_trained:  # fewer vectors than the default train size wants
             index.train()
         indexes[factory] = index
@@ -228,7 +227,7 @@ def ann_part(n: int, dim: int, args, centers) -> dict:
         for f, p, v in configs:
             if p != "exact":
                 indexes[f].set_search_params(**{p: v})
-            t, _ = timed(lambda: indexes[f].search(q, args.k))
+            t, _ = timed(lambda f=f: indexes[f].search(q, args.k))
             times[key(f, p, v)].append(t)
         print(f"  repeat {r + 1} done", flush=True)
     base = statistics.median(times["Flat"])
@@ -322,7 +321,7 @@ def _interleaved(methods: dict, q: np.ndarray, k: int, repeats: int) -> dict:
     loads = []
     for _ in range(repeats):
         for name, index in methods.items():
-            t, _ = timed(lambda: _search_all(index, q, k))
+            t, _ = timed(lambda index=index: _search_all(index, q, k))
             times[name].append(t)
         loads.append(os.getloadavg()[0])
     out = {m: summary(t, len(q)) for m, t in times.items()}

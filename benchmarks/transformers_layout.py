@@ -38,17 +38,21 @@ for arch in ("vit_s16", "vit_s8"):
     net.load_state_dict(_to_hf_vit(sd))
     folder = tempfile.mkdtemp(prefix=f"dino-{arch}-")
     net.save_pretrained(folder)
-    d6 = dinofeat.load(folder, device="cpu"); d12 = dinofeat.load(folder, device="cpu", layer_norm_eps="config")
+    d6 = dinofeat.load(folder, device="cpu")
+    d12 = dinofeat.load(folder, device="cpu", layer_norm_eps="config")
     for (h, w) in ((224, 224), (480, 640)):
-        if arch == "vit_s8" and h == 480: continue
+        if arch == "vit_s8" and h == 480:
+            continue
         x = _image(1, h, w)
         with torch.no_grad():
             c6, a6 = d6(x), d6.last_self_attention(x)
             c12 = d12(x)
             rc, ra = reference_forward(sd, x, heads)
             r12, _ = reference_forward(sd, x, heads, eps=1e-12)
-            c6_64 = d6.double()(x.double()); c12_64 = d12.double()(x.double())
-            d6.float(); d12.float()
+            c6_64 = d6.double()(x.double())
+            c12_64 = d12.double()(x.double())
+            d6.float()
+            d12.float()
             hf = net(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 0]
         print(f"{arch} {h}x{w}: default(1e-6) vs reference cls {_max_diff(c6, rc):.1e} attn {_max_diff(a6, ra):.1e}; "
               f"config(1e-12) vs reference(eps 1e-12) {_max_diff(c12, r12):.1e}; "

@@ -11,6 +11,8 @@ and the complete DINO training core::
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .version import __version__
+
 # Public names are imported on first use (PEP 562), so that ``import dinofeat`` and the
 # command line's ``--help`` do not pay for torch, torchvision and faiss until needed.
 _LAZY = {
@@ -52,8 +54,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
-
-from .version import __version__
 
 __all__ = ["DinoModel", "load", "list_models", "KNNIndex", "__version__",
            "embed", "attention_maps", "AttentionMaps", "open_image", "list_images",

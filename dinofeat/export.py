@@ -114,14 +114,17 @@ class ExportedViT(nn.Module):
         ``arange(w)`` (float32)."""
         vit = self.backbone.vit
         h0, w0 = self.backbone.trained_grid
-        dim = vit.pos_embed.shape[-1]
-        grid = vit.pos_embed[0, 1:].reshape(h0, w0, dim)
+        pos = vit.pos_embed
+        if pos is None:  # timm allows ViTs without them; every DINO ViT has them
+            raise ValueError("export needs a ViT with learned position embeddings")
+        dim = pos.shape[-1]
+        grid = pos[0, 1:].reshape(h0, w0, dim)
         same = (h_pos[-1:] + 1 == h0) & (w_pos[-1:] + 1 == w0)  # the trained grid
         mh = bicubic_matrix(h_pos, h0, same)  # [h, h0]
         mw = bicubic_matrix(w_pos, w0, same)  # [w, w0]
         rows = torch.matmul(mh, grid.reshape(h0, w0 * dim)).reshape(-1, w0, dim)  # [h, w0, D]
         full = torch.matmul(mw[None], rows)  # [h, w, D]
-        return torch.cat([vit.pos_embed[:, :1], full.reshape(1, -1, dim)], dim=1)
+        return torch.cat([pos[:, :1], full.reshape(1, -1, dim)], dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         vit = self.backbone.vit
@@ -129,9 +132,12 @@ class ExportedViT(nn.Module):
         h_pos = torch.arange(feats.shape[2]).to(torch.float32)
         w_pos = torch.arange(feats.shape[3]).to(torch.float32)
         tokens = feats.flatten(2).transpose(1, 2)  # [B, h*w, D]
+        if vit.cls_token is None:  # timm allows ViTs without one; every DINO ViT has it
+            raise ValueError("export needs a ViT with a [CLS] token")
         cls = vit.cls_token.expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1) + self.pos_embed(h_pos, w_pos)
-        blocks = list(vit.blocks)
+        # timm Blocks; nn.Module types their attributes (attn, norm1) as Tensor | Module
+        blocks: list[Any] = list(vit.blocks)
         for blk in blocks[:-1]:
             x = blk(x)
         last = blocks[-1]
@@ -184,6 +190,8 @@ def _output_names(attention: bool) -> list[str]:
 
 def _check_inputs(model: "DinoModel", sizes: Sequence[int] | None) -> list[torch.Tensor]:
     p = model.patch_size
+    if p is None:
+        raise TypeError(f"export supports ViT backbones; {model.name} has no patches")
     crop = model.preprocessing.crop_size
     sizes = sizes or (crop, crop + 2 * p)
     g = torch.Generator().manual_seed(0)
@@ -493,7 +501,10 @@ class OnnxModel:
                              preprocessing=preprocessing, size=size, batch_size=batch_size,
                              num_workers=num_workers, device=torch.device("cpu"),
                              progress=progress, skip_unreadable=False, desc="patches")
-        return collect(stream)[1]
+        feats = collect(stream)[1]
+        if feats is None:  # unreadable images raise above: only an empty input gets here
+            raise ValueError("patch_features: no images given")
+        return feats
 
     def attention_maps(self, img, *, size: int | None = None, threshold: float = 0.6,
                        device=None, precision: str = "fp32"):

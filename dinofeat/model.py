@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .backbones import DinoVisionTransformer, build_backbone
 from .zoo import MODELS, ModelSpec, Preprocessing, get_spec
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .attention import AttentionMaps
     from .export import OnnxModel
     from .features import FeatureSpec
 
@@ -47,7 +48,8 @@ class DinoModel(nn.Module):
                  preprocessing: Preprocessing | None = None,
                  source: str | None = None):
         super().__init__()
-        self.backbone = backbone
+        # Any: its attributes (embed_dim, patch_size, vit...) depend on the architecture
+        self.backbone: Any = backbone
         self.name = name
         self.spec = spec
         self.preprocessing = preprocessing or (spec.preprocessing if spec else Preprocessing())
@@ -109,7 +111,7 @@ class DinoModel(nn.Module):
         if not self.is_vit:
             raise TypeError(f"{what} needs a ViT; {self.name} is a "
                             f"{type(self.backbone).__name__.strip('_')} (no self-attention)")
-        return self.backbone  # type: ignore[return-value]
+        return self.backbone
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +140,10 @@ class DinoModel(nn.Module):
         with fast_math(x.device):
             return vit.last_cls_attention(x)
 
-    def intermediate_tokens(self, x: torch.Tensor, n: int = 1, norm: bool = True):
-        """Normed tokens ``[B, 1 + N, D]`` of the last ``n`` blocks (a list)."""
+    def intermediate_tokens(self, x: torch.Tensor, n: int | Sequence[int] = 1,
+                            norm: bool = True) -> list[torch.Tensor]:
+        """Normed tokens ``[B, 1 + N, D]`` of the last ``n`` blocks, or of the blocks with
+        the indices ``n`` (a list)."""
         vit = self._require_vit("intermediate_tokens")
         with fast_math(x.device):
             return vit.intermediate_tokens(x, n, norm=norm)
@@ -229,11 +233,14 @@ class DinoModel(nn.Module):
                              preprocessing=preprocessing, size=size, batch_size=batch_size,
                              num_workers=num_workers, precision=precision, device=device,
                              progress=progress, skip_unreadable=False, desc="patches")
-        return collect(stream)[1]
+        feats = collect(stream)[1]
+        if feats is None:  # unreadable images raise above: only an empty input gets here
+            raise ValueError("patch_features: no images given")
+        return feats
 
     def attention_maps(self, img, *, size: int | None = None, threshold: float = 0.6,
                        device: str | torch.device | None = None,
-                       precision: str = "fp32"):
+                       precision: str = "fp32") -> "AttentionMaps":
         """The last block's [CLS] attention of every head at the image's own resolution:
         an :class:`~dinofeat.attention.AttentionMaps` with ``.heads`` (``[heads, H, W]``),
         ``.mean``, ``.masks`` (smallest patch sets holding ``threshold`` of each head's
@@ -279,6 +286,8 @@ class DinoModel(nn.Module):
 
         embed_kw.setdefault("desc", "classify")
         _, out = collect(EmbedStream(self, images, logits, skip_unreadable=False, **embed_kw))
+        if out is None:  # unreadable images raise above: only an empty input gets here
+            raise ValueError("classify: no images given")
         probs = out.softmax(dim=1)
         top = probs.topk(min(k, probs.shape[1]), dim=1)
         return [[(head.class_names[i], float(p)) for p, i in zip(ps.tolist(), ix.tolist())]
@@ -317,7 +326,7 @@ def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
         if arch not in MODELS or MODELS[arch].arch != "vit":
             # a ViT trained at another resolution (dinofeat.train on 32 px crops...) gets
             # position embeddings for the grid its file holds
-            kw = {}
+            kw: dict[str, Any] = {}
             if "pos_embed" in sd and "patch_embed.proj.weight" in sd:
                 from .backbones import trained_grid_from_pos_embed
                 kw["img_size"] = trained_grid_from_pos_embed(sd["pos_embed"]) * int(
@@ -345,7 +354,8 @@ def _build_for_state(sd: dict[str, torch.Tensor], arch: str | None,
 
 def _load_strict(backbone: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     if hasattr(backbone, "remap_state_dict"):  # XCiT: original names -> timm's
-        sd = backbone.remap_state_dict(sd)
+        # nn.Module types a dynamic attribute as Tensor | Module; hasattr cannot narrow it
+        sd = backbone.remap_state_dict(sd)  # type: ignore[operator]
     expected = backbone.state_dict()
     # BatchNorm step counters are bookkeeping, absent from some files: keep the model's
     missing = sorted(k for k in set(expected) - set(sd) if not k.endswith("num_batches_tracked"))

@@ -28,7 +28,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import torch
 
@@ -112,7 +112,7 @@ def download(repo_id: str, revision: str | None = None, *,
     offline = weights.hub_offline()
     unreachable = not offline and not weights.endpoint_reachable(endpoint)
     where = weights.hf_cache_dir(cache_dir)
-    kw = dict(revision=revision, cache_dir=where, token=token, endpoint=endpoint,
+    kw: dict[str, Any] = dict(revision=revision, cache_dir=where, token=token, endpoint=endpoint,
               local_files_only=offline or unreachable)
     rev = revision or "main"
 
@@ -185,7 +185,13 @@ def _prep_from_timm(cfg: Mapping[str, Any]) -> Preprocessing | None:
     pct = float(cfg.get("crop_pct") or 1.0)
     return Preprocessing(mode="dino", resize_size=int(math.floor(crop / pct)), crop_size=crop,
                          interpolation=str(cfg.get("interpolation") or "bicubic"),
-                         mean=tuple(map(float, cfg["mean"])), std=tuple(map(float, cfg["std"])))
+                         mean=_rgb(cfg["mean"]), std=_rgb(cfg["std"]))
+
+
+def _rgb(values: Any) -> tuple[float, float, float]:
+    # three numbers from a config file; Preprocessing refuses any other length with a
+    # clear error, so the cast only states what is checked there
+    return cast("tuple[float, float, float]", tuple(map(float, values)))
 
 
 def _prep_from_dict(d: Mapping[str, Any], source: Path) -> Preprocessing:
@@ -238,8 +244,7 @@ def read_folder(folder: str | os.PathLike) -> PretrainedFolder | None:
                 p = json.loads(pp.read_text(encoding="utf-8"))
                 if p.get("image_mean") and p.get("image_std"):
                     # statistics from the repo; geometry stays DINO's evaluation protocol
-                    prep = Preprocessing(mean=tuple(map(float, p["image_mean"])),
-                                         std=tuple(map(float, p["image_std"])))
+                    prep = Preprocessing(mean=_rgb(p["image_mean"]), std=_rgb(p["image_std"]))
             except (OSError, ValueError, TypeError):
                 prep = None
         return PretrainedFolder(_weights_in(folder), "transformers", cfg,
@@ -270,6 +275,7 @@ def training_summary(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
     release's full checkpoints (``args``). ``None`` for files without that record."""
     out: dict[str, Any] = {}
     cfg = ckpt.get("config")
+    keys: tuple[str, ...]
     if isinstance(cfg, Mapping) and "arch" in cfg:
         keys = ("arch", "patch_size", "epochs", "batch_size_per_gpu", "grad_accum_steps",
                 "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end",
@@ -314,7 +320,7 @@ def training_summary(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
 def hub_config(model: "DinoModel") -> dict[str, Any]:
     """The ``config.json`` of :func:`save_pretrained`: timm's layout (so timm builds the
     network from it) plus the ``"dinofeat"`` block :func:`read_folder` reads back."""
-    bb = model.backbone
+    bb: Any = model.backbone  # its attributes (vit, patch_size...) depend on the architecture
     prep = model.preprocessing
     spec = model.spec
     d: dict[str, Any] = {

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -185,7 +185,7 @@ def init_process_group(device: str | torch.device | None = None, *,
             raise ValueError(f"RANK/WORLD_SIZE are set but {var} is not; start the job with "
                              "torchrun (it sets all of them)")
     dev = resolve_device(device)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if dev.type == "cuda":
         dev = torch.device("cuda", local_device_index(rank))
         torch.cuda.set_device(dev)
@@ -213,18 +213,19 @@ def configure_cuda(device: str | torch.device, *, benchmark: bool = False) -> No
 
 def _set_ieee_fp32() -> None:
     # The new-style flags only: mixing them with allow_tf32 makes torch raise.
+    # torch creates cudnn.conv/rnn and their fp32_precision at import; its stubs lack them
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = "ieee"
         torch.backends.cudnn.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"  # type: ignore[attr-defined]
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"  # type: ignore[attr-defined]
     else:  # older torch
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
 
 _FP32_FLAGS = ((torch.backends.cuda.matmul, "fp32_precision"),
-               (torch.backends.cudnn.conv, "fp32_precision"),
+               (torch.backends.cudnn.conv, "fp32_precision"),  # type: ignore[attr-defined]
                (torch.backends.cudnn.rnn, "fp32_precision")) \
     if hasattr(torch.backends.cuda.matmul, "fp32_precision") else ()
 

@@ -239,10 +239,12 @@ def local_weights(spec: ModelSpec, cache_dir: str | os.PathLike | None = None) -
         return p
     if spec.local_file and (PACKAGE_WEIGHTS / spec.local_file).is_file():
         return PACKAGE_WEIGHTS / spec.local_file
-    if spec.hf_hub_id:
+    cache = hf_cache_dir(cache_dir)
+    # the hub cache keeps each repo in models--ORG--NAME: without that folder there is
+    # nothing to look up, and `dinofeat models` need not import huggingface_hub at all
+    if spec.hf_hub_id and (cache / ("models--" + spec.hf_hub_id.replace("/", "--"))).is_dir():
         from huggingface_hub import try_to_load_from_cache
-        hit = try_to_load_from_cache(spec.hf_hub_id, "model.safetensors",
-                                     cache_dir=hf_cache_dir(cache_dir),
+        hit = try_to_load_from_cache(spec.hf_hub_id, "model.safetensors", cache_dir=cache,
                                      revision=spec.hf_revision)
         if isinstance(hit, str):
             return Path(hit)

@@ -7,7 +7,6 @@ import base64
 import csv
 import io
 import json
-import os
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dinofeat.search.dedup import (DedupResult, connected_groups, dedup_folder,
+from dinofeat.search.dedup import (connected_groups, dedup_folder,
                                    duplicate_groups, find_duplicate_pairs, find_duplicates,
                                    group_pairs)
 
@@ -100,7 +99,7 @@ def test_group_pairs_never_chains_random_graphs():
     """On random similarity graphs every member of every group is linked to its kept
     item, no item is in two groups, and a pair's two items are never both left out."""
     rng = np.random.default_rng(3)
-    for trial in range(20):
+    for _ in range(20):
         n = int(rng.integers(5, 40))
         x = rng.standard_normal((n, 4)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)

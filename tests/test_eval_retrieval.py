@@ -76,14 +76,14 @@ def _trapezoid_ap(ranked, ok, junk):
     """AP as the area under the precision-recall curve (trapezoids between consecutive
     recall levels, starting at precision 1 for recall 0) over the list without junk."""
     lst = [i for i in ranked if i not in junk]
-    area, tp, prev_p, prev_r = 0.0, 0, 1.0, 0.0
+    area, tp, prev_r = 0.0, 0, 0.0
     for n, i in enumerate(lst, start=1):
         if i in ok:
             p_before = tp / (n - 1) if n > 1 else 1.0
             tp += 1
             r, p = tp / len(ok), tp / n
             area += (r - prev_r) * (p_before + p) / 2
-            prev_r, prev_p = r, p
+            prev_r = r
     return area
 
 

@@ -135,7 +135,7 @@ def test_export_refusals(tmp_path, tiny_vit):
         export_model(timm_interp, tmp_path / "x.onnx")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"garbage")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a readable ONNX file"):
         load(bad)
 
 

@@ -214,6 +214,9 @@ def hub(tmp_path, monkeypatch):
     """A local hub at $HF_ENDPOINT, an empty cache, network allowed (no HF_HUB_OFFLINE)."""
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "DINOFEAT_WEIGHTS_DIR"):
         monkeypatch.delenv(name, raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: CI runs with it set
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_TOKEN", "hf_localtest")
     with HubServer() as server:

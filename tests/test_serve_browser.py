@@ -26,7 +26,7 @@ if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
                 "chromium chromium-driver; scripts/test.sh does it as root)",
                 allow_module_level=True)
 
-from _serve import Server, build_index
+from _serve import Server, build_index  # noqa: E402  (only once the skips above passed)
 
 
 @pytest.fixture(scope="module")

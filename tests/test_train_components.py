@@ -966,7 +966,6 @@ def test_crop_areas_and_colour_jitter_follow_the_recipe(monkeypatch):
     0.8 with brightness/contrast factors in [0.6, 1.4], saturation in [0.8, 1.2] and hue
     in [-0.1, 0.1], all four in a random order."""
     from torchvision import transforms as v1
-    from dinofeat.training import augment as A
     areas: list[tuple[int, float, float]] = []
     orig_params = v1.RandomResizedCrop.get_params
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from dinofeat.training.checkpoint import load_checkpoint
-from dinofeat.training.config import TrainConfig
 from dinofeat.training.loop import train
 
 from test_train_loop import make_images, tiny_config

@@ -175,10 +175,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     results = []
     for q, row_s, row_i in zip(keys, scores, ids):
         hits = []
-        for rank, (s, i, rec) in enumerate(zip(row_s, row_i, index.lookup(row_i)), 1):
+        for place, (s, i, rec) in enumerate(zip(row_s, row_i, index.lookup(row_i)), 1):
             if rec is None:
                 continue
-            hits.append({"rank": rank, "score": round(float(s), 6), "id": int(i),
+            hits.append({"rank": place, "score": round(float(s), 6), "id": int(i),
                          "path": rec["path"], **({"label": rec["label"]}
                                                  if rec["label"] is not None else {})})
         results.append({"query": str(q), "results": hits})

@@ -24,10 +24,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..zoo import IMAGENET_MEAN, IMAGENET_STD
+
 # The precision names of dinofeat.runtime.PRECISIONS (the one list; tests/test_cli.py checks
 # they agree), spelt here so that reading the options (``dinofeat --help``) needs no torch.
 PRECISIONS = ("fp32", "bf16", "fp16")
-from ..zoo import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["TrainConfig", "PRESETS", "small_data_preset", "add_arguments",
            "PRECISIONS", "OPTIMIZERS", "COLLAPSE_MODES", "TEACHER_MODES", "LOSSES",

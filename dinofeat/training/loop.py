@@ -235,7 +235,7 @@ class _JsonLog:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
                              0o644)
-            except OSError as e:
+            except OSError:
                 if Path(path).is_symlink():
                     raise OSError(f"{path} is a symbolic link; the training log is not "
                                   "written through links") from None

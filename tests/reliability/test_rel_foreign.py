@@ -223,7 +223,7 @@ def test_preprocessing_from_a_file_is_validated(tmp_path, tiny_model, tally):
 
 
 def test_onnx_external_data_is_refused_before_reading(tmp_path, tally):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 

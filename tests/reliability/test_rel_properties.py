@@ -216,7 +216,6 @@ def test_index_invariants_through_save_and_load(tmp_path_factory, tally, ops, fa
     as None and never come back from a search; every live item finds itself first (Flat),
     and classify's votes come only from live items."""
     folder = tmp_path_factory.mktemp("idx") / "i.idx"
-    rng = np.random.default_rng(0)
     index = KNNIndex(dim=6, factory=factory)
     live: dict[int, tuple[np.ndarray, str]] = {}
     ever: set[int] = set()

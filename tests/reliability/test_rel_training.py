@@ -180,7 +180,7 @@ def test_sigkill_at_random_steps_then_resume(images, reference, tmp_path, tally)
     points = sorted(rng.sample(range(1, STEPS - 1), 3))
     for point in points:
         proc = _start(cfg)
-        _wait(lambda: _logged_steps(out) >= point, proc)
+        _wait(lambda point=point: _logged_steps(out) >= point, proc)
         time.sleep(rng.uniform(0.0, 0.3))
         _kill(proc)
         # the checkpoint is never corrupt (none yet if the first save had not finished)
