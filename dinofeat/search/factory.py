@@ -140,7 +140,7 @@ def set_search_param(index: faiss.Index, name: str, value: Any) -> None:
     while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         inner = faiss.downcast_index(inner.index)
     if not isinstance(inner, faiss.IndexRefine):
-        raise RuntimeError(f"k_factor applies to re-ranking (Refine) indexes only")
+        raise RuntimeError("k_factor applies to re-ranking (Refine) indexes only")
     inner.k_factor = float(value)
 
 
