@@ -565,3 +565,36 @@ def test_torchrun_two_processes_build_the_same_index(photo_dir, tmp_path):
 def dinofeat_load(path):
     from dinofeat.model import load
     return load(path, device="cpu")
+
+
+def test_index_refuses_features_made_with_other_spec_settings(photo_dir, tmp_path):
+    """The index stores the FeatureSpec identity: queries or additions embedded with
+    another normalisation or n_last_blocks/avgpool setting are refused, naming it."""
+    from dinofeat.features import FeatureSpec
+    from dinofeat.search import embedding_identity
+    model = _tiny_model()
+    index = KNNIndex.from_images(photo_dir / "dogs", model, tmp_path / "s.idx",
+                                 num_workers=0, progress=False)
+    assert index.model_info["normalize"] is True and index.model_info["n_last_blocks"] == 1
+    loaded = KNNIndex.load(tmp_path / "s.idx")
+    query = photo_dir / "dogs" / "img004.png"
+    same = model.embed([query], num_workers=0)
+    assert loaded.search(same, 1, model_info=embedding_identity(model))[1][0, 0] >= 0
+    for change, word in (({"normalize": False}, "normalize"),
+                         ({"n_last_blocks": 4, "avgpool": True}, "n_last_blocks")):
+        other = FeatureSpec(**change)
+        with pytest.raises(IncompatibleFeaturesError, match=word):
+            loaded.search(same, 1, model_info=other.identity(model))
+        with pytest.raises(IncompatibleFeaturesError, match=word):
+            loaded.add_images(photo_dir / "cats", model, num_workers=0, progress=False,
+                              **other.to_dict())
+    # an index saved before the spec existed (pooling/normalized keys) still matches
+    old = dict(loaded.model_info)
+    old["pooling"] = old.pop("pool")
+    for key in ("normalize", "multiscale", "n_last_blocks", "avgpool", "layout", "dim"):
+        old.pop(key, None)
+    legacy = KNNIndex(model_info=old)
+    legacy.add(same)
+    legacy.search(same, 1, model_info=embedding_identity(model))
+    with pytest.raises(IncompatibleFeaturesError, match="normalize"):
+        legacy.search(same, 1, model_info=FeatureSpec(normalize=False).identity(model))

@@ -205,3 +205,20 @@ def test_mapped_load_does_not_read_the_vectors(tmp_path):
         grown[mm] = float(out.strip().splitlines()[-1])
     # mapped: the items and faiss's id maps only (~40 MB here), not the 150 MB of vectors
     assert grown["0"] > 140 and grown["1"] < grown["0"] / 3, grown
+
+
+def test_reranking_candidate_takes_k_factor(tmp_path):
+    """IVF-PQ with exact re-ranking: k_factor reaches the Refine index under the id map
+    (faiss's ParameterSpace does not), is saved, and re-ranking lifts recall over PQ."""
+    x = _clustered(3000, seed=10)
+    pq = KNNIndex(factory="IVF16,PQ4", search_params={"nprobe": 16})
+    pq.add(x)
+    pq.train()  # 3,000 vectors are fewer than PQ wants: train now, on them
+    rr = KNNIndex(factory="IVF16,PQ4,RFlat", search_params={"nprobe": 16, "k_factor": 8})
+    rr.add(x)
+    rr.train()
+    assert pq.is_trained and rr.is_trained
+    loaded = KNNIndex.load(rr.save(tmp_path / "rr.idx"))
+    assert loaded.search_params["k_factor"] == 8
+    assert _recall_vs_brute_force(loaded, x) > _recall_vs_brute_force(pq, x)
+    assert _recall_vs_brute_force(loaded, x) >= 0.95

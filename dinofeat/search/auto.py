@@ -36,7 +36,7 @@ import numpy as np
 
 from ..utils import get_logger
 from . import factory as factories
-from .factory import MIN_POINTS_PER_CENTROID, build_faiss, metric_type
+from .factory import MIN_POINTS_PER_CENTROID, build_faiss, metric_type, set_search_param
 
 __all__ = ["DEFAULT_RECALL", "AUTO_K", "parse_memory", "free_memory", "format_bytes",
            "Candidate", "candidates", "estimate_memory", "AutoChoice", "select",
@@ -198,9 +198,8 @@ def tune_parameter(index: faiss.Index, cand: Candidate, queries: np.ndarray,
     """The cheapest value of ``cand.param`` whose recall@k on ``queries`` (exact answers
     ``truth``, ids) reaches ``target``; else the largest value. Returns
     ``(params, recall)``."""
-    ps = faiss.ParameterSpace()
     for name, value in cand.params.items():
-        ps.set_index_parameter(index, name, value)
+        set_search_param(index, name, value)
     if cand.param is None:
         d, i = index.search(queries, k + 1)
         d, i = drop_self(d, i, query_ids, k)
@@ -208,7 +207,7 @@ def tune_parameter(index: faiss.Index, cand: Candidate, queries: np.ndarray,
     values = [v for v in cand.values if start is None or v >= start] or cand.values[-1:]
     best: tuple[dict[str, Any], float] = ({}, -1.0)
     for v in values:
-        ps.set_index_parameter(index, cand.param, v)
+        set_search_param(index, cand.param, v)
         d, i = index.search(queries, k + 1)
         d, i = drop_self(d, i, query_ids, k)
         r = recall_at_k(i, truth, k)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..utils import atomic_write_json, get_logger
-from .identity import IncompatibleFeaturesError, check_compatible, embedding_identity
+from .identity import (IncompatibleFeaturesError, check_compatible, embedding_identity,
+                       pool_of)
 from .storage import HEADER_NAME
 
 __all__ = ["ImagePlan", "AddReport", "image_files", "hash_files", "plan_images", "add_images",
@@ -178,7 +179,7 @@ def _sources_text(images: Any) -> list[str]:
 
 
 def _adopt_identity(index: Any, model: Any, pool: str | None, embed_kw: dict) -> tuple[str, dict]:
-    pool = pool or (index.model_info or {}).get("pooling", "cls")
+    pool = pool or pool_of(index.model_info)
     identity = embedding_identity(model, pool=pool, **embed_kw)
     check_compatible(index.model_info, identity, "features of these images")
     if index.model_info is None:

@@ -11,11 +11,13 @@ import math
 import os
 import re
 
+from typing import Any
+
 import faiss
 
 __all__ = ["AUTO_EXACT_LIMIT", "MIN_POINTS_PER_CENTROID", "BLAS_THRESHOLD", "choose_factory",
            "default_train_size", "min_train_size", "bytes_per_vector", "build_faiss",
-           "metric_type", "configure_threads", "threads_configured", "gpu_available"]
+           "metric_type", "set_search_param", "configure_threads", "threads_configured", "gpu_available"]
 
 AUTO_EXACT_LIMIT = 1_000_000  # "auto" keeps exact search up to this many vectors
 MIN_POINTS_PER_CENTROID = 39  # faiss warns below this many training points per centroid
@@ -122,6 +124,24 @@ def bytes_per_vector(index: faiss.Index, dim: int, factory: str) -> int:
     if ivf is not None and code > 0:
         code -= int(ivf.coarse_code_size()) if hasattr(ivf, "coarse_code_size") else 0
     return code + 8
+
+
+def set_search_param(index: faiss.Index, name: str, value: Any) -> None:
+    """``faiss.ParameterSpace().set_index_parameter``, plus ``k_factor`` (how many times
+    ``k`` candidates a re-ranking index re-scores exactly) through an id map, which faiss's
+    parameter space does not reach."""
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+        return
+    except RuntimeError:
+        if name != "k_factor":
+            raise
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(inner.index)
+    if not isinstance(inner, faiss.IndexRefine):
+        raise RuntimeError("k_factor applies to re-ranking (Refine) indexes only")
+    inner.k_factor = float(value)
 
 
 def build_faiss(factory: str, dim: int, metric: str) -> faiss.Index:

@@ -12,43 +12,34 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["IncompatibleFeaturesError", "features_info", "as_info", "describe",
+from ..features import (FIELDS, FeatureSpec, IncompatibleFeaturesError, describe_identity,
+                        identity_differences)
+
+__all__ = ["IncompatibleFeaturesError", "features_info", "as_info", "describe", "pool_of",
            "check_compatible", "embedding_identity", "embed_options", "load_model"]
 
 
-from ..features import IncompatibleFeaturesError  # one error for every feature mismatch
-
-
-_IDENTITY_KEYS = ("weights_hash", "preprocessing", "pooling", "multiscale", "whitening",
-                  "normalized", "n_last_blocks", "avgpool", "layout")
-# older records lack the block settings: they were made with the defaults
-_IDENTITY_DEFAULTS = {"pooling": "cls", "multiscale": False, "whitening": None,
-                      "normalized": True, "n_last_blocks": 1, "avgpool": False, "layout": None}
-
-
 def features_info(model: Any = None, pooling: str = "cls", **extra: Any) -> dict[str, Any]:
-    """The identity of a feature space as stored in an index: ``model.describe()`` (name,
-    weights hash, embed dim, patch size, preprocessing) plus the pooling
-    (``"cls"``, ``"cls+gem"`` ...) and anything in ``extra`` (e.g. ``source``: the weights
-    path, so that the CLI can reload the model). ``model`` may be a :class:`DinoModel`, a
-    dict already of this form, or ``None``."""
+    """The identity of a feature space as stored in an index: for a model,
+    ``FeatureSpec(pool=pooling).identity(model)`` (name, weights hash, dims, the
+    preprocessing, every :class:`~dinofeat.features.FeatureSpec` field) plus ``source``
+    (the weights path, so that the CLI can reload the model) and anything in ``extra``;
+    a dict already of this form is taken as it is; ``None`` gives an empty identity."""
     if model is None:
         info: dict[str, Any] = {}
     elif hasattr(model, "describe"):
-        info = dict(model.describe())
+        info = FeatureSpec(pool=pooling).identity(model)
         src = getattr(model, "source", None)
         if src and "source" not in extra:
             info["source"] = os.path.abspath(src) if os.path.exists(src) else str(src)
     elif isinstance(model, Mapping):
         info = dict(model)
-        # a FeatureSpec.identity record: this index format names two of its keys otherwise
-        for key, ours in (("pool", "pooling"), ("normalize", "normalized")):
-            if key in info:
-                info.setdefault(ours, info.pop(key))
     else:
         raise TypeError(f"model info must be a DinoModel or a dict, not {type(model).__name__}")
-    info.setdefault("pooling", pooling)
+    if "pool" not in info and "pooling" not in info:
+        info["pool"] = pooling
     info.update(extra)
+    info.setdefault("pooling", info.get("pool", pooling))  # the key older readers use
     return json.loads(json.dumps(info))  # plain JSON types (tuples -> lists)
 
 
@@ -61,84 +52,57 @@ def as_info(obj: Any) -> dict[str, Any] | None:
 
 def describe(info: Mapping[str, Any]) -> str:
     """A short human description of a feature identity (name, weights, pooling)."""
-    parts = [str(info.get("name", "unnamed model"))]
-    if info.get("weights_hash"):
-        parts.append(f"weights {info['weights_hash']}")
-    parts.append(f"pooling {info.get('pooling', 'cls')}")
-    return ", ".join(parts)
+    return describe_identity(info)
+
+
+def pool_of(info: Mapping[str, Any] | None) -> str:
+    """The pooling an identity records (``"cls"`` when none)."""
+    return FeatureSpec.from_dict(info).pool
 
 
 def check_compatible(index_info: Mapping[str, Any] | None, query_info: Mapping[str, Any] | None,
                      what: str = "features") -> None:
-    """Raise :class:`IncompatibleFeaturesError` when two feature identities differ in
-    weights, preprocessing, pooling, multi-scale averaging or whitening (missing pooling
-    counts as ``"cls"``, missing multiscale as off, missing whitening as none). Nothing is
-    checked when either side is unknown."""
-    if not index_info or not query_info:
-        return
-    diffs = []
-    for key in _IDENTITY_KEYS:
-        a = index_info.get(key, _IDENTITY_DEFAULTS.get(key))
-        b = query_info.get(key, _IDENTITY_DEFAULTS.get(key))
-        if key in ("weights_hash", "preprocessing") and (a is None or b is None):
-            continue
-        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-            diffs.append(key)
-    if not index_info.get("weights_hash") or not query_info.get("weights_hash"):
-        if index_info.get("name") and query_info.get("name") and \
-                index_info["name"] != query_info["name"]:
-            diffs.append("name")
+    """Raise :class:`IncompatibleFeaturesError` when two feature identities make different
+    vectors: weights, preprocessing, pooling, normalisation, multi-scale averaging, the
+    n-last-blocks/avgpool representation or whitening
+    (:func:`dinofeat.features.identity_differences`). Nothing is checked when either side
+    is unknown."""
+    diffs = [_INDEX_NAMES.get(d, d) for d in identity_differences(index_info, query_info)]
     if diffs:
         raise IncompatibleFeaturesError(
             f"{what} come from a different feature space than this index ({', '.join(diffs)} "
-            f"differ): the {what} are from [{describe(query_info)}], the index holds "
-            f"[{describe(index_info)}]; embed them with the index's model and pooling")
+            f"differ): the {what} are from [{describe_identity(query_info or {})}], the index "
+            f"holds [{describe_identity(index_info or {})}]; embed them with the index's model "
+            "and settings")
 
 
-def embedding_identity(model: Any, *, pool: str = "cls", preprocessing: Any = None,
-                       size: int | None = None, multiscale: bool = False,
-                       normalize: bool = True, n_last_blocks: int = 1, avgpool: bool = False,
-                       layout: str | None = None, spec: Any = None,
-                       **_ignored: Any) -> dict[str, Any]:
-    """:func:`features_info` for features made by ``model.embed(..., pool=pool, ...)``
-    (or ``spec=``, a :class:`~dinofeat.features.FeatureSpec`): the preprocessing recorded
-    is the one actually applied (``preprocessing`` and ``size`` overrides included), and
-    every setting that changes the vectors is recorded."""
-    from ..features import FeatureSpec
-    if spec is None:
-        spec = FeatureSpec(pool=pool, normalize=normalize, multiscale=multiscale,
-                           n_last_blocks=n_last_blocks, avgpool=avgpool, layout=layout,
-                           preprocessing=preprocessing, size=size)
-    extra: dict[str, Any] = {"preprocessing": spec.effective_preprocessing(model).to_dict()}
-    if spec.multiscale:
-        extra["multiscale"] = True
-    if not spec.normalize:
-        extra["normalized"] = False
-    if spec.n_last_blocks != 1:
-        extra["n_last_blocks"] = spec.n_last_blocks
-    if spec.avgpool:
-        extra.update(avgpool=True, layout=spec.layout)
-    return features_info(model, pooling=spec.pool, **extra)
+# the index format's names for two FeatureSpec fields (its headers predate the spec)
+_INDEX_NAMES = {"pool": "pooling", "normalize": "normalized"}
+
+
+def embedding_identity(model: Any, spec: FeatureSpec | None = None, *,
+                       pool: str | None = None, **options: Any) -> dict[str, Any]:
+    """:func:`features_info` for features made by ``model.embed(..., spec, pool=pool,
+    **options)``: the :class:`~dinofeat.features.FeatureSpec` identity (the preprocessing
+    actually applied, ``size`` folded in); options that are not spec fields (batch size,
+    precision, device...) do not change the vectors and are ignored."""
+    fields, _ = FeatureSpec.split_options(options)
+    if pool is not None:
+        fields["pool"] = pool
+    info = FeatureSpec.from_options(spec, **fields).identity(model)
+    src = getattr(model, "source", None)
+    if src:
+        info["source"] = os.path.abspath(src) if os.path.exists(src) else str(src)
+    info["pooling"] = info.get("pool", "cls")  # the key older readers use
+    return info
 
 
 def embed_options(info: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The :meth:`DinoModel.embed` options that make features of identity ``info``
-    (pooling, the exact preprocessing, multi-scale)."""
-    info = info or {}
-    opts: dict[str, Any] = {"pool": info.get("pooling", "cls")}
-    if info.get("preprocessing"):
-        from ..zoo import Preprocessing
-        opts["preprocessing"] = Preprocessing(**{
-            k: tuple(v) if isinstance(v, list) else v
-            for k, v in info["preprocessing"].items()})
-    if info.get("multiscale"):
-        opts["multiscale"] = True
-    if info.get("normalized") is False:
-        opts["normalize"] = False
-    for key in ("n_last_blocks", "avgpool", "layout"):
-        if info.get(key) not in (None, _IDENTITY_DEFAULTS[key]):
-            opts[key] = info[key]
-    return opts
+    """The ``embed`` options (:class:`~dinofeat.features.FeatureSpec` fields) that make
+    features of identity ``info``: pooling, normalisation, multi-scale, the n-last-blocks
+    representation and the exact preprocessing recorded."""
+    spec = FeatureSpec.from_dict(info)
+    return {f: getattr(spec, f) for f in FIELDS if f != "size"}
 
 
 def load_model(info: Mapping[str, Any] | None, weights: str | os.PathLike | None = None,

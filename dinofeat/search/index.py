@@ -48,7 +48,7 @@ from . import build as builder
 from . import factory as factories
 from . import storage
 from .factory import (build_faiss, bytes_per_vector, default_train_size, gpu_available,
-                      metric_type, min_train_size)
+                      metric_type, min_train_size, set_search_param)
 from . import identity
 from .identity import (IncompatibleFeaturesError, as_info, check_compatible, describe,
                        embedding_identity)
@@ -286,10 +286,9 @@ class KNNIndex:
     def _apply_search_params(self) -> None:
         if self._index is None:
             return
-        ps = faiss.ParameterSpace()
         for name, value in self.search_params.items():
             try:
-                ps.set_index_parameter(self._index, name, value)
+                set_search_param(self._index, name, value)
             except RuntimeError as e:
                 raise ValueError(f"search parameter {name}={value!r} does not apply to a "
                                  f"{self.resolved_factory} index: "
@@ -694,10 +693,9 @@ class KNNIndex:
         self.resolved_factory = new_factory
         self._tombstones.clear()
         old_params, self.search_params = self.search_params, {}
-        ps = faiss.ParameterSpace()
         for name, value in old_params.items():  # keep the parameters that still apply
             try:
-                ps.set_index_parameter(new, name, value)
+                set_search_param(new, name, value)
                 self.search_params[name] = value
             except RuntimeError:
                 pass
