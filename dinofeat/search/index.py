@@ -90,6 +90,13 @@ def _to_label(v: Any) -> int | str:
 
 
 # ------------------------------------------------------------------ the index
+def _hnsw_of(index: Any) -> Any:
+    """The ``IndexHNSW`` inside ``index`` (through an id map), or ``None``."""
+    inner = (faiss.downcast_index(index.index)
+             if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
 def _flat_arrays(index: faiss.Index) -> tuple[np.ndarray, np.ndarray, str] | None:
     """``(vectors [N, D] (a view, no copy), ids [N], "ip" | "l2")`` of an id-mapped
     exact ``IndexFlat``; ``None`` for any other index."""
@@ -797,6 +804,7 @@ class KNNIndex:
                              str(e).strip().splitlines()[-1] if str(e).strip()
                              else type(e).__name__)
                 scores, ids = self._index.search(q, kk)
+        scores, ids = self._complete_hnsw_rows(index, q, kk, scores, ids)
         if extra:
             dead = np.isin(ids, np.fromiter(self._tombstones, np.int64, extra))
             ids = np.where(dead, -1, ids)
@@ -811,6 +819,35 @@ class KNNIndex:
         ids = ids[:, :k].astype(np.int64)
         scores = scores[:, :k].astype(np.float32)
         scores[ids < 0] = empty_score
+        return scores, ids
+
+    def _complete_hnsw_rows(self, index: Any, q: np.ndarray, kk: int, scores: np.ndarray,
+                            ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """HNSW's greedy walk can come back with fewer than ``kk`` hits although the
+        index holds more (a sparse graph, many tombstones): search those queries again
+        with a wider beam (``efSearch``) up to the whole index, so that a search returns
+        ``min(k, live items)`` results as every other index type does."""
+        hnsw = _hnsw_of(index)
+        want = min(kk, int(index.ntotal))
+        short = np.flatnonzero((ids >= 0).sum(1) < want)
+        if hnsw is None or not len(short):
+            return scores, ids
+        ef = max(int(hnsw.hnsw.efSearch), kk)
+        while len(short) and ef < int(index.ntotal):
+            ef = min(4 * ef, int(index.ntotal))
+            params = faiss.SearchParametersHNSW(efSearch=ef)
+            s2, i2 = index.search(q[short], kk, params=params)
+            scores[short], ids[short] = s2, i2
+            short = short[(i2 >= 0).sum(1) < want]
+        if len(short):
+            # a graph that does not reach every node (tiny M, many tombstones): the
+            # vectors HNSW stores, searched exactly, for these few queries
+            storage = faiss.downcast_index(hnsw.storage)
+            s2, rows = storage.search(q[short], kk)
+            if index is not hnsw:  # through the id map
+                id_map = faiss.vector_to_array(index.id_map)
+                rows = np.where(rows >= 0, id_map[np.clip(rows, 0, None)], -1)
+            scores[short], ids[short] = s2, rows
         return scores, ids
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
