@@ -715,7 +715,7 @@ def _probe_batch(dim: int, tokens: int, precision: str,
     with fast_math("cpu", precision):
         for b in candidates:
             x = torch.randn(b * (tokens * 3 // 4 + 1), dim).to(dtype)
-            sec = _race({"x": lambda: torch.nn.functional.linear(x, w)}, repeats=2)["x"]
+            sec = _race({"x": lambda x=x: torch.nn.functional.linear(x, w)}, repeats=2)["x"]
             rates[b] = round(2 * x.shape[0] * dim * 4 * dim / sec / 1e9, 1)
             if len(rates) > 1 and rates[b] < 1.05 * max(r for c, r in rates.items() if c != b):
                 break  # at speed: larger batches add memory and latency only

@@ -190,13 +190,17 @@ class EmbedStream:
         (:func:`dinofeat.images.plan_decoding` with the model's estimated cost)."""
         sources = self.resolved.sources if sources is None else sources
         model_s = None
-        size = getattr(self.transform, "output_size", None)
-        if self.device.type == "cpu" and self.num_workers is None and size is not None \
-                and len(sources) > self.batch_size \
+        # __post_init__ made device a torch.device and transform an ImageTransform (or the
+        # caller's own callable, which has no output_size)
+        transform: Any = self.transform
+        size = getattr(transform, "output_size", None)
+        if torch.device(self.device or "cpu").type == "cpu" and self.num_workers is None \
+                and size is not None and len(sources) > self.batch_size \
                 and isinstance(getattr(self.model, "backbone", None), torch.nn.Module):
             from .accel import model_seconds_per_image
-            h, w = size(*((self.transform.resize_size,) * 2))
-            model_s = model_seconds_per_image(self.model, h, w, self.precision)
+            h, w = size(*((transform.resize_size,) * 2))
+            model_s = model_seconds_per_image(self.model, h, w,  # type: ignore[arg-type]
+                                              self.precision)
         return _images.plan_decoding(sources, self.transform, batch_size=self.batch_size,
                                      model_s=model_s, decode=self.decode,
                                      num_workers=self.num_workers)

@@ -269,7 +269,6 @@ def test_fp16_on_gpu(vit_s16, reference):  # pragma: no cover - no GPU in CI
 
 # ------------------------------------------------------------------------ probes
 def test_probes_measure_once_and_are_reused(tmp_path, monkeypatch):
-    import numpy as np
     monkeypatch.setenv("DINOFEAT_PROBE", "1")
     monkeypatch.setenv("DINOFEAT_CACHE_DIR", str(tmp_path))
     assert accel.probing_enabled()

@@ -60,7 +60,9 @@ def test_precision_names_and_dtypes():
 
 def test_one_list_of_precisions_everywhere():
     from dinofeat.training.config import PRECISIONS, TrainConfig
-    assert PRECISIONS is runtime.PRECISIONS
+    # training.config keeps a torch-free copy (so `--help` imports no torch); it must
+    # equal the one list
+    assert PRECISIONS == runtime.PRECISIONS
     cfg = TrainConfig(precision="fp16")
     assert cfg.autocast_dtype("cuda") is torch.float16 and cfg.autocast_dtype("cpu") is None
     assert cfg.uses_loss_scaling("cuda") and not cfg.uses_loss_scaling("cpu")
