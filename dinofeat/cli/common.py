@@ -135,6 +135,17 @@ def embed_run_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+def embed_options(args: argparse.Namespace) -> dict:
+    """:func:`embed_run_options` plus the feature options ``--size`` and
+    ``--preprocessing`` when given (the verbs that embed a folder with a chosen spec)."""
+    opts = embed_run_options(args)
+    if getattr(args, "size", None):
+        opts["size"] = args.size
+    if getattr(args, "preprocessing", None):
+        opts["preprocessing"] = args.preprocessing
+    return opts
+
+
 def add_decode_arg(g) -> None:
     """``--decode reduced|full`` (embedding from image files)."""
     g.add_argument("--decode", choices=("reduced", "full"), default="reduced",

@@ -6,7 +6,7 @@ import argparse
 
 from .common import (LibraryDefault, UserError, add_decode_arg, add_deprecated,
                      add_model_args,
-                     embed_run_options,
+                     embed_options, embed_run_options,
                      features_device, load_model_arg, model_args_fixup, rank,
                      resolve_default, resolve_model_args)
 from .output import plural
@@ -28,11 +28,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         raise UserError("--checkpoint-every and --shard-size must be at least 1")
     features_device(args)
     model = load_model_arg(args)
-    opts = embed_run_options(args)
-    if args.size:
-        opts["size"] = args.size
-    if args.preprocessing:
-        opts["preprocessing"] = args.preprocessing
+    opts = embed_options(args)
     auto_kw = {}
     if args.memory is not None or args.recall is not None:
         if args.factory != "auto":
@@ -210,11 +206,7 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
         raise UserError("-k must be at least 1 (or left out: all pairs)")
     features_device(args)
     model = load_model_arg(args)
-    opts = embed_run_options(args)
-    if args.size:
-        opts["size"] = args.size
-    if args.preprocessing:
-        opts["preprocessing"] = args.preprocessing
+    opts = embed_options(args)
     # The library logs its summary too; the command prints it once, on stdout.
     import logging
     dedup_log = logging.getLogger("dinofeat.dedup")
