@@ -183,6 +183,9 @@ try:
 except Exception as e:
     res = {"error": f"{type(e).__name__}: {e}"}
 json.dump(res, open(out, "w"))
+if world > 1:  # leave the group together: a gloo group torn down at exit can abort
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
