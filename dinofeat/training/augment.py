@@ -41,7 +41,29 @@ from ..zoo import IMAGENET_MEAN, IMAGENET_STD
 __all__ = ["MultiCropAugmentation", "RandomResizedCropPIL", "RandomFlipPIL",
            "RandomColorJitterPIL", "RandomGrayscalePIL", "RandomGaussianBlur",
            "RandomSolarizePIL", "NormalizeToTensor", "ViewTransform", "blur_kernel_size",
-           "to_uint8_rgb", "to_rgb_pil"]
+           "to_uint8_rgb", "to_rgb_pil", "VIEW_PROBABILITIES", "check_crops_number",
+           "recipe_from_config"]
+
+#: (Gaussian blur, solarisation) probabilities of each view of the multi-crop recipe:
+#: the first global crop is always blurred, the second rarely but may be solarised, the
+#: local crops are blurred half of the time. Both augmentation classes read them here.
+VIEW_PROBABILITIES = {"global1": (1.0, 0.0), "global2": (0.1, 0.2), "local": (0.5, 0.0)}
+
+
+def check_crops_number(local_crops_number: int) -> None:
+    if local_crops_number < 0:
+        raise ValueError(f"local_crops_number must not be negative, got {local_crops_number}")
+
+
+def recipe_from_config(cfg) -> dict:
+    """The augmentation arguments a :class:`~dinofeat.training.config.TrainConfig` holds
+    (the constructor arguments of both augmentation classes)."""
+    return dict(global_crops_scale=cfg.global_crops_scale,
+                local_crops_scale=cfg.local_crops_scale,
+                local_crops_number=cfg.local_crops_number,
+                global_crop_size=cfg.global_crop_size, local_crop_size=cfg.local_crop_size,
+                mean=cfg.mean, std=cfg.std, grayscale=cfg.grayscale,
+                blur_sigma=cfg.blur_sigma)
 
 
 def blur_kernel_size(sigma_max: float, crop_size: int) -> int:
@@ -261,9 +283,7 @@ class MultiCropAugmentation:
                  local_crop_size: int = 96,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  grayscale: bool = False, blur_sigma: Sequence[float] = (0.1, 2.0)):
-        if local_crops_number < 0:
-            raise ValueError(f"local_crops_number must not be negative, got "
-                             f"{local_crops_number}")
+        check_crops_number(local_crops_number)
         self.local_crops_number = local_crops_number
         self.global_crop_size, self.local_crop_size = global_crop_size, local_crop_size
         self.grayscale = grayscale
@@ -286,16 +306,15 @@ class MultiCropAugmentation:
             steps.append(to_tensor)
             return ViewTransform(steps)
 
-        self.global_transform1 = pipeline(global_crop_size, global_crops_scale, 1.0, 0.0)
-        self.global_transform2 = pipeline(global_crop_size, global_crops_scale, 0.1, 0.2)
-        self.local_transform = pipeline(local_crop_size, local_crops_scale, 0.5, 0.0)
+        p = VIEW_PROBABILITIES
+        self.global_transform1 = pipeline(global_crop_size, global_crops_scale, *p["global1"])
+        self.global_transform2 = pipeline(global_crop_size, global_crops_scale, *p["global2"])
+        self.local_transform = pipeline(local_crop_size, local_crops_scale, *p["local"])
 
     @classmethod
     def from_config(cls, cfg) -> "MultiCropAugmentation":
         """The augmentation a :class:`~dinofeat.training.config.TrainConfig` describes."""
-        return cls(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
-                   cfg.global_crop_size, cfg.local_crop_size, mean=cfg.mean, std=cfg.std,
-                   grayscale=cfg.grayscale, blur_sigma=cfg.blur_sigma)
+        return cls(**recipe_from_config(cfg))
 
     @property
     def ncrops(self) -> int:

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from ..zoo import IMAGENET_MEAN, IMAGENET_STD
-from .augment import blur_kernel_size, to_uint8_rgb
+from .augment import (VIEW_PROBABILITIES, blur_kernel_size, check_crops_number,
+                      recipe_from_config, to_uint8_rgb)
 from .data import BatchFailures
 
 __all__ = ["BatchMultiCropAugmentation"]
@@ -84,15 +85,14 @@ class BatchMultiCropAugmentation:
                  local_crop_size: int = 96,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  grayscale: bool = False, blur_sigma: Sequence[float] = (0.1, 2.0)):
-        if local_crops_number < 0:
-            raise ValueError(f"local_crops_number must not be negative, got "
-                             f"{local_crops_number}")
+        check_crops_number(local_crops_number)
         sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.local_crops_number = local_crops_number
         self.grayscale = grayscale
-        self.views = [_View(global_crop_size, global_crops_scale, 1.0, 0.0, sigma),
-                      _View(global_crop_size, global_crops_scale, 0.1, 0.2, sigma)] + \
-            [_View(local_crop_size, local_crops_scale, 0.5, 0.0, sigma)
+        p = VIEW_PROBABILITIES
+        self.views = [_View(global_crop_size, global_crops_scale, *p["global1"], sigma),
+                      _View(global_crop_size, global_crops_scale, *p["global2"], sigma)] + \
+            [_View(local_crop_size, local_crops_scale, *p["local"], sigma)
              for _ in range(local_crops_number)]
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -100,9 +100,7 @@ class BatchMultiCropAugmentation:
     @classmethod
     def from_config(cls, cfg) -> "BatchMultiCropAugmentation":
         """The augmentation a :class:`~dinofeat.training.config.TrainConfig` describes."""
-        return cls(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
-                   cfg.global_crop_size, cfg.local_crop_size, mean=cfg.mean, std=cfg.std,
-                   grayscale=cfg.grayscale, blur_sigma=cfg.blur_sigma)
+        return cls(**recipe_from_config(cfg))
 
     @property
     def ncrops(self) -> int:
