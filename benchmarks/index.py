@@ -402,12 +402,14 @@ def scale_part(n: int, args, centers, tmp: Path) -> dict:
             index.add(db[s:s + 200_000])
         build_s = time.perf_counter() - t0
         tq_ids = np.full(len(tune_q), -1, np.int64)  # tuning queries are not in the index
-        params, tune_r = autos.tune_parameter(index._index, cand, tune_q, tune_truth, tq_ids,
-                                              args.recall, k)
+        tuned = autos.tune_parameter(index._index, cand, tune_q, tune_truth, tq_ids,
+                                     args.recall, k)
+        params, tune_r = tuned.params, tuned.recall
         index.set_search_params(**params)
         found = _search_all(index, q, k)
         timing = _interleaved({"Flat": flat, cand.factory: index}, q, k, args.repeats)
         row = {"factory": cand.factory, "params": params, "tune_recall": tune_r,
+               "tune_recall_bound": tuned.bound,
                "recall_at_k": recall_at_k(found, truth), "build_s": build_s,
                "bytes_per_vector": cand.bytes_per_vector,
                "bytes_per_vector_file": _file_bytes(index, tmp / "c.idx") / n,

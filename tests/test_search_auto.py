@@ -68,6 +68,62 @@ def test_exact_below_the_limit_and_compressed_just_above():
     assert abs(index.auto["recall"] - measured) < 0.03
 
 
+def test_recall_bound_is_the_one_sided_95_percent_bound():
+    import statistics
+    from dinofeat.search.auto import per_query_recall, recall_at_k, recall_bound
+    rng = np.random.default_rng(0)
+    per = rng.integers(7, 11, 300) / 10
+    expected = statistics.mean(per) - 1.6448536 * statistics.stdev(per) / 300 ** 0.5
+    assert recall_bound(per) == pytest.approx(expected, abs=1e-9)
+    assert recall_bound(np.ones(50)) == 1.0 and recall_bound(np.array([])) == 1.0
+    truth = np.array([[1, 2, 3], [4, 5, -1]])
+    found = np.array([[3, 9, 1], [5, 8, 7]])
+    np.testing.assert_allclose(per_query_recall(found, truth, 3), [2 / 3, 1 / 2])
+    assert recall_at_k(found, truth, 3) == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_tuning_stops_where_the_lower_bound_reaches_the_target():
+    """The chosen nprobe is the cheapest whose 95% lower bound of the mean per-query
+    recall (over the held-out queries, measured here with numpy against brute force)
+    reaches the target; the header records the mean and the bound."""
+    import statistics
+    both = _clustered(6300, dim=32, centers=60, seed=12)
+    x, fresh = both[:6000], both[6000:]  # fresh queries: same clusters, not indexed
+    target = 0.95
+    index = KNNIndex(factory="auto", expected_size=len(x), recall=target)
+    index.add(x)
+    a = index.auto
+    assert a["recall_bound"] <= a["recall"] and a["confidence"] == 0.95
+    assert a["sample_recall_bound"] >= target and a["recall_bound"] >= target
+    p = index._probe
+    qids, queries = p["ids"], p["queries"]
+    sim = queries @ x.T
+    sim[np.arange(len(qids)), qids] = -np.inf
+    truth = np.argsort(-sim, axis=1)[:, :10]
+
+    def bound_at(nprobe: int) -> tuple[float, float]:
+        index.set_search_params(nprobe=nprobe)
+        _, ids = index.search(queries, 11)
+        per = [len(np.intersect1d([i for i in f if i != q][:10], t)) / 10
+               for q, f, t in zip(qids, ids, truth)]
+        m = statistics.mean(per)
+        return m, m - 1.6448536 * statistics.stdev(per) / len(per) ** 0.5
+
+    chosen = a["params"]["nprobe"]
+    mean, bound = bound_at(chosen)
+    assert mean == pytest.approx(a["recall"], abs=1e-4)
+    assert bound == pytest.approx(a["recall_bound"], abs=1e-4) and bound >= target
+    if chosen > 1:  # one step cheaper does not reach the target with the margin
+        assert bound_at(chosen // 2)[1] < target
+    index.set_search_params(nprobe=chosen)
+    # and fresh queries (not in the index) meet the target against numpy brute force
+    sim = fresh @ x.T
+    truth = np.argsort(-sim, axis=1)[:, :10]
+    _, ids = index.search(fresh, 10)
+    hits = sum(len(np.intersect1d(f, t)) for f, t in zip(ids, truth))
+    assert hits / truth.size >= target
+
+
 def test_memory_switch_point(tmp_path):
     """Under the exact-search limit, but with a budget just below what Flat needs: a
     compressed index that still meets the target."""
@@ -146,6 +202,7 @@ def test_index_info_prints_the_choice(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "target recall@10 0.95 within 1.0 GB" in out and index.resolved_factory in out
     assert f"{index.auto['recall']} (on 4,000 vectors, 300 held-out queries)" in out
+    assert f"recall lower bound  {index.auto['recall_bound']} (one-sided 95% confidence)" in out
     assert main(["index", "info", str(tmp_path / "a.idx"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["auto"]["recall_target"] == 0.95
 

@@ -541,16 +541,16 @@ class KNNIndex:
         if ids is not None and choice.factory != "Flat":
             self._start_probe(sample, ids)
         if choice.met:
-            _log.info("index factory auto -> %s with %s: recall@%d %.3f >= %.2f on a held-out "
-                      "sample, about %s for %s vectors", choice.factory, choice.params or "-",
-                      autos.AUTO_K, choice.recall, target, autos.format_bytes(choice.memory),
-                      f"{n:,}")
+            _log.info("index factory auto -> %s with %s: recall@%d %.3f (95%% lower bound "
+                      "%.3f >= %.2f) on a held-out sample, about %s for %s vectors",
+                      choice.factory, choice.params or "-", autos.AUTO_K, choice.recall,
+                      choice.bound, target, autos.format_bytes(choice.memory), f"{n:,}")
         else:
             _log.warning("index factory auto: recall@%d %.2f cannot be met within %s for %s "
-                         "%d-d vectors (best: %s with %s, recall %.3f); raise --memory/memory= "
-                         "or lower the target", autos.AUTO_K, target,
-                         autos.format_bytes(budget), f"{n:,}", self.dim, choice.factory,
-                         choice.params, choice.recall)
+                         "%d-d vectors (best: %s with %s, recall %.3f, 95%% lower bound "
+                         "%.3f); raise --memory/memory= or lower the target", autos.AUTO_K,
+                         target, autos.format_bytes(budget), f"{n:,}", self.dim,
+                         choice.factory, choice.params, choice.recall, choice.bound)
 
     def _convert_auto(self) -> None:
         """An exact auto index that outgrew exact search: choose on a sample of its (exact)
@@ -637,19 +637,22 @@ class KNNIndex:
         k = autos.AUTO_K
         truth = autos.drop_self(p["scores"], p["topk"], p["ids"], k)[1]
         t0 = time.perf_counter()
-        params, r = autos.tune_parameter(self._index, cand, p["queries"], truth, p["ids"],
-                                         self._target(), k)
-        self.search_params.update(params)
+        tuned = autos.tune_parameter(self._index, cand, p["queries"], truth, p["ids"],
+                                     self._target(), k)
+        self.search_params.update(tuned.params)
         self._apply_search_params()
-        self.auto.update(params=dict(self.search_params), recall=round(r, 4),
-                         measured_on=len(self), queries=len(p["ids"]),
-                         target_met=r >= self._target())
-        _log.info("auto: recall@%d %.3f with %s on %d held-out queries over %d vectors "
-                  "(%.1f s)", k, r, params, len(p["ids"]), len(self), time.perf_counter() - t0)
-        if r < self._target():
-            _log.warning("auto: recall@%d %.3f is below the target %.2f even with %s; "
-                         "rebuild with a larger memory budget (memory=, --memory) or a lower "
-                         "target", k, r, self._target(), params)
+        self.auto.update(params=dict(self.search_params), recall=round(tuned.recall, 4),
+                         recall_bound=round(tuned.bound, 4), confidence=autos.CONFIDENCE,
+                         measured_on=len(self), queries=tuned.queries,
+                         target_met=tuned.met(self._target()))
+        _log.info("auto: recall@%d %.3f (95%% lower bound %.3f) with %s on %d held-out "
+                  "queries over %d vectors (%.1f s)", k, tuned.recall, tuned.bound,
+                  tuned.params, tuned.queries, len(self), time.perf_counter() - t0)
+        if not tuned.met(self._target()):
+            _log.warning("auto: recall@%d %.3f (95%% lower bound %.3f) does not reach the "
+                         "target %.2f even with %s; rebuild with a larger memory budget "
+                         "(memory=, --memory) or a lower target", k, tuned.recall,
+                         tuned.bound, self._target(), tuned.params)
         self._tuned_at = len(self)
         return dict(self.auto)
 
