@@ -224,9 +224,10 @@ def test_memory_mapped_index_searches_and_keeps_add(tmp_path, factory):
     s_map, i_map = mapped.search(x[:50], 10)
     np.testing.assert_array_equal(i_mem, i_map)
     np.testing.assert_allclose(s_mem, s_map, atol=1e-6)
-    mapped.add(x[1500:])  # copies into memory, then adds
-    assert not mapped._mapped and len(mapped) == 2000
-    mapped.remove([0, 1])
+    mapped.add(x[1500:])  # IVF: grows next to the mapped lists; others: copies first
+    assert mapped._mapped == (factory == "IVF16,SQ8") and len(mapped) == 2000
+    mapped.remove([0, 1])  # copies into memory
+    assert not mapped._mapped
     mapped.save(folder)
     mapped.save(folder)  # the generation the reader mapped is deleted now
     assert not (folder / "index.1.faiss").exists()
@@ -279,3 +280,92 @@ def test_reranking_candidate_takes_k_factor(tmp_path):
     assert loaded.search_params["k_factor"] == 8
     assert _recall_vs_brute_force(loaded, x) > _recall_vs_brute_force(pq, x)
     assert _recall_vs_brute_force(loaded, x) >= 0.95
+
+
+def test_mapped_ivf_index_grows_without_reading_its_lists(tmp_path, monkeypatch):
+    """An IVF index loaded with mmap=True takes new vectors without its lists being read
+    into memory; saving merges old and new lists into the next generation's on-disk lists
+    file, published atomically: results equal an in-memory index holding all vectors, a
+    crash before the commit leaves the old generation, readers of the old generation keep
+    searching, and files the index did not write are left alone."""
+    from dinofeat.search import storage
+    x = _clustered(3000, seed=11)
+    q = x[::37]
+    index = KNNIndex(factory="IVF16,SQ8", search_params={"nprobe": 4})
+    index.add(x[:1500])
+    folder = index.save(tmp_path / "grow.idx")
+    (folder / "notes.txt").write_text("the user's")
+    old_ids = index.search(q, 10)[1]
+    reader = KNNIndex.load(folder, mmap=True)
+    ref = KNNIndex.load(folder)  # in memory, same quantiser: the reference
+    ref.add(x[1500:2500])
+    grown = KNNIndex.load(folder, mmap=True)
+    grown.add(x[1500:2000])
+    grown.add(x[2000:2500])
+    assert grown._mapped and grown._grower is not None and grown._grower.added == 1000
+    s_ref, i_ref = ref.search(q, 10)
+    s_gr, i_gr = grown.search(q, 10)
+    np.testing.assert_array_equal(i_gr, i_ref)
+    np.testing.assert_allclose(s_gr, s_ref, atol=1e-6)
+
+    real = storage.atomic_write_json
+
+    def crash_at_commit(path, *a, **kw):
+        if path.name == "index.json":
+            raise OSError("disk full")
+        return real(path, *a, **kw)
+    monkeypatch.setattr(storage, "atomic_write_json", crash_at_commit)
+    with pytest.raises(OSError):
+        grown.save(folder)
+    monkeypatch.setattr(storage, "atomic_write_json", real)
+    old = KNNIndex.load(folder, mmap=True)  # the old generation, whole
+    assert len(old) == 1500 and "lists_file" not in KNNIndex.read_header(folder)
+    np.testing.assert_array_equal(old.search(q, 10)[1], old_ids)
+
+    grown.save(folder)
+    header = KNNIndex.read_header(folder)
+    gen = header["generation"]
+    assert header["lists_file"] == f"lists.{gen}.ivfdata" and header["count"] == 2500
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["index.json", f"index.{gen}.faiss", f"items.{gen}.json", f"lists.{gen}.ivfdata",
+         "notes.txt"])
+    # the trained part alone is small: the codes are in the lists file
+    assert (folder / f"index.{gen}.faiss").stat().st_size < \
+        (folder / f"lists.{gen}.ivfdata").stat().st_size / 4
+    np.testing.assert_array_equal(reader.search(q, 10)[1], old_ids)  # deleted, still mapped
+    np.testing.assert_array_equal(grown.search(q, 10)[1], i_ref)
+    assert grown._grower is None  # the new vectors now come from the lists file
+
+    again = KNNIndex.load(folder, mmap=True)
+    np.testing.assert_array_equal(again.search(q, 10)[1], i_ref)
+    again.add(x[2500:])
+    ref.add(x[2500:])
+    again.save(folder)
+    plain = KNNIndex.load(folder)  # on-disk lists are mapped even without mmap=True
+    assert plain._mapped and len(plain) == 3000
+    s_ref, i_ref = ref.search(q, 10)
+    np.testing.assert_array_equal(plain.search(q, 10)[1], i_ref)
+    np.testing.assert_allclose(plain.search(q, 10)[0], s_ref, atol=1e-6)
+    plain.remove([0, 5])  # removing reads the lists into memory first
+    ref.remove([0, 5])
+    assert not plain._mapped
+    np.testing.assert_array_equal(plain.search(q, 10)[1], ref.search(q, 10)[1])
+    plain.save(folder)  # back to one faiss file
+    assert "lists_file" not in KNNIndex.read_header(folder)
+    assert (folder / "notes.txt").read_text() == "the user's"
+    assert not [p for p in folder.iterdir() if p.name.endswith(".ivfdata")]
+
+
+def test_lists_file_named_by_the_header_is_checked(tmp_path):
+    x = _clustered(2000, seed=13)
+    index = KNNIndex(factory="IVF16,Flat")
+    index.add(x[:1500])
+    folder = index.save(tmp_path / "l.idx")
+    grown = KNNIndex.load(folder, mmap=True)
+    grown.add(x[1500:])
+    grown.save(folder)
+    header = json.loads((folder / "index.json").read_text())
+    lists = folder / header["lists_file"]
+    lists.write_bytes(lists.read_bytes()[:100])  # truncated
+    with pytest.raises(Exception, match="outside"):
+        KNNIndex.load(folder)

@@ -49,7 +49,7 @@ from . import factory as factories
 from . import storage
 from .factory import (build_faiss, bytes_per_vector, default_train_size, gpu_available,
                       metric_type, min_train_size, set_search_param)
-from . import identity
+from . import identity, ondisk
 from .identity import (IncompatibleFeaturesError, as_info, check_compatible, describe,
                        embedding_identity)
 from .storage import IndexFormatError
@@ -173,6 +173,7 @@ class KNNIndex:
         self._gpu_index: faiss.Index | None = None
         self._gpu_failed = False
         self._mapped = False  # faiss data memory-mapped from a generation file (read-only)
+        self._grower: ondisk.ListsGrower | None = None  # vectors added to a mapped IVF index
         self._gpu_res = None  # faiss.StandardGpuResources of the GPU copy
         self._tombstones: set[int] = set()  # removed ids an index cannot delete (HNSW)
         # per-item records, row-aligned
@@ -364,11 +365,22 @@ class KNNIndex:
         paths, hashes, extra = self._split_meta(n, meta)
         if n == 0:
             return id_arr
-        self._own_memory()
+        grow = self._mapped and self.is_trained and self._pending is None and \
+            ondisk.can_grow(self._index)
+        if not grow:
+            self._own_memory()
+        elif self._grower is None:
+            _log.info("adding to the memory-mapped %s index without reading its lists: the "
+                      "new vectors are searched next to them and merged into a new lists "
+                      "file at the next save", self.resolved_factory)
+            self._grower = ondisk.ListsGrower(ondisk.ivf_of(self._index))
         self._ensure_index(len(self) + n)
         target = self._index if self._index.is_trained else self._pending
         for s in range(0, n, _ADD_CHUNK):
-            target.add_with_ids(x[s:s + _ADD_CHUNK], id_arr[s:s + _ADD_CHUNK])
+            if grow:
+                self._grower.add(x[s:s + _ADD_CHUNK], id_arr[s:s + _ADD_CHUNK])
+            else:
+                target.add_with_ids(x[s:s + _ADD_CHUNK], id_arr[s:s + _ADD_CHUNK])
         start = len(self._ids)
         self._ids.extend(int(i) for i in id_arr)
         self._labels.extend(lab)
@@ -467,8 +479,9 @@ class KNNIndex:
             return
         _log.info("copying the memory-mapped index into memory to change it (%s vectors)",
                   f"{int(self._index.ntotal):,}")
-        self._index = faiss.deserialize_index(faiss.serialize_index(self._index))
+        self._index = ondisk.in_memory_copy(self._index)
         self._mapped = False
+        self._grower = None
         self._apply_search_params()
 
     def _invalidate(self) -> None:
@@ -954,6 +967,14 @@ class KNNIndex:
         out = storage.write_generation(path, index=self._index, pending=self._pending,
                                        items=items, header=self._header)
         self.folder = out
+        if ondisk.has_ondisk_lists(self._index):
+            # the lists just written hold everything: map them, and let the vectors added
+            # since the load (in memory) go
+            self._index = storage.read_index_file(out)
+            self._grower = None
+            self._mapped = True
+            self._apply_search_params()
+            self._invalidate()
         return out
 
     @staticmethod
@@ -969,8 +990,11 @@ class KNNIndex:
 
         ``mmap=True`` maps the faiss data instead of reading it (an index larger than
         memory is searched with the OS paging in what searches touch; an IVF index touches
-        only the ``nprobe`` lists a query probes). Adding or removing vectors first copies
-        the index into memory, once, and says so."""
+        only the ``nprobe`` lists a query probes). Vectors added to a mapped IVF index are
+        kept in memory next to the mapped lists (searched together) and merged into a new
+        on-disk lists file at the next save (:mod:`dinofeat.search.ondisk`), so an index
+        larger than memory can grow; other index types, and removing vectors, first copy
+        the index into memory, once, and say so."""
         path = Path(path)
         stored = storage.read_generation(path, mmap=mmap)
         header, items = stored.header, stored.items
@@ -993,7 +1017,9 @@ class KNNIndex:
         self.build_state = dict(header.get("build") or {})
         self._next_id = int(header.get("next_id", 0))
         self._index, self._pending = stored.index, stored.pending
-        self._mapped = bool(mmap) and stored.index is not None
+        # on-disk lists are always mapped (by faiss): never written in place
+        self._mapped = stored.index is not None and (
+            bool(mmap) or ondisk.has_ondisk_lists(stored.index))
         ids = [int(i) for i in items.get("ids", [])]
         n = len(ids)
         if n != header.get("count"):
