@@ -369,3 +369,38 @@ def test_lists_file_named_by_the_header_is_checked(tmp_path):
     lists.write_bytes(lists.read_bytes()[:100])  # truncated
     with pytest.raises(Exception, match="outside"):
         KNNIndex.load(folder)
+
+
+def test_growing_a_mapped_ivf_index_keeps_its_codes_out_of_memory(tmp_path):
+    """Anonymous memory (what the OS cannot page back to a file) of a process that loads
+    a 150 MB IVF-Flat index with mmap=True, adds 5,000 vectors and saves: the new vectors
+    and the items, not the 150 MB of codes; copying the index into memory (a removal)
+    adds them."""
+    import subprocess
+    import sys
+    import textwrap
+    rng = np.random.default_rng(0)
+    index = KNNIndex(dim=256, factory="IVF64,Flat", metric="l2")
+    for _ in range(15):
+        index.add(rng.standard_normal((10_000, 256)).astype(np.float32))
+    folder = index.save(tmp_path / "ivf.idx")
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from dinofeat.search import KNNIndex
+        def anon():
+            for line in open('/proc/self/status'):
+                if line.startswith('RssAnon:'):
+                    return int(line.split()[1]) / 1024
+        index = KNNIndex.load({str(folder)!r}, mmap=True)
+        before = anon()
+        index.add(np.random.default_rng(1).standard_normal((5000, 256)).astype(np.float32))
+        index.save({str(folder)!r})
+        grown = anon() - before
+        index.remove([0])
+        print(grown, anon() - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    grown, copied = map(float, out.strip().splitlines()[-1].split())
+    assert grown < 40 and copied > 140, (grown, copied)
+    assert len(KNNIndex.load(folder)) == 155_000
