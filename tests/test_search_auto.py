@@ -52,14 +52,29 @@ def _recall_vs_brute_force(index: KNNIndex, x: np.ndarray, k: int = 10, nq: int 
     return hits / (nq * k)
 
 
+def _fresh_recall(index: KNNIndex, x: np.ndarray, fresh: np.ndarray, k: int = 10) -> float:
+    """recall@k of ``index.search`` for queries that are not in the index (ids = rows of
+    ``x``), against numpy's exact top-k."""
+    truth = np.argsort(-(fresh @ x.T), axis=1)[:, :k]
+    _, ids = index.search(fresh, k)
+    return sum(len(np.intersect1d(f, t)) for f, t in zip(ids, truth)) / truth.size
+
+
+def _with_fresh(n: int, seed: int, fresh: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` clustered vectors to index and ``fresh`` more from the same clusters."""
+    both = _clustered(n + fresh, seed=seed)
+    return both[:n], both[n:]
+
+
 def test_exact_below_the_limit_and_compressed_just_above():
     x = _clustered(1500, seed=1)
     exact = KNNIndex(factory="auto", recall=0.95)
     exact.add(x)
     assert exact.resolved_factory == "Flat" and exact.auto["recall"] == 1.0
-    x = _clustered(4000, seed=2)
+    x, fresh = _with_fresh(4000, seed=2)
     index = KNNIndex(factory="auto", expected_size=len(x), recall=0.95)
     index.add(x)
+    assert _fresh_recall(index, x, fresh) >= 0.95
     assert index.resolved_factory.startswith("IVF") and index.resolved_factory.endswith("SQ8")
     assert index.auto["recall_target"] == 0.95 and index.auto["target_met"]
     measured = _recall_vs_brute_force(index, x)
@@ -127,13 +142,14 @@ def test_tuning_stops_where_the_lower_bound_reaches_the_target():
 def test_memory_switch_point(tmp_path):
     """Under the exact-search limit, but with a budget just below what Flat needs: a
     compressed index that still meets the target."""
-    x = _clustered(1400, seed=3)
+    x, fresh = _with_fresh(1400, seed=3)
     flat_needs = estimate_memory("Flat", len(x), x.shape[1])
     index = KNNIndex(factory="auto", expected_size=len(x), memory=flat_needs - 1, recall=0.9)
     index.add(x)
     assert index.resolved_factory != "Flat"
     assert index.auto["memory_estimate"] <= flat_needs - 1
     assert _recall_vs_brute_force(index, x) >= 0.9
+    assert _fresh_recall(index, x, fresh) >= 0.9
     header = KNNIndex.read_header(index.save(tmp_path / "m.idx"))
     assert header["memory_budget"] == flat_needs - 1 and header["recall_target"] == 0.9
     assert header["auto"]["factory"] == index.resolved_factory
@@ -146,7 +162,7 @@ def test_memory_switch_point(tmp_path):
 def test_recall_switch_point_goes_past_sq8():
     """A target SQ8's one-byte rounding does not reach on this data: the next candidate
     (two bytes or exact vectors in the lists) is chosen, and reaches it."""
-    x = _clustered(4000, seed=4)
+    x, fresh = _with_fresh(4000, seed=4)
     index = KNNIndex(factory="auto", expected_size=len(x), recall=0.995)
     index.add(x)
     tried = [c["factory"] for c in index.auto["candidates"]]
@@ -154,10 +170,11 @@ def test_recall_switch_point_goes_past_sq8():
     assert not index.resolved_factory.endswith("SQ8")
     assert index.auto["candidates"][0]["recall"] < 0.995
     assert _recall_vs_brute_force(index, x) >= 0.995
+    assert _fresh_recall(index, x, fresh) >= 0.995
 
 
 def test_exact_index_that_outgrows_the_limit_converts_and_meets_target(caplog):
-    x = _clustered(4000, seed=5)
+    x, fresh = _with_fresh(4000, seed=5)
     index = KNNIndex(factory="auto", recall=0.95)  # size unknown: starts exact
     with caplog.at_level("INFO", logger="dinofeat"):
         index.add(x[:1000])
@@ -167,6 +184,7 @@ def test_exact_index_that_outgrows_the_limit_converts_and_meets_target(caplog):
     assert index.resolved_factory.startswith("IVF") and len(index) == 4000
     assert set(index.ids.tolist()) == set(range(4000))
     assert _recall_vs_brute_force(index, x) >= 0.95
+    assert _fresh_recall(index, x, fresh) >= 0.95
 
 
 def test_budget_below_every_candidate_is_refused():
