@@ -288,6 +288,15 @@ class AutoChoice:
     tried: list[dict[str, Any]]
     centroids: np.ndarray | None = None
     bound: float | None = None  # the 95% lower bound of ``recall``
+    #: rows of the sample held out as queries: never training data (a point k-means or
+    #: the codes were fitted on is found more easily than the user's next query)
+    holdout: np.ndarray | None = None
+
+    def training_rows(self, n: int) -> np.ndarray:
+        """Rows of an ``n``-row sample to train on: all but the held-out queries."""
+        if self.holdout is None or n <= len(self.holdout):
+            return np.arange(n)
+        return np.setdiff1d(np.arange(n), self.holdout)
 
     def record(self, budget: int, target: float, n: int) -> dict[str, Any]:
         return {"memory_budget": budget, "recall_target": target, "k": AUTO_K,
@@ -349,7 +358,7 @@ def select(sample: np.ndarray, n: int, metric: str, budget: int, target: float, 
                   tuned.bound, tuned.params or "-", tuned.queries,
                   format_bytes(c.memory(n)), f"{n:,}")
         choice = AutoChoice(c.factory, tuned.params, tuned.recall, c.memory(n),
-                            tuned.met(target), tried, centroids, tuned.bound)
+                            tuned.met(target), tried, centroids, tuned.bound, q_rows)
         if choice.met:
             return choice
         if best is None or tuned.bound > (best.bound or 0):

@@ -506,17 +506,19 @@ class KNNIndex:
             n = self._pending.ntotal
             x = self._pending.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim),
                                                                           np.float32)
+        train_x = x
         if self.factory == "auto" and sample is None and self._pending is not None:
             pending_ids = faiss.vector_to_array(self._pending.id_map).astype(np.int64)
-            self._choose_auto(x, pending_ids)
+            choice = self._choose_auto(x, pending_ids)
             self._probe_add(x, pending_ids)  # the sample is the whole index so far
+            train_x = x[choice.training_rows(len(x))]
         need = min_train_size(self._index)
         if len(x) < need:
             raise ValueError(f"{self.resolved_factory} needs at least {need} training vectors, "
                              f"got {len(x)}")
         t0 = time.perf_counter()
-        self._index.train(x)
-        _log.info("trained %s on %d vectors in %.1f s", self.resolved_factory, len(x),
+        self._index.train(train_x if len(train_x) >= need else x)
+        _log.info("trained %s on %d vectors in %.1f s", self.resolved_factory, len(train_x),
                   time.perf_counter() - t0)
         pending, self._pending = self._pending, None
         if pending is not None and pending.ntotal:
@@ -536,7 +538,7 @@ class KNNIndex:
     def _target(self) -> float:
         return self.recall_target if self.recall_target is not None else autos.DEFAULT_RECALL
 
-    def _choose_auto(self, sample: np.ndarray, ids: np.ndarray | None) -> None:
+    def _choose_auto(self, sample: np.ndarray, ids: np.ndarray | None) -> "autos.AutoChoice":
         """Choose the index on the exact training sample (see :mod:`dinofeat.search.auto`)
         and make it this index's (untrained, its coarse quantiser filled)."""
         n = max(len(self), self.expected_size or 0, len(sample))
@@ -552,7 +554,7 @@ class KNNIndex:
         self.search_params = {k: v for k, v in choice.params.items()}
         self.auto = choice.record(budget, target, n)
         if ids is not None and choice.factory != "Flat":
-            self._start_probe(sample, ids)
+            self._start_probe(sample, ids, choice.holdout)
         if choice.met:
             _log.info("index factory auto -> %s with %s: recall@%d %.3f (95%% lower bound "
                       "%.3f >= %.2f) on a held-out sample, about %s for %s vectors",
@@ -564,6 +566,7 @@ class KNNIndex:
                          "%.3f); raise --memory/memory= or lower the target", autos.AUTO_K,
                          target, autos.format_bytes(budget), f"{n:,}", self.dim,
                          choice.factory, choice.params, choice.recall, choice.bound)
+        return choice
 
     def _convert_auto(self) -> None:
         """An exact auto index that outgrew exact search: choose on a sample of its (exact)
@@ -575,10 +578,10 @@ class KNNIndex:
         sample_ids = live[rows]
         sample = self._reconstruct(sample_ids)
         old = self._index  # exact: its vectors are the originals
-        self._choose_auto(sample, sample_ids)
+        choice = self._choose_auto(sample, sample_ids)
         new = self._index
         t0 = time.perf_counter()
-        new.train(sample)
+        new.train(sample[choice.training_rows(len(sample))])
         _log.info("trained %s on %d vectors in %.1f s", self.resolved_factory, len(sample),
                   time.perf_counter() - t0)
         for s in range(0, len(live), _ADD_CHUNK):
@@ -594,12 +597,16 @@ class KNNIndex:
         if self._probe is not None:
             self.tune()
 
-    def _start_probe(self, sample: np.ndarray, ids: np.ndarray) -> None:
-        """Keep a few hundred held-out queries of the sample and their exact neighbours so
-        far, updated as vectors are added, to measure recall on the full index."""
-        rng = np.random.default_rng(1)
-        nq = min(autos.HOLDOUT_QUERIES, len(sample))
-        rows = np.sort(rng.choice(len(sample), size=nq, replace=False))
+    def _start_probe(self, sample: np.ndarray, ids: np.ndarray,
+                     rows: np.ndarray | None = None) -> None:
+        """Keep a few hundred held-out queries of the sample (``rows``: those the choice
+        held out, which the index is not trained on) and their exact neighbours so far,
+        updated as vectors are added, to measure recall on the full index."""
+        if rows is None or not len(rows):
+            rng = np.random.default_rng(1)
+            nq = min(autos.HOLDOUT_QUERIES, len(sample))
+            rows = np.sort(rng.choice(len(sample), size=nq, replace=False))
+        nq = len(rows)
         k = autos.AUTO_K + 1
         q = np.ascontiguousarray(sample[rows])
         self._probe = {"queries": q, "ids": ids[rows],
