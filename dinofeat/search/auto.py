@@ -373,4 +373,4 @@ def _centroids(x: np.ndarray, nlist: int, metric: str, seed: int) -> np.ndarray:
     km = faiss.Kmeans(x.shape[1], nlist, niter=10, seed=seed, spherical=metric == "cosine",
                       max_points_per_centroid=256)
     km.train(np.ascontiguousarray(x, dtype=np.float32))
-    return km.centroids
+    return np.asarray(km.centroids)

@@ -25,10 +25,14 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-import faiss
+import faiss as _faiss
 import numpy as np
+
+#: faiss 1.15's stub (faiss/__init__.pyi) lacks DirectMap, InvertedListsPtrVector and most
+#: attributes of the IVF and inverted-list classes used here: typed as Any in this module
+faiss: Any = _faiss
 
 __all__ = ["ivf_of", "has_ondisk_lists", "can_grow", "empty_like", "ListsGrower",
            "write_lists", "check_lists", "in_memory_copy", "quiet_stdout"]
@@ -54,7 +58,7 @@ def quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-def ivf_of(index: faiss.Index | None) -> faiss.IndexIVF | None:
+def ivf_of(index: Any) -> Any:
     """The index itself when it is a plain IVF index (ids held natively, nothing around
     it); ``None`` otherwise (Flat, HNSW, an id map, a pre-transform or a re-ranking
     wrapper, whose other parts would have to grow too)."""
@@ -64,23 +68,23 @@ def ivf_of(index: faiss.Index | None) -> faiss.IndexIVF | None:
     return inner if isinstance(inner, faiss.IndexIVF) else None
 
 
-def _lists(ivf: faiss.IndexIVF) -> faiss.InvertedLists:
+def _lists(ivf: Any) -> Any:
     return faiss.downcast_InvertedLists(ivf.invlists)
 
 
-def has_ondisk_lists(index: faiss.Index | None) -> bool:
+def has_ondisk_lists(index: Any) -> bool:
     """Whether ``index`` is an IVF index whose lists are not plain in-memory arrays
     (on disk, or stacked by a :class:`ListsGrower`): it is saved with :func:`write_lists`."""
     ivf = ivf_of(index)
     return ivf is not None and not isinstance(_lists(ivf), faiss.ArrayInvertedLists)
 
 
-def can_grow(index: faiss.Index | None) -> bool:
+def can_grow(index: Any) -> bool:
     """Whether :class:`ListsGrower` can add to ``index`` without reading its lists."""
     return ivf_of(index) is not None
 
 
-def empty_like(ivf: faiss.IndexIVF) -> faiss.IndexIVF:
+def empty_like(ivf: Any) -> Any:
     """A trained, empty in-memory copy of ``ivf`` (same quantiser and code parameters),
     made without copying its lists."""
     old, own = ivf.invlists, ivf.own_invlists
@@ -110,7 +114,7 @@ class ListsGrower:
     and ``ivf`` searches both sets of lists stacked. The stacked lists are read-only; a
     save merges them into a new lists file (:func:`write_lists`)."""
 
-    def __init__(self, ivf: faiss.IndexIVF):
+    def __init__(self, ivf: Any):
         self.ivf = ivf
         self.base = ivf.invlists  # the mapped lists
         self.base_total = int(ivf.ntotal)
@@ -139,7 +143,7 @@ class ListsGrower:
         return int(self.new.ntotal)
 
 
-def write_lists(index: faiss.Index, lists_tmp: Path, lists_name: str,
+def write_lists(index: Any, lists_tmp: Path, lists_name: str,
                 index_tmp: Path) -> None:
     """Write the IVF ``index`` as two files: its lists merged into a new on-disk lists
     file at ``lists_tmp`` (to be renamed ``lists_name``, in the same folder), and the
@@ -164,7 +168,7 @@ def write_lists(index: faiss.Index, lists_tmp: Path, lists_name: str,
     del ondisk  # unmaps and closes the lists file before it is renamed
 
 
-def check_lists(index: faiss.Index, lists_file: Path) -> str | None:
+def check_lists(index: Any, lists_file: Path) -> str | None:
     """What is wrong with the on-disk lists of ``index`` read from a folder (they must be
     the file ``lists_file`` and lie inside it), or ``None``."""
     ivf = ivf_of(index)
@@ -185,7 +189,7 @@ def check_lists(index: faiss.Index, lists_file: Path) -> str | None:
     return None
 
 
-def in_memory_copy(index: faiss.Index) -> faiss.Index:
+def in_memory_copy(index: Any) -> Any:
     """``index`` with its lists read into memory (plain arrays), for changes that need
     them there (removing vectors)."""
     ivf = ivf_of(index)

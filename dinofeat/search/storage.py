@@ -116,25 +116,26 @@ def write_generation(path: str | os.PathLike, *, index: faiss.Index | None,
             gen = max(gen, int(old["generation"]) + 1)
         except (ValueError, KeyError, TypeError):
             pass
+    items_name, index_name = f"items.{gen}.json", f"index.{gen}.faiss"
+    lists_name, pending_name = f"lists.{gen}.ivfdata", f"pending.{gen}.faiss"
     files: dict[str, str | None] = {"faiss_file": None, "pending_file": None,
-                                    "items_file": f"items.{gen}.json"}
+                                    "items_file": items_name}
     if index is not None and ondisk.has_ondisk_lists(index):
         # lists on disk (or stacked with new ones): merged into this generation's own
         # lists file, streamed; both files complete before the header names them
-        files["faiss_file"] = f"index.{gen}.faiss"
-        files["lists_file"] = f"lists.{gen}.ivfdata"
-        with atomic_path(path / files["lists_file"]) as lists_tmp, \
-                atomic_path(path / files["faiss_file"]) as tmp:
-            ondisk.write_lists(index, lists_tmp, files["lists_file"], tmp)
+        files["faiss_file"], files["lists_file"] = index_name, lists_name
+        with atomic_path(path / lists_name) as lists_tmp, \
+                atomic_path(path / index_name) as tmp:
+            ondisk.write_lists(index, lists_tmp, lists_name, tmp)
     elif index is not None:
-        files["faiss_file"] = f"index.{gen}.faiss"
-        with atomic_path(path / files["faiss_file"]) as tmp:
+        files["faiss_file"] = index_name
+        with atomic_path(path / index_name) as tmp:
             faiss.write_index(index, str(tmp))
     if pending is not None:
-        files["pending_file"] = f"pending.{gen}.faiss"
-        with atomic_path(path / files["pending_file"]) as tmp:
+        files["pending_file"] = pending_name
+        with atomic_path(path / pending_name) as tmp:
             faiss.write_index(pending, str(tmp))
-    atomic_write_json(path / files["items_file"],
+    atomic_write_json(path / items_name,
                       {"format": FORMAT_NAME, "generation": gen, **items}, indent=None)
     atomic_write_json(header_path, header(gen, files))  # the commit point
     keep = {f for f in files.values() if f} | {HEADER_NAME}
