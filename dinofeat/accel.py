@@ -496,7 +496,9 @@ def _load_probes() -> dict[str, Any]:
 def probe(name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
     """The cached result of the probe ``name`` (a dict with at least ``choice``), running
     ``run`` at first use on this machine and saving it (:func:`probe_cache_path`).
-    ``None`` when probing is off. A cache that cannot be written only costs re-probing."""
+    ``None`` when probing is off. A probe run while the machine is busy (load average
+    above :data:`BUSY_LOAD_PER_CORE` per core) serves this process only and is measured
+    again by the next. A cache that cannot be written only costs re-probing."""
     if not probing_enabled():
         return None
     with _probe_lock:
@@ -512,6 +514,12 @@ def probe(name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None
             if hasattr(os, "getloadavg") else None
         data[name] = result
         log.debug("probe %s: %s", name, result)
+        if _busy(result["load_average"]):
+            # timings taken while other work competed for the cores can pick the wrong
+            # kernel: used by this process, measured again by the next one
+            log.debug("probe %s not saved: machine busy (load %s)", name,
+                      result["load_average"])
+            return result
         try:
             from .utils import atomic_write_json
             path = probe_cache_path()
@@ -520,6 +528,17 @@ def probe(name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None
         except OSError as e:
             log.debug("probe cache %s not written: %s", probe_cache_path(), e)
         return result
+
+
+#: A probe taken while the 1-minute load average exceeds this many times the cores is not
+#: saved (:func:`probe`).
+BUSY_LOAD_PER_CORE = 1.25
+
+
+def _busy(load: list[float] | None) -> bool:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return bool(load) and load[0] > BUSY_LOAD_PER_CORE * cores
 
 
 def _race(fns: dict[str, Callable[[], Any]], repeats: int = 3) -> dict[str, float]:
