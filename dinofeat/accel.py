@@ -580,23 +580,34 @@ def attention_kernel(device: torch.device | str, precision: str, tokens: int) ->
 
 
 def _probe_attention(precision: str, tokens: int) -> dict[str, Any]:
-    # a 3/4-full bucket (e.g. 192 of 256: a /16 model at 224 has 197 tokens); about the
-    # same work at every length, so the probe stays well under a second
+    # q, k, v as a ViT block has them: views of one qkv projection [B, N, 3, heads, 64]
+    # (strided, as timm's Attention gets them), 6 heads; a 3/4-full bucket (192 of 256: a
+    # /16 model at 224 has 197 tokens); about the same work at every length (a slice of
+    # the queries for long sequences), so the probe stays well under a second
     n = max(2, tokens * 3 // 4 + 1)
-    bh = max(1, (1 << 20) // (n * n))
-    rows = min(n, max(64, (1 << 20) // n))  # long sequences: a slice of the queries
+    heads = 6
+    batch = max(1, (1 << 21) // (n * n * heads))
+    rows = min(n, max(64, (1 << 21) // (n * heads * batch)))
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, bh, rows, 64, generator=g)
-    k, v = (torch.randn(1, bh, n, 64, generator=g) for _ in range(2))
+    qkv = torch.randn(batch, n, 3, heads, 64, generator=g)
     dtype = AUTOCAST_DTYPES.get(precision)
     if dtype is not None:
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        qkv = qkv.to(dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q = q[:, :, :rows]
     scale = 64 ** -0.5
-    fns = {"fused": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-           "explicit": lambda: ((q * scale) @ k.transpose(-2, -1)).softmax(-1) @ v}
-    t = _race(fns)
-    return {"choice": min(t, key=t.get), "seconds": t, "tokens": n, "heads": bh,
-            "query_rows": rows}
+
+    def fused():
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).reshape(batch, rows, heads * 64)
+
+    def explicit():
+        o = ((q * scale) @ k.transpose(-2, -1)).softmax(-1) @ v
+        return o.transpose(1, 2).reshape(batch, rows, heads * 64)
+
+    t = _race({"fused": fused, "explicit": explicit})
+    return {"choice": min(t, key=t.get), "seconds": t, "tokens": n, "heads": heads,
+            "batch": batch, "query_rows": rows}
 
 
 def linear_kernel(precision: str) -> str:
