@@ -316,15 +316,22 @@ def _search_all(index, q: np.ndarray, k: int, block: int = 250):
 
 def _interleaved(methods: dict, q: np.ndarray, k: int, repeats: int) -> dict:
     """Time every method's search of ``q`` in turn within each repeat (the machine is
-    shared), medians with spreads."""
+    shared), medians with spreads. The process's CPU seconds are kept next to the wall
+    seconds: on a shared machine a ``nice``d benchmark gets a small share of the cores, and
+    wall / CPU shows how much (CPU seconds are the work itself, all threads summed)."""
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     loads = []
     for _ in range(repeats):
         for name, index in methods.items():
+            c0 = time.process_time()
             t, _ = timed(lambda index=index: _search_all(index, q, k))
+            cpu[name].append(time.process_time() - c0)
             times[name].append(t)
         loads.append(os.getloadavg()[0])
-    out = {m: summary(t, len(q)) for m, t in times.items()}
+    out = {m: {**summary(t, len(q)), "cpu_s": statistics.median(cpu[m]),
+               "cpu_share": statistics.median(cpu[m]) / max(statistics.median(t), 1e-9)}
+           for m, t in times.items()}
     out["load_averages"] = loads
     return out
 
@@ -361,6 +368,19 @@ def scale_part(n: int, args, centers, tmp: Path) -> dict:
     res["truth_s"] = time.perf_counter() - t0
     print(f"flat built in {res['flat_build_s']:.1f} s, exact answers in {res['truth_s']:.1f} s",
           flush=True)
+    only = [o.lower() for o in (args.only or [])]
+    previous = _previous_rows(args, n) if only else {}
+
+    def wanted(name: str) -> bool:
+        return not only or any(o in name.lower() for o in only)
+
+    centroids = None
+    if not wanted("auto"):
+        res["auto"] = previous.get("auto")
+        _run_candidates(res, n, args, db, q, tune_q, truth, tune_truth, flat, centroids,
+                        tmp, wanted, previous)
+        res["flat_bytes_per_vector_file"] = _file_bytes(flat, tmp / "flat.idx") / n
+        return res
     t0 = time.perf_counter()
     auto = KNNIndex(dim=None, factory="auto", expected_size=n, recall=args.recall,
                     memory=args.memory)
@@ -380,14 +400,49 @@ def scale_part(n: int, args, centers, tmp: Path) -> dict:
           f"{res['auto']['speedup_vs_flat']:.1f}x Flat's queries/s "
           f"({timing['auto']['qps']:.0f} vs {timing['Flat']['qps']:.0f}), built in "
           f"{res['auto_build_s']:.0f} s", flush=True)
-    centroids = None
     if auto.auto.get("factory", "").startswith("IVF"):
         ivf = faiss.extract_index_ivf(auto._index)
         centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     del auto
+    res["auto"]["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
     _save_partial(res, args)
-    for cand in autos.candidates(n, dim):
-        if cand.factory == "Flat" or (cand.factory.startswith("HNSW") and n > args.hnsw_max):
+    _run_candidates(res, n, args, db, q, tune_q, truth, tune_truth, flat, centroids, tmp,
+                    wanted, previous)
+    res["flat_bytes_per_vector_file"] = _file_bytes(flat, tmp / "flat.idx") / n
+    return res
+
+
+def _previous_rows(args, n: int) -> dict:
+    """Rows of an earlier ``--scale`` run of the same size in ``--out`` (``--only`` keeps
+    them for the candidates it does not run): ``{"auto": ..., factory: row}``."""
+    try:
+        old = json.loads(Path(args.out).read_text())["scale"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    if old.get("n") != n:
+        return {}
+    rows = {c["factory"]: c for c in old.get("candidates", [])}
+    if old.get("auto"):
+        rows["auto"] = old["auto"]
+    return rows
+
+
+def _run_candidates(res: dict, n: int, args, db, q, tune_q, truth, tune_truth, flat,
+                    centroids, tmp: Path, wanted, previous: dict) -> None:
+    """Every auto candidate (HNSW last: the slowest to build), each tuned on the tuning
+    queries and timed interleaved with Flat; rows ``--only`` skips come from
+    ``previous``."""
+    dim, k = args.dim, args.k
+    cands = [c for c in autos.candidates(n, dim) if c.factory != "Flat"]
+    order = [c.factory for c in cands]
+    cands.sort(key=lambda c: c.factory.startswith("HNSW"))
+    # the rows kept from the earlier run first, so that a partial save has them all
+    res["candidates"] += [previous[c.factory] for c in cands
+                          if not wanted(c.factory) and c.factory in previous]
+    for cand in cands:
+        if not wanted(cand.factory):
+            continue
+        if cand.factory.startswith("HNSW") and n > args.hnsw_max:
             continue
         print(f"-- {cand.factory}", flush=True)
         t0 = time.perf_counter()
@@ -396,22 +451,34 @@ def scale_part(n: int, args, centers, tmp: Path) -> dict:
         ivf = faiss.try_extract_index_ivf(inner)
         if ivf is not None and centroids is not None and len(centroids) == ivf.nlist:
             ivf.quantizer.add(centroids)  # the same coarse quantiser as auto's
-        index.train(db[np.random.default_rng(0).choice(
-            n, min(n, 39 * autos.nlist_for(n)), replace=False)])
-        for s in range(0, n, 200_000):
-            index.add(db[s:s + 200_000])
+        if not index.is_trained:
+            index.train(db[np.random.default_rng(0).choice(
+                n, min(n, 39 * autos.nlist_for(n)), replace=False)])
+        progress = []
+        for s in range(0, n, 100_000):
+            index.add(db[s:s + 100_000])
+            progress.append([s + len(db[s:s + 100_000]), round(time.perf_counter() - t0, 1)])
+            print(f"   added {progress[-1][0]:,} in {progress[-1][1]:.0f} s (load "
+                  f"{os.getloadavg()[0]:.1f})", flush=True)
+            res["building"] = {"factory": cand.factory, "added_s": progress,
+                               "load_average": os.getloadavg()}
+            _save_partial(res, args)
+        res.pop("building", None)
         build_s = time.perf_counter() - t0
         tq_ids = np.full(len(tune_q), -1, np.int64)  # tuning queries are not in the index
-        params, tune_r = autos.tune_parameter(index._index, cand, tune_q, tune_truth, tq_ids,
-                                              args.recall, k)
+        tuned = autos.tune_parameter(index._index, cand, tune_q, tune_truth, tq_ids,
+                                     args.recall, k)
+        params, tune_r = tuned.params, tuned.recall
         index.set_search_params(**params)
         found = _search_all(index, q, k)
         timing = _interleaved({"Flat": flat, cand.factory: index}, q, k, args.repeats)
         row = {"factory": cand.factory, "params": params, "tune_recall": tune_r,
+               "tune_recall_bound": tuned.bound,
                "recall_at_k": recall_at_k(found, truth), "build_s": build_s,
+               "build_progress": progress,
                "bytes_per_vector": cand.bytes_per_vector,
                "bytes_per_vector_file": _file_bytes(index, tmp / "c.idx") / n,
-               "timing": timing,
+               "timing": timing, "measured_at": time.strftime("%Y-%m-%d %H:%M"),
                "speedup_vs_flat": timing["Flat"]["median_s"] / timing[cand.factory]["median_s"]}
         res["candidates"].append(row)
         print(f"   {params}: recall@{k} {row['recall_at_k']:.4f}, "
@@ -419,9 +486,9 @@ def scale_part(n: int, args, centers, tmp: Path) -> dict:
               f"built in {build_s:.0f} s, {row['bytes_per_vector_file']:.0f} B/vector on disk",
               flush=True)
         del index
+        res["candidates"].sort(key=lambda c: order.index(c["factory"])
+                               if c["factory"] in order else len(order))
         _save_partial(res, args)
-    res["flat_bytes_per_vector_file"] = _file_bytes(flat, tmp / "flat.idx") / n
-    return res
 
 
 def _save_partial(res: dict, args) -> None:
@@ -434,24 +501,39 @@ def _save_partial(res: dict, args) -> None:
 def render_scale(res: dict) -> str:
     s = res["scale"] if "scale" in res else res
     m = res.get("machine", {})
-    a = s["auto"]
+    a = s.get("auto")
+
+    def load(timing: dict) -> str:
+        la = timing.get("load_averages") or []
+        return f"{min(la):.1f}-{max(la):.1f}" if la else "?"
+
+    def share(t: dict) -> str:
+        return f"{t['cpu_s']:.2f} / {t['cpu_share']:.2f}" if "cpu_s" in t else "-"
+
     lines = [f"{s['n']:,} clustered {s['dim']}-d vectors, {s['queries']} fresh queries, "
              f"recall@{s['k']} against exact search; {m.get('cpu', '?')}, "
              f"{m.get('faiss_threads', '?')} faiss threads, load average "
-             f"{m.get('load_average_at_start')}.", "",
-             f"**auto** (target {s['recall_target']}): {a['factory']} {a['params']}, recall "
-             f"{a['recall_at_k']:.4f}, {a['timing']['auto']['qps']:.0f} queries/s vs Flat's "
-             f"{a['timing']['Flat']['qps']:.0f} ({a['speedup_vs_flat']:.1f}x), built in "
-             f"{s['auto_build_s']:.0f} s (Flat: {s['flat_build_s']:.0f} s).", "",
-             "| index | params | recall@10 | queries/s | x Flat | build s | bytes/vector |",
-             "|---|---|---|---|---|---|---|",
-             f"| Flat | - | 1.0000 | {a['timing']['Flat']['qps']:.0f} | 1.0 | "
-             f"{s['flat_build_s']:.0f} | {s.get('flat_bytes_per_vector_file', 0):.0f} |"]
-    for c in s["candidates"]:
-        t = c["timing"][c["factory"]]
-        lines.append(f"| {c['factory']} | {c['params']} | {c['recall_at_k']:.4f} | "
-                     f"{t['qps']:.0f} | {c['speedup_vs_flat']:.1f} | {c['build_s']:.0f} | "
-                     f"{c['bytes_per_vector_file']:.0f} |")
+             f"{m.get('load_average_at_start')} at the start.", ""]
+    if a:
+        lines += [f"**auto** (target {s['recall_target']}): {a['factory']} {a['params']}, "
+                  f"recall {a['recall_at_k']:.4f}, {a['timing']['auto']['qps']:.0f} queries/s "
+                  f"vs Flat's {a['timing']['Flat']['qps']:.1f} ({a['speedup_vs_flat']:.1f}x), "
+                  f"built in {s.get('auto_build_s', a.get('build_s', 0)):.0f} s (Flat: "
+                  f"{s['flat_build_s']:.0f} s).", ""]
+    lines += ["| index | params | recall@10 | queries/s | x Flat (same run) | Flat queries/s |"
+              " search CPU s / share | build s | bytes/vector | load |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ([("auto: " + a["factory"], a["params"], a["recall_at_k"], a["timing"], "auto",
+              a["speedup_vs_flat"], s.get("auto_build_s", 0), a["bytes_per_vector_file"])]
+            if a else [])
+    rows += [(c["factory"], c["params"], c["recall_at_k"], c["timing"], c["factory"],
+              c["speedup_vs_flat"], c["build_s"], c["bytes_per_vector_file"])
+             for c in s["candidates"]]
+    for name, params, rec, timing, key, speed, build, bpv in rows:
+        t = timing[key]
+        lines.append(f"| {name} | {params} | {rec:.4f} | {t['qps']:,.0f} | {speed:,.0f} | "
+                     f"{timing['Flat']['qps']:.1f} | {share(t)} | {build:.0f} | {bpv:.0f} | "
+                     f"{load(timing)} |")
     return "\n".join(lines)
 
 
@@ -476,6 +558,10 @@ def main() -> None:
     ap.add_argument("--memory", default=None, help="auto's memory budget (--scale)")
     ap.add_argument("--hnsw-max", type=int, default=300_000,
                     help="skip HNSW above this many vectors in --scale (slow to build)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="--scale: run only auto and/or the candidates whose factory contains "
+                         "one of these (e.g. auto PQ HNSW); the other rows are kept from an "
+                         "earlier run of the same size in --out")
     ap.add_argument("--markdown", metavar="JSON", default=None,
                     help="only print the markdown tables of an earlier results file")
     args = ap.parse_args()

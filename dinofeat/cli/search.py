@@ -139,6 +139,11 @@ def _auto_rows(header: dict) -> list[tuple[str, str]]:
                                         f"{auto.get('queries', '?')} held-out queries)"))
     elif auto.get("sample_recall") is not None:
         rows.append(("measured recall", f"{auto['sample_recall']} (on the training sample)"))
+    bound = auto.get("recall_bound", auto.get("sample_recall_bound"))
+    if bound is not None and auto.get("factory") != "Flat":
+        # tuning stops where this bound, not the mean, reaches the target
+        rows.append(("recall lower bound", f"{bound} (one-sided "
+                                           f"{auto.get('confidence', 0.95):.0%} confidence)"))
     if auto.get("target_met") is False:
         rows.append(("warning", "the recall target was not met within the memory budget"))
     return rows

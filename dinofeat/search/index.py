@@ -49,7 +49,7 @@ from . import factory as factories
 from . import storage
 from .factory import (build_faiss, bytes_per_vector, default_train_size, gpu_available,
                       metric_type, min_train_size, set_search_param)
-from . import identity
+from . import identity, ondisk
 from .identity import (IncompatibleFeaturesError, as_info, check_compatible, describe,
                        embedding_identity)
 from .storage import IndexFormatError
@@ -173,6 +173,7 @@ class KNNIndex:
         self._gpu_index: faiss.Index | None = None
         self._gpu_failed = False
         self._mapped = False  # faiss data memory-mapped from a generation file (read-only)
+        self._grower: ondisk.ListsGrower | None = None  # vectors added to a mapped IVF index
         self._gpu_res = None  # faiss.StandardGpuResources of the GPU copy
         self._tombstones: set[int] = set()  # removed ids an index cannot delete (HNSW)
         # per-item records, row-aligned
@@ -364,11 +365,22 @@ class KNNIndex:
         paths, hashes, extra = self._split_meta(n, meta)
         if n == 0:
             return id_arr
-        self._own_memory()
+        grow = self._mapped and self.is_trained and self._pending is None and \
+            ondisk.can_grow(self._index)
+        if not grow:
+            self._own_memory()
+        elif self._grower is None:
+            _log.info("adding to the memory-mapped %s index without reading its lists: the "
+                      "new vectors are searched next to them and merged into a new lists "
+                      "file at the next save", self.resolved_factory)
+            self._grower = ondisk.ListsGrower(ondisk.ivf_of(self._index))
         self._ensure_index(len(self) + n)
         target = self._index if self._index.is_trained else self._pending
         for s in range(0, n, _ADD_CHUNK):
-            target.add_with_ids(x[s:s + _ADD_CHUNK], id_arr[s:s + _ADD_CHUNK])
+            if grow:
+                self._grower.add(x[s:s + _ADD_CHUNK], id_arr[s:s + _ADD_CHUNK])
+            else:
+                target.add_with_ids(x[s:s + _ADD_CHUNK], id_arr[s:s + _ADD_CHUNK])
         start = len(self._ids)
         self._ids.extend(int(i) for i in id_arr)
         self._labels.extend(lab)
@@ -467,8 +479,9 @@ class KNNIndex:
             return
         _log.info("copying the memory-mapped index into memory to change it (%s vectors)",
                   f"{int(self._index.ntotal):,}")
-        self._index = faiss.deserialize_index(faiss.serialize_index(self._index))
+        self._index = ondisk.in_memory_copy(self._index)
         self._mapped = False
+        self._grower = None
         self._apply_search_params()
 
     def _invalidate(self) -> None:
@@ -493,17 +506,19 @@ class KNNIndex:
             n = self._pending.ntotal
             x = self._pending.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim),
                                                                           np.float32)
+        train_x = x
         if self.factory == "auto" and sample is None and self._pending is not None:
             pending_ids = faiss.vector_to_array(self._pending.id_map).astype(np.int64)
-            self._choose_auto(x, pending_ids)
+            choice = self._choose_auto(x, pending_ids)
             self._probe_add(x, pending_ids)  # the sample is the whole index so far
+            train_x = x[choice.training_rows(len(x))]
         need = min_train_size(self._index)
         if len(x) < need:
             raise ValueError(f"{self.resolved_factory} needs at least {need} training vectors, "
                              f"got {len(x)}")
         t0 = time.perf_counter()
-        self._index.train(x)
-        _log.info("trained %s on %d vectors in %.1f s", self.resolved_factory, len(x),
+        self._index.train(train_x if len(train_x) >= need else x)
+        _log.info("trained %s on %d vectors in %.1f s", self.resolved_factory, len(train_x),
                   time.perf_counter() - t0)
         pending, self._pending = self._pending, None
         if pending is not None and pending.ntotal:
@@ -523,7 +538,7 @@ class KNNIndex:
     def _target(self) -> float:
         return self.recall_target if self.recall_target is not None else autos.DEFAULT_RECALL
 
-    def _choose_auto(self, sample: np.ndarray, ids: np.ndarray | None) -> None:
+    def _choose_auto(self, sample: np.ndarray, ids: np.ndarray | None) -> "autos.AutoChoice":
         """Choose the index on the exact training sample (see :mod:`dinofeat.search.auto`)
         and make it this index's (untrained, its coarse quantiser filled)."""
         n = max(len(self), self.expected_size or 0, len(sample))
@@ -539,18 +554,19 @@ class KNNIndex:
         self.search_params = {k: v for k, v in choice.params.items()}
         self.auto = choice.record(budget, target, n)
         if ids is not None and choice.factory != "Flat":
-            self._start_probe(sample, ids)
+            self._start_probe(sample, ids, choice.holdout)
         if choice.met:
-            _log.info("index factory auto -> %s with %s: recall@%d %.3f >= %.2f on a held-out "
-                      "sample, about %s for %s vectors", choice.factory, choice.params or "-",
-                      autos.AUTO_K, choice.recall, target, autos.format_bytes(choice.memory),
-                      f"{n:,}")
+            _log.info("index factory auto -> %s with %s: recall@%d %.3f (95%% lower bound "
+                      "%.3f >= %.2f) on a held-out sample, about %s for %s vectors",
+                      choice.factory, choice.params or "-", autos.AUTO_K, choice.recall,
+                      choice.bound, target, autos.format_bytes(choice.memory), f"{n:,}")
         else:
             _log.warning("index factory auto: recall@%d %.2f cannot be met within %s for %s "
-                         "%d-d vectors (best: %s with %s, recall %.3f); raise --memory/memory= "
-                         "or lower the target", autos.AUTO_K, target,
-                         autos.format_bytes(budget), f"{n:,}", self.dim, choice.factory,
-                         choice.params, choice.recall)
+                         "%d-d vectors (best: %s with %s, recall %.3f, 95%% lower bound "
+                         "%.3f); raise --memory/memory= or lower the target", autos.AUTO_K,
+                         target, autos.format_bytes(budget), f"{n:,}", self.dim,
+                         choice.factory, choice.params, choice.recall, choice.bound)
+        return choice
 
     def _convert_auto(self) -> None:
         """An exact auto index that outgrew exact search: choose on a sample of its (exact)
@@ -562,10 +578,10 @@ class KNNIndex:
         sample_ids = live[rows]
         sample = self._reconstruct(sample_ids)
         old = self._index  # exact: its vectors are the originals
-        self._choose_auto(sample, sample_ids)
+        choice = self._choose_auto(sample, sample_ids)
         new = self._index
         t0 = time.perf_counter()
-        new.train(sample)
+        new.train(sample[choice.training_rows(len(sample))])
         _log.info("trained %s on %d vectors in %.1f s", self.resolved_factory, len(sample),
                   time.perf_counter() - t0)
         for s in range(0, len(live), _ADD_CHUNK):
@@ -581,12 +597,16 @@ class KNNIndex:
         if self._probe is not None:
             self.tune()
 
-    def _start_probe(self, sample: np.ndarray, ids: np.ndarray) -> None:
-        """Keep a few hundred held-out queries of the sample and their exact neighbours so
-        far, updated as vectors are added, to measure recall on the full index."""
-        rng = np.random.default_rng(1)
-        nq = min(autos.HOLDOUT_QUERIES, len(sample))
-        rows = np.sort(rng.choice(len(sample), size=nq, replace=False))
+    def _start_probe(self, sample: np.ndarray, ids: np.ndarray,
+                     rows: np.ndarray | None = None) -> None:
+        """Keep a few hundred held-out queries of the sample (``rows``: those the choice
+        held out, which the index is not trained on) and their exact neighbours so far,
+        updated as vectors are added, to measure recall on the full index."""
+        if rows is None or not len(rows):
+            rng = np.random.default_rng(1)
+            nq = min(autos.HOLDOUT_QUERIES, len(sample))
+            rows = np.sort(rng.choice(len(sample), size=nq, replace=False))
+        nq = len(rows)
         k = autos.AUTO_K + 1
         q = np.ascontiguousarray(sample[rows])
         self._probe = {"queries": q, "ids": ids[rows],
@@ -637,19 +657,22 @@ class KNNIndex:
         k = autos.AUTO_K
         truth = autos.drop_self(p["scores"], p["topk"], p["ids"], k)[1]
         t0 = time.perf_counter()
-        params, r = autos.tune_parameter(self._index, cand, p["queries"], truth, p["ids"],
-                                         self._target(), k)
-        self.search_params.update(params)
+        tuned = autos.tune_parameter(self._index, cand, p["queries"], truth, p["ids"],
+                                     self._target(), k)
+        self.search_params.update(tuned.params)
         self._apply_search_params()
-        self.auto.update(params=dict(self.search_params), recall=round(r, 4),
-                         measured_on=len(self), queries=len(p["ids"]),
-                         target_met=r >= self._target())
-        _log.info("auto: recall@%d %.3f with %s on %d held-out queries over %d vectors "
-                  "(%.1f s)", k, r, params, len(p["ids"]), len(self), time.perf_counter() - t0)
-        if r < self._target():
-            _log.warning("auto: recall@%d %.3f is below the target %.2f even with %s; "
-                         "rebuild with a larger memory budget (memory=, --memory) or a lower "
-                         "target", k, r, self._target(), params)
+        self.auto.update(params=dict(self.search_params), recall=round(tuned.recall, 4),
+                         recall_bound=round(tuned.bound, 4), confidence=autos.CONFIDENCE,
+                         measured_on=len(self), queries=tuned.queries,
+                         target_met=tuned.met(self._target()))
+        _log.info("auto: recall@%d %.3f (95%% lower bound %.3f) with %s on %d held-out "
+                  "queries over %d vectors (%.1f s)", k, tuned.recall, tuned.bound,
+                  tuned.params, tuned.queries, len(self), time.perf_counter() - t0)
+        if not tuned.met(self._target()):
+            _log.warning("auto: recall@%d %.3f (95%% lower bound %.3f) does not reach the "
+                         "target %.2f even with %s; rebuild with a larger memory budget "
+                         "(memory=, --memory) or a lower target", k, tuned.recall,
+                         tuned.bound, self._target(), tuned.params)
         self._tuned_at = len(self)
         return dict(self.auto)
 
@@ -951,6 +974,14 @@ class KNNIndex:
         out = storage.write_generation(path, index=self._index, pending=self._pending,
                                        items=items, header=self._header)
         self.folder = out
+        if ondisk.has_ondisk_lists(self._index):
+            # the lists just written hold everything: map them, and let the vectors added
+            # since the load (in memory) go
+            self._index = storage.read_index_file(out)
+            self._grower = None
+            self._mapped = True
+            self._apply_search_params()
+            self._invalidate()
         return out
 
     @staticmethod
@@ -966,8 +997,11 @@ class KNNIndex:
 
         ``mmap=True`` maps the faiss data instead of reading it (an index larger than
         memory is searched with the OS paging in what searches touch; an IVF index touches
-        only the ``nprobe`` lists a query probes). Adding or removing vectors first copies
-        the index into memory, once, and says so."""
+        only the ``nprobe`` lists a query probes). Vectors added to a mapped IVF index are
+        kept in memory next to the mapped lists (searched together) and merged into a new
+        on-disk lists file at the next save (:mod:`dinofeat.search.ondisk`), so an index
+        larger than memory can grow; other index types, and removing vectors, first copy
+        the index into memory, once, and say so."""
         path = Path(path)
         stored = storage.read_generation(path, mmap=mmap)
         header, items = stored.header, stored.items
@@ -990,7 +1024,9 @@ class KNNIndex:
         self.build_state = dict(header.get("build") or {})
         self._next_id = int(header.get("next_id", 0))
         self._index, self._pending = stored.index, stored.pending
-        self._mapped = bool(mmap) and stored.index is not None
+        # on-disk lists are always mapped (by faiss): never written in place
+        self._mapped = stored.index is not None and (
+            bool(mmap) or ondisk.has_ondisk_lists(stored.index))
         ids = [int(i) for i in items.get("ids", [])]
         n = len(ids)
         if n != header.get("count"):

@@ -8,6 +8,9 @@
       index.7.faiss     faiss.write_index of the vectors
       pending.7.faiss   (only while untrained) the exact buffer
       items.7.json      ids, labels, paths, sha256 content hashes, per-item metadata
+      lists.7.ivfdata   (only for an IVF index grown while memory-mapped) its inverted
+                        lists, on disk; index.7.faiss then holds the trained part and
+                        names this file (:mod:`dinofeat.search.ondisk`)
 
 Saving writes a new generation of data files, then replaces ``index.json`` atomically, then
 deletes older generations: a crash at any moment leaves a folder whose ``index.json`` names
@@ -35,10 +38,11 @@ from typing import Any, Callable
 import faiss
 
 from ..utils import UnsafePathError, atomic_path, atomic_write_json, resolve_inside
+from . import ondisk
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HEADER_NAME", "IndexFormatError",
            "generation_of", "read_header", "write_generation", "read_generation",
-           "StoredGeneration", "read_faiss_bounded", "named_file"]
+           "StoredGeneration", "read_faiss_bounded", "named_file", "read_index_file"]
 
 FORMAT_NAME = "dinofeat.KNNIndex"
 FORMAT_VERSION = 1
@@ -51,10 +55,11 @@ class IndexFormatError(ValueError):
 
 def generation_of(name: str) -> int:
     """The generation number of a data file name (``index.7.faiss`` -> 7), 0 for others."""
-    m = re.fullmatch(r"(?:index|pending)\.(\d+)\.faiss|items\.(\d+)\.json", name)
+    m = re.fullmatch(r"(?:index|pending)\.(\d+)\.faiss|items\.(\d+)\.json|"
+                     r"lists\.(\d+)\.ivfdata", name)
     if not m:
         return 0
-    return int(m.group(1) or m.group(2))
+    return int(m.group(1) or m.group(2) or m.group(3))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -113,7 +118,15 @@ def write_generation(path: str | os.PathLike, *, index: faiss.Index | None,
             pass
     files: dict[str, str | None] = {"faiss_file": None, "pending_file": None,
                                     "items_file": f"items.{gen}.json"}
-    if index is not None:
+    if index is not None and ondisk.has_ondisk_lists(index):
+        # lists on disk (or stacked with new ones): merged into this generation's own
+        # lists file, streamed; both files complete before the header names them
+        files["faiss_file"] = f"index.{gen}.faiss"
+        files["lists_file"] = f"lists.{gen}.ivfdata"
+        with atomic_path(path / files["lists_file"]) as lists_tmp, \
+                atomic_path(path / files["faiss_file"]) as tmp:
+            ondisk.write_lists(index, lists_tmp, files["lists_file"], tmp)
+    elif index is not None:
         files["faiss_file"] = f"index.{gen}.faiss"
         with atomic_path(path / files["faiss_file"]) as tmp:
             faiss.write_index(index, str(tmp))
@@ -164,6 +177,16 @@ def read_generation(path: str | os.PathLike, *, mmap: bool = False) -> StoredGen
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def read_index_file(path: str | os.PathLike) -> faiss.Index:
+    """The faiss index of the current generation of ``path`` alone (on-disk lists mapped,
+    other data read), without the items."""
+    path = Path(path)
+    header = read_header(path)
+    if not header.get("faiss_file"):
+        raise IndexFormatError(f"{path}: the index holds no faiss data yet")
+    return _read_faiss(path, header, "faiss_file")
+
+
 # faiss's deserialization limit is one process-wide setting: set and restore it under a lock
 _limit_lock = threading.Lock()
 
@@ -197,8 +220,22 @@ def _read_faiss(path: Path, header: dict[str, Any], key: str, io_flags: int = 0
     f = named_file(path, header, key)
     if not f.is_file():
         raise FileNotFoundError(f"{f}: missing (named by {path / HEADER_NAME})")
+    lists = None
+    if key == "faiss_file" and header.get("lists_file"):
+        lists = named_file(path, header, "lists_file")
+        if not lists.is_file():
+            raise FileNotFoundError(f"{lists}: missing (named by {path / HEADER_NAME})")
+        # on-disk lists are mapped by faiss itself, found next to the index file
+        io_flags = faiss.IO_FLAG_ONDISK_SAME_DIR
     try:
-        return read_faiss_bounded(f, io_flags)
+        if lists is None:
+            return read_faiss_bounded(f, io_flags)
+        with ondisk.quiet_stdout():
+            index = read_faiss_bounded(f, io_flags)
+        problem = ondisk.check_lists(index, lists)
+        if problem:
+            raise IndexFormatError(f"{f}: {problem}")
+        return index
     except RuntimeError as e:
         if not f.exists():  # deleted by a concurrent save after the check above
             raise FileNotFoundError(f"{f}: missing (named by {path / HEADER_NAME})") from None
