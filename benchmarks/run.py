@@ -303,12 +303,18 @@ def bench_embed(name: str, repeats: int, batch: int | None, tmp: Path,
                 with torch.inference_mode(), accel.fast_inference(cm, precision, DEVICE):
                     return cm.backbone(x)
             return run
+        tc = torch.compile(copy.deepcopy(tm))  # the peer: timm as it comes, compiled
         for prec in ("fp32", LOW):
             t0 = time.perf_counter()
             compiled(prec)()
             print(f"  torch.compile {prec}: first call {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr)
             variants[f"dinofeat {prec} + torch.compile"] = compiled(prec)
+            t0 = time.perf_counter()
+            fwd("timm", tc, prec)()
+            print(f"  timm + torch.compile {prec}: first call "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            variants[f"timm {prec} + torch.compile"] = fwd("timm", tc, prec)
 
     # accuracy of every variant against the default-kernel fp32 features
     accuracy = {}
@@ -526,6 +532,21 @@ def bench_train(repeats: int, batch: int, locals_: int, out_dim: int,
 
 
 # ------------------------------------------------------------------ report
+def best_peer_ratios(rows: dict[str, dict]) -> dict[str, tuple[str, float]]:
+    """Per precision: the fastest peer (timm, Hugging Face, ONNX Runtime, torch.compile
+    of timm; not dinofeat's own rows nor the plain baseline) and dinofeat's default
+    row's speed over it (medians)."""
+    out = {}
+    for prec in ("fp32", LOW):
+        ours = rows.get(f"dinofeat {prec}")
+        peers = {k: r for k, r in rows.items() if prec in k
+                 and not k.startswith(("dinofeat", "plain"))}
+        if ours and peers:
+            name = max(peers, key=lambda k: peers[k]["median"])
+            out[prec] = (name, ours["median"] / peers[name]["median"])
+    return out
+
+
 def _ratio(rows: dict, key: str, base: str) -> str:
     return f"{rows[key]['median'] / rows[base]['median']:.2f}x"
 
@@ -598,6 +619,9 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{s['max_abs_diff']:.1e} | {s['min_cosine']:.6f} |")
         lines += ["", "max abs diff / min cosine: features against dinofeat's fp32 features "
                   "computed with PyTorch's default kernels (same weights, same batch).", ""]
+        for prec, (peer, ratio) in best_peer_ratios(e["rows"]).items():
+            lines.append(f"- **{prec}: dinofeat {ratio:.2f}x the best peer** ({peer}).")
+        lines.append("")
     if "e2e" in res:
         e = res["e2e"]
         lines += [f"### `dinofeat embed` end to end: {e['images']} generated {e['image_size']} "

@@ -16,7 +16,7 @@ What that function computes for ``embed`` is a :class:`~dinofeat.features.Featur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -173,9 +173,14 @@ class EmbedStream:
     def _iter_loader(self, bar, fmt):
         sources = self.resolved.sources[self.start:self.stop]
         plan = self.decode_plan(sources)
-        loader = _images.image_loader(
-            sources, self.transform, batch_size=self.batch_size, num_workers=plan.workers,
-            pin_memory=self.device.type == "cuda", decode=self.decode)
+        loader: Iterable[_images.ImageBatch]
+        if plan.mode == "turns":
+            loader = _images.ThreadedBatches(sources, self.transform, batch_size=self.batch_size,
+                                             threads=plan.workers, decode=self.decode)
+        else:
+            loader = _images.image_loader(
+                sources, self.transform, batch_size=self.batch_size, num_workers=plan.workers,
+                pin_memory=self.device.type == "cuda", decode=self.decode)
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and plan.threads != threads:
             torch.set_num_threads(plan.threads)
@@ -203,7 +208,8 @@ class EmbedStream:
                                               self.precision)
         return _images.plan_decoding(sources, self.transform, batch_size=self.batch_size,
                                      model_s=model_s, decode=self.decode,
-                                     num_workers=self.num_workers)
+                                     num_workers=self.num_workers,
+                                     device_type=torch.device(self.device or "cpu").type)
 
     def _iter_batches(self, loader, sources, fmt, bar):
         mean, std = self.normalization

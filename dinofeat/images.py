@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ __all__ = [
     "split_cores",
     "cpu_cores",
     "image_loader",
+    "ThreadedBatches",
 ]
 
 #: File extensions :func:`list_images` picks up (lower case).
@@ -475,7 +476,7 @@ def normalize_batch(batch: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     x = batch.to(device or batch.device, non_blocking=True).to(torch.float32)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
-    x = (x - m) / s
+    x.sub_(m).div_(s)  # x is a new float tensor: in place saves two passes over the batch
     return x.contiguous(memory_format=memory_format)
 
 
@@ -658,15 +659,21 @@ def cpu_cores() -> int:
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """How decoding and the model share the CPU cores: ``workers`` decoding processes
-    and ``threads`` intra-op threads for the model, chosen by :func:`plan_decoding` from
-    the measured ``decode_s`` and estimated ``model_s`` (core-seconds per image)."""
+    """How decoding and the model share the CPU cores, chosen by :func:`plan_decoding`
+    from the measured ``decode_s`` and estimated ``model_s`` (core-seconds per image).
+
+    ``mode="processes"``: ``workers`` decoding processes run alongside the model's
+    ``threads`` intra-op threads. ``mode="turns"``: decoding and the model take turns on
+    every core: each batch is decoded by ``workers`` threads of this process (Pillow and
+    torch release the GIL while they work), then the model runs it with ``threads``
+    threads (:class:`ThreadedBatches`)."""
 
     workers: int
     threads: int
     decode_s: float | None = None
     model_s: float | None = None
     cores: int = 1
+    mode: str = "processes"
 
     @property
     def decode_share(self) -> float | None:
@@ -714,10 +721,15 @@ def decode_seconds(sources: Sequence[ImageSource], transform: Callable | None = 
     return sorted(times)[len(times) // 2] if times else None
 
 
+#: Up to this many cores, :func:`plan_decoding` lets decoding and the model take turns on
+#: every core (``mode="turns"``) instead of running decoding processes beside the model.
+TURNS_MAX_CORES = 4
+
+
 def plan_decoding(sources: Sequence[ImageSource], transform: Callable | None = None, *,
                   batch_size: int = 64, model_s: float | None = None,
                   decode: str = "reduced", num_workers: int | None = None,
-                  cores: int | None = None) -> DecodePlan:
+                  cores: int | None = None, device_type: str = "cpu") -> DecodePlan:
     """Decoding workers and model threads for a run over ``sources``.
 
     No worker for a single batch or in-memory inputs (decoding in the main process costs
@@ -730,13 +742,49 @@ def plan_decoding(sources: Sequence[ImageSource], transform: Callable | None = N
     threads = torch.get_num_threads()
     if num_workers is not None:
         return DecodePlan(num_workers, threads, cores=cores)
-    if len(sources) <= batch_size or not any(isinstance(s.item, Path) for s in sources[:4]):
+    if not any(isinstance(s.item, Path) for s in sources[:4]):
+        return DecodePlan(0, threads, cores=cores)
+    if device_type == "cpu" and cores <= TURNS_MAX_CORES:
+        # few cores: a decoding process beside the model's threads leaves one of them
+        # waiting at every parallel step; taking turns keeps every core on one job
+        return DecodePlan(min(cores, batch_size, len(sources)), threads, None, model_s,
+                          cores, "turns")
+    if len(sources) <= batch_size:
         return DecodePlan(0, threads, cores=cores)
     d = decode_seconds(sources, transform, decode=decode)
     if d is None or model_s is None:
         return DecodePlan(max(1, cores // 2), threads, d, model_s, cores)
     workers, threads = split_cores(cores, d, model_s)
     return DecodePlan(workers, threads, d, model_s, cores)
+
+
+class ThreadedBatches:
+    """:class:`ImageBatch` es of ``sources`` in input order, each decoded and
+    preprocessed by ``threads`` threads of this process when the caller asks for it (no
+    work ahead): with the model run between two batches, decoding and the model take
+    turns on the cores instead of competing for them. Unreadable inputs come back in
+    ``ImageBatch.failed``, as with :func:`image_loader`."""
+
+    def __init__(self, sources: Sequence[ImageSource], transform: Callable | None = None, *,
+                 batch_size: int = 64, threads: int = 1, max_pixels: int | None = None,
+                 decode: str = "reduced"):
+        if batch_size < 1 or threads < 1:
+            raise ValueError(f"batch_size and threads must be at least 1, got {batch_size} "
+                             f"and {threads}")
+        self.dataset = _SourceDataset(sources, transform, max_pixels, decode)
+        self.batch_size = batch_size
+        self.threads = threads
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[ImageBatch]:
+        from concurrent.futures import ThreadPoolExecutor
+        n = len(self.dataset)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="dinofeat-decode") as pool:
+            for lo in range(0, n, self.batch_size):
+                idx = range(lo, min(lo + self.batch_size, n))
+                yield _collate(list(pool.map(self.dataset.__getitem__, idx)))
 
 
 def default_num_workers(num_images: int, batch_size: int) -> int:

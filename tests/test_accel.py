@@ -4,6 +4,8 @@ ViT-S/16-sized model), and that the user's global settings survive dinofeat call
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,6 +273,7 @@ def test_fp16_on_gpu(vit_s16, reference):  # pragma: no cover - no GPU in CI
 def test_probes_measure_once_and_are_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("DINOFEAT_PROBE", "1")
     monkeypatch.setenv("DINOFEAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(accel, "_busy", lambda load: False)  # the CI machine may be busy
     assert accel.probing_enabled()
     path = accel.probe_cache_path()
     assert path.parent == tmp_path and path.name.startswith("probes-")
@@ -295,6 +298,26 @@ def test_probes_measure_once_and_are_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("DINOFEAT_PROBE", "0")
     assert accel.probe("test/x", run) is None
     assert accel.exact_search_kernel(32) == "faiss"
+
+
+def test_probe_on_a_busy_machine_is_not_saved(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOFEAT_PROBE", "1")
+    monkeypatch.setenv("DINOFEAT_CACHE_DIR", str(tmp_path))
+    cores = len(os.sched_getaffinity(0))
+    assert accel._busy([2.0 * cores, 0, 0]) and not accel._busy([0.5 * cores, 0, 0])
+    monkeypatch.setattr(accel, "_busy", lambda load: True)
+    calls = []
+
+    def run():
+        calls.append(1)
+        return {"choice": "a"}
+
+    assert accel.probe("test/busy", run)["choice"] == "a"
+    assert accel.probe("test/busy", run)["choice"] == "a" and len(calls) == 1  # this process
+    assert not accel.probe_cache_path().exists()
+    accel._probe_mem.clear()  # the next process measures again
+    accel.probe("test/busy", run)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])

@@ -404,5 +404,31 @@ def test_split_cores_between_decoding_and_model():
     assert I.split_cores(16, 0.01, 0.03) == (4, 12)
     assert I.split_cores(1, 0.5, 0.5) == (1, 1)
     src = [I.ImageSource(Path(f"{i}.jpg"), Path(f"{i}.jpg")) for i in range(10)]
-    assert I.plan_decoding(src, batch_size=64).workers == 0  # one batch: no workers
+    assert I.plan_decoding(src, batch_size=64, cores=16).workers == 0  # one batch: no workers
     assert I.plan_decoding(src, batch_size=4, num_workers=3).workers == 3
+    # few cores: decoding threads and the model take turns (on a GPU, processes overlap)
+    turns = I.plan_decoding(src, batch_size=4, cores=2)
+    assert (turns.mode, turns.workers) == ("turns", 2)
+    assert I.plan_decoding(src, batch_size=64, cores=2, device_type="cuda").mode == "processes"
+    assert I.plan_decoding(src, batch_size=4, cores=I.TURNS_MAX_CORES + 1).mode == "processes"
+
+
+def test_threaded_batches_equal_the_loader(tmp_path):
+    from dinofeat.zoo import Preprocessing
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.jpg")
+    (tmp_path / "3.jpg").write_bytes(b"not a jpeg")  # unreadable: reported, not raised
+    t = I.ImageTransform(Preprocessing(resize_size=32, crop_size=32), 16)
+    src = [I.ImageSource(p, p) for p in I.list_images(tmp_path)]
+    ref = list(I.image_loader(src, t, batch_size=3, num_workers=0))
+    got = list(I.ThreadedBatches(src, t, batch_size=3, threads=2))
+    assert len(got) == len(I.ThreadedBatches(src, t, batch_size=3, threads=2)) == len(ref) == 3
+    for a, b in zip(ref, got):
+        assert a.positions == b.positions and a.failed == b.failed
+        assert [p for p, _ in a.groups] == [p for p, _ in b.groups]
+        assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a.groups, b.groups))
+    assert got[1].failed and got[1].failed[0][0] == 3
+    with pytest.raises(ValueError):
+        I.ThreadedBatches(src, t, threads=0)
