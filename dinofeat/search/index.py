@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import faiss
+import faiss as _faiss
 import numpy as np
 
 from .. import accel, runtime
@@ -55,6 +55,10 @@ from .identity import (IncompatibleFeaturesError, as_info, check_compatible, des
 from .storage import IndexFormatError
 
 __all__ = ["KNNIndex", "as_float_matrix"]
+
+#: faiss 1.15's stub (faiss/__init__.pyi) lacks DirectMap, SearchParametersHNSW and the
+#: attributes of the id-map and IVF classes used here: faiss objects are typed as Any
+faiss: Any = _faiss
 
 _ADD_CHUNK = 65536
 
@@ -168,13 +172,13 @@ class KNNIndex:
         self.build_state: dict[str, Any] = {}  # free-form progress of from_images builds
         self.folder: Path | None = None  # where it was last loaded from or saved to
         self.resolved_factory: str | None = None
-        self._index: faiss.Index | None = None
-        self._pending: faiss.Index | None = None  # exact buffer while the index is untrained
-        self._gpu_index: faiss.Index | None = None
+        self._index: Any = None  # the faiss index
+        self._pending: Any = None  # exact buffer (faiss) while the index is untrained
+        self._gpu_index: Any = None
         self._gpu_failed = False
         self._mapped = False  # faiss data memory-mapped from a generation file (read-only)
         self._grower: ondisk.ListsGrower | None = None  # vectors added to a mapped IVF index
-        self._gpu_res = None  # faiss.StandardGpuResources of the GPU copy
+        self._gpu_res: Any = None  # faiss.StandardGpuResources of the GPU copy
         self._tombstones: set[int] = set()  # removed ids an index cannot delete (HNSW)
         # per-item records, row-aligned
         self._ids: list[int] = []
@@ -201,6 +205,12 @@ class KNNIndex:
     def ids(self) -> np.ndarray:
         """The ids of the live items, in insertion order (int64)."""
         return np.asarray(self._ids, dtype=np.int64)
+
+    @property
+    def _d(self) -> int:
+        """The dimension, once known (every caller runs after the first vectors)."""
+        assert self.dim is not None, "the index has no dimension yet"
+        return self.dim
 
     @property
     def is_trained(self) -> bool:
@@ -377,7 +387,7 @@ class KNNIndex:
         self._ensure_index(len(self) + n)
         target = self._index if self._index.is_trained else self._pending
         for s in range(0, n, _ADD_CHUNK):
-            if grow:
+            if self._grower is not None and grow:
                 self._grower.add(x[s:s + _ADD_CHUNK], id_arr[s:s + _ADD_CHUNK])
             else:
                 target.add_with_ids(x[s:s + _ADD_CHUNK], id_arr[s:s + _ADD_CHUNK])
@@ -396,7 +406,7 @@ class KNNIndex:
             self.train()
         elif self.factory == "auto" and self.resolved_factory == "Flat" and (
                 len(self) > factories.AUTO_EXACT_LIMIT or
-                autos.estimate_memory("Flat", len(self), self.dim) > self._budget()):
+                (autos.estimate_memory("Flat", len(self), self._d) or 0) > self._budget()):
             _log.info("index outgrew exact search (%d vectors; exact search is kept up to %d "
                       "and within %s): choosing another index", len(self),
                       factories.AUTO_EXACT_LIMIT, autos.format_bytes(self._budget()))
@@ -451,12 +461,18 @@ class KNNIndex:
         meta = list(meta)
         if len(meta) != n:
             raise ValueError(f"got {len(meta)} meta entries for {n} vectors")
-        paths, hashes, extra = [], [], []
+        paths: list[str | None] = []
+        hashes: list[str | None] = []
+        extra: list[dict | None] = []
         for m in meta:
             if m is None:
-                paths.append(None), hashes.append(None), extra.append(None)
+                paths.append(None)
+                hashes.append(None)
+                extra.append(None)
             elif isinstance(m, (str, os.PathLike)):
-                paths.append(str(m)), hashes.append(None), extra.append(None)
+                paths.append(str(m))
+                hashes.append(None)
+                extra.append(None)
             elif isinstance(m, Mapping):
                 d = dict(m)
                 p = d.pop("path", None)
@@ -504,7 +520,7 @@ class KNNIndex:
             x = self._prepare(sample, "training sample")
         else:
             n = self._pending.ntotal
-            x = self._pending.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim),
+            x = self._pending.index.reconstruct_n(0, n) if n else np.zeros((0, self._d),
                                                                           np.float32)
         train_x = x
         if self.factory == "auto" and sample is None and self._pending is not None:
@@ -544,7 +560,7 @@ class KNNIndex:
         n = max(len(self), self.expected_size or 0, len(sample))
         budget, target = self._budget(), self._target()
         choice = autos.select(sample, n, self.metric, budget, target)
-        new = build_faiss(choice.factory, self.dim, self.metric)
+        new = build_faiss(choice.factory, self._d, self.metric)
         ivf = faiss.try_extract_index_ivf(new)
         if ivf is not None and choice.centroids is not None and \
                 len(choice.centroids) == ivf.nlist:
@@ -644,7 +660,7 @@ class KNNIndex:
         if p is None or self._index is None or not self._index.is_trained or \
                 self.factory != "auto" or self.resolved_factory == "Flat":
             return dict(self.auto)
-        cand = next((c for c in autos.candidates(max(len(self), 1), self.dim)
+        cand = next((c for c in autos.candidates(max(len(self), 1), self._d)
                      if c.factory == self.resolved_factory), None)
         if cand is None or cand.param is None:
             return dict(self.auto)
@@ -698,17 +714,17 @@ class KNNIndex:
             self.factory = factory
         if self._index is None:
             return
-        new_factory = factory or self.resolved_factory
+        new_factory = factory or self.resolved_factory or self.factory
         self._own_memory()
         live = self.ids
-        new = build_faiss(new_factory, self.dim, self.metric)
+        new = build_faiss(new_factory, self._d, self.metric)
         if not new.is_trained:
             need = min_train_size(new)
             if len(live) < need:
                 raise ValueError(f"{new_factory} needs at least {need} vectors to train; "
                                  f"the index has {len(live)}")
             size = int(train_size or self.train_size or
-                       default_train_size(new_factory, self.dim))
+                       default_train_size(new_factory, self._d))
             rng = np.random.default_rng(0)
             sample = np.sort(rng.choice(live, size=min(max(size, need), len(live)),
                                         replace=False))
@@ -735,7 +751,7 @@ class KNNIndex:
         self._apply_search_params()
         self._invalidate()
         _log.info("rebuilt as %s: %d vectors, about %d bytes per vector", new_factory,
-                  len(live), bytes_per_vector(new, self.dim, new_factory))
+                  len(live), bytes_per_vector(new, self._d, new_factory))
 
     def remove(self, ids: Iterable[int]) -> int:
         """Remove items by id; unknown ids are ignored. Returns how many were removed.
