@@ -388,9 +388,10 @@ def scale_part(n: int, args, centers, tmp: Path) -> dict:
         auto.add(db[s:s + 200_000])
     auto.train()  # no-op once trained
     res["auto_build_s"] = time.perf_counter() - t0
+    auto.tune()  # what save does; add re-measures too, but only every 10% of growth
     found = _search_all(auto, q, k)
     res["auto"] = {"factory": auto.resolved_factory, "params": dict(auto.search_params),
-                   "recall_at_k": recall_at_k(found, truth), "header": auto.auto,
+                   "recall_at_k": recall_at_k(found, truth), "header": dict(auto.auto),
                    "bytes_per_vector_file": _file_bytes(auto, tmp / "auto.idx") / n}
     timing = _interleaved({"Flat": flat, "auto": auto}, q, k, args.repeats)
     res["auto"]["timing"] = timing

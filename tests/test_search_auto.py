@@ -422,3 +422,18 @@ def test_growing_a_mapped_ivf_index_keeps_its_codes_out_of_memory(tmp_path):
     grown, copied = map(float, out.strip().splitlines()[-1].split())
     assert grown < 40 and copied > 140, (grown, copied)
     assert len(KNNIndex.load(folder)) == 155_000
+
+
+def test_recall_is_measured_again_as_the_index_grows():
+    """Without a save, ``add`` measures recall again once the index has grown by a tenth
+    since the last measurement, so that searches run with parameters measured on about the
+    index they search."""
+    x, fresh = _with_fresh(8000, seed=14)
+    index = KNNIndex(factory="auto", expected_size=len(x), recall=0.95)
+    index.add(x[:3000])  # the training sample: chosen and measured on these
+    assert index.auto["measured_on"] == 3000
+    index.add(x[3000:3200])  # less than a tenth more: not measured again
+    assert index.auto["measured_on"] == 3000
+    index.add(x[3200:])
+    assert index.auto["measured_on"] == 8000 and index.auto["recall_bound"] >= 0.95
+    assert _fresh_recall(index, x, fresh) >= 0.95

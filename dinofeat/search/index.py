@@ -413,6 +413,11 @@ class KNNIndex:
             self._convert_auto()
         elif self._probe is not None and self._pending is None:
             self._probe_add(x, id_arr)
+            # recall falls as the index grows past the sample it was tuned on: measure
+            # again (a few hundred IVF searches) each time it has grown by a tenth, so
+            # that searches between saves run with parameters measured at about this size
+            if self._tuned_at is None or len(self) >= 1.1 * self._tuned_at:
+                self.tune()
         return id_arr
 
     def _new_ids(self, n: int, ids: Any) -> np.ndarray:
