@@ -60,9 +60,10 @@ def _fresh_recall(index: KNNIndex, x: np.ndarray, fresh: np.ndarray, k: int = 10
     return sum(len(np.intersect1d(f, t)) for f, t in zip(ids, truth)) / truth.size
 
 
-def _with_fresh(n: int, seed: int, fresh: int = 300) -> tuple[np.ndarray, np.ndarray]:
+def _with_fresh(n: int, seed: int, fresh: int = 300, dim: int = 32
+                ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` clustered vectors to index and ``fresh`` more from the same clusters."""
-    both = _clustered(n + fresh, seed=seed)
+    both = _clustered(n + fresh, dim=dim, seed=seed)
     return both[:n], both[n:]
 
 
@@ -436,4 +437,23 @@ def test_recall_is_measured_again_as_the_index_grows():
     assert index.auto["measured_on"] == 3000
     index.add(x[3200:])
     assert index.auto["measured_on"] == 8000 and index.auto["recall_bound"] >= 0.95
+    assert _fresh_recall(index, x, fresh) >= 0.95
+
+
+def test_budget_that_leaves_only_reranked_pq_meets_the_target():
+    """A budget below every candidate but IVF-PQ with re-ranking: it is chosen, its
+    ``nprobe`` and ``k_factor`` grow together until the bound reaches the target, and
+    fresh queries meet it against numpy brute force."""
+    x, fresh = _with_fresh(6000, seed=15, dim=128)  # PQ's codebooks pay off from here
+    cands = {c.factory: c.memory(len(x)) for c in candidates(len(x), x.shape[1])}
+    rflat = next(f for f in cands if f.endswith("RFlat"))
+    assert cands[rflat] == min(cands.values())
+    budget = min(m for f, m in cands.items() if f != rflat) - 1
+    index = KNNIndex(factory="auto", expected_size=len(x), memory=budget, recall=0.95)
+    index.add(x)
+    index.train()
+    assert index.resolved_factory == rflat
+    params = index.auto["params"]
+    assert params["k_factor"] == min(256, 8 * params["nprobe"])
+    assert index.auto["recall_bound"] >= 0.95
     assert _fresh_recall(index, x, fresh) >= 0.95

@@ -674,7 +674,8 @@ class KNNIndex:
             _log.info("auto: items were removed since the held-out answers were computed; "
                       "recall not measured again")
             return dict(self.auto)
-        cand.params = {k: v for k, v in self.search_params.items() if k != cand.param}
+        names = {cand.param, *cand.with_param}
+        cand.params = {k: v for k, v in self.search_params.items() if k not in names}
         k = autos.AUTO_K
         truth = autos.drop_self(p["scores"], p["topk"], p["ids"], k)[1]
         t0 = time.perf_counter()
