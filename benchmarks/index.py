@@ -31,12 +31,16 @@ import sys
 import time
 from pathlib import Path
 
-import faiss
-import numpy as np
-import torch
+from dinofeat.search import openblas
 
-from dinofeat.search import BLAS_THRESHOLD, KNNIndex, choose_factory, configure_threads
-from dinofeat.search import auto as autos
+openblas.pin_core()  # before faiss loads its OpenBLAS (see dinofeat.search.openblas)
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dinofeat.search import BLAS_THRESHOLD, KNNIndex, choose_factory, configure_threads  # noqa: E402
+from dinofeat.search import auto as autos  # noqa: E402
 
 
 # ------------------------------------------------------------------ data
@@ -303,7 +307,8 @@ def machine() -> dict:
             faiss.omp_get_max_threads(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "faiss": faiss.__version__, "numpy": np.__version__, "load_average_at_start": load,
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "openblas_coretype": os.environ.get(openblas.ENV)}
 
 
 # ------------------------------------------------------------------ scale: auto vs Flat

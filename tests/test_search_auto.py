@@ -457,3 +457,31 @@ def test_budget_that_leaves_only_reranked_pq_meets_the_target():
     assert params["k_factor"] == min(256, 8 * params["nprobe"])
     assert index.auto["recall_bound"] >= 0.95
     assert _fresh_recall(index, x, fresh) >= 0.95
+
+
+def test_openblas_core_is_pinned_before_faiss_loads():
+    """``import dinofeat.search`` sets OPENBLAS_CORETYPE from the CPU's flags before faiss
+    loads its OpenBLAS (0.3.15 falls back to generic kernels on newer CPUs), and leaves a
+    value the user set."""
+    import subprocess
+    import sys
+    from dinofeat.search.openblas import core_for_flags
+    assert core_for_flags({"avx2", "fma"} | {f"avx512{x}" for x in "f cd bw dq vl".split()}) \
+        == "SkylakeX"
+    assert core_for_flags({"avx2", "fma", "sse3"}) == "Haswell"
+    assert core_for_flags({"sse3"}) is None
+    code = ("import os, dinofeat.search, faiss; "
+            "print(os.environ.get('OPENBLAS_CORETYPE'))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_CORETYPE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()[-1]
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert out == str(core_for_flags(flags))
+    env["OPENBLAS_CORETYPE"] = "Haswell"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()[-1]
+    assert out == "Haswell"
