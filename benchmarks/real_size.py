@@ -169,8 +169,9 @@ def speed(folders: dict[str, Path], repeats: int, batch: int, tmp: Path,
     model = vit_s16()
     weights = tmp / "vit_s16.safetensors"
     save_safetensors(model, weights)
-    x = torch.randn(batch, 3, 224, 224)
     counts = {s: len(images.list_images(f)) for s, f in folders.items()}
+    # as many images as a folder: one batch alone was too short a run to time reliably
+    x = torch.randn(max(counts.values()), 3, 224, 224)
     runs = [0]
 
     def model_only(prec):
@@ -194,7 +195,7 @@ def speed(folders: dict[str, Path], repeats: int, batch: int, tmp: Path,
 
     variants: dict[str, tuple[Any, int]] = {}
     for prec in precisions:
-        variants[f"model only/{prec}"] = (model_only(prec), batch)
+        variants[f"model only/{prec}"] = (model_only(prec), len(x))
         for size, folder in folders.items():
             variants[f"{size}/api/{prec}"] = (api(folder, prec, "reduced"), counts[size])
             variants[f"{size}/cli/{prec}"] = (cli_run(folder, prec), counts[size])
@@ -221,7 +222,8 @@ def speed(folders: dict[str, Path], repeats: int, batch: int, tmp: Path,
         for prec in precisions:
             st = model.iter_embed(folder, precision=prec, batch_size=batch, progress=False)
             p = st.decode_plan()
-            plans[f"{size}/{prec}"] = {"workers": p.workers, "threads": p.threads,
+            plans[f"{size}/{prec}"] = {"mode": p.mode, "workers": p.workers,
+                                       "threads": p.threads,
                                        "decode_ms": round(1e3 * p.decode_s, 1)
                                        if p.decode_s else None,
                                        "model_ms": round(1e3 * p.model_s, 1)
@@ -256,7 +258,7 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{min(x[0] for x in la):.1f}-{max(x[0] for x in la):.1f} on this shared "
                   "machine), images/s and the ratio to the model alone:", "",
                   "| photos | precision | model only | `embed` API | `dinofeat embed` CLI | "
-                  "API, full decoding | workers / threads chosen |",
+                  "API, full decoding | decoding / model (chosen) |",
                   "|---|---|---|---|---|---|---|"]
         for size in res["data"]:
             for prec in ("fp32", "bf16"):
@@ -271,9 +273,11 @@ def markdown(res: dict[str, Any]) -> str:
                     + (f"{r[f'{size}/api full decode/{prec}']} "
                        f"({q[f'{size}/api full decode/{prec}']:.0%}) | "
                        if f"{size}/api full decode/{prec}" in r else "not run | ") +
-                    f"{plan.get('workers')} / {plan.get('threads')} (decode "
-                    f"{plan.get('decode_ms')} ms, model {plan.get('model_ms')} core-ms "
-                    "per image) |")
+                    (f"turns: {plan.get('workers')} decoding threads, then the model on "
+                     f"{plan.get('threads')} |" if plan.get("mode") == "turns" else
+                     f"{plan.get('workers')} processes / {plan.get('threads')} threads "
+                     f"(decode {plan.get('decode_ms')} ms, model {plan.get('model_ms')} "
+                     "core-ms per image) |"))
         lines.append("")
     if "quality" in res:
         lines += ["**Reduced-size against full decoding** (fp32 features; neighbours "

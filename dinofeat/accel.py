@@ -357,8 +357,8 @@ def fast_inference(model: nn.Module | None = None, precision: str = "fp32",
         if model is not None and dev.type == "cpu" and (
                 probing_enabled() or uses_explicit_attention(dev, precision)):
             stack.enter_context(_attention_by_length(model, dev, precision))
-        if model is not None and dev.type == "cpu" and linear_kernel(precision) == "onednn":
-            stack.enter_context(onednn.packed_linears(model))
+        if model is not None and dev.type == "cpu" and _may_pack(precision):
+            stack.enter_context(onednn.packed_linears(model, _packed_rows))
         dtype = AUTOCAST_DTYPES[precision]
         if dtype is not None:
             stack.enter_context(torch.autocast(device_type=dev.type, dtype=dtype))
@@ -403,7 +403,7 @@ def platform_report(probe_now: bool = False) -> dict[str, Any]:
         onednn_fp32_available()
         for prec in ("fp32", "bf16"):
             gemm_gflops(prec)
-            linear_kernel(prec)
+            linear_kernel(prec)  # the rows of a ViT-S/16 batch of 32
             for tokens in (197, 785, 3601):
                 attention_kernel("cpu", prec, tokens)
         exact_search_kernel(384)
@@ -586,8 +586,10 @@ def _probe_attention(precision: str, tokens: int) -> dict[str, Any]:
     # the queries for long sequences), so the probe stays well under a second
     n = max(2, tokens * 3 // 4 + 1)
     heads = 6
-    batch = max(1, (1 << 21) // (n * n * heads))
-    rows = min(n, max(64, (1 << 21) // (n * heads * batch)))
+    # about a ViT-S/16 batch of 32 at 224 (~2^23 scores): smaller problems finish in
+    # ~2 ms, where timer and scheduling noise decided the choice
+    batch = max(1, (1 << 23) // (n * n * heads))
+    rows = min(n, max(64, (1 << 23) // (n * heads * batch)))
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(batch, n, 3, heads, 64, generator=g)
     dtype = AUTOCAST_DTYPES.get(precision)
@@ -605,54 +607,75 @@ def _probe_attention(precision: str, tokens: int) -> dict[str, Any]:
         o = ((q * scale) @ k.transpose(-2, -1)).softmax(-1) @ v
         return o.transpose(1, 2).reshape(batch, rows, heads * 64)
 
-    t = _race({"fused": fused, "explicit": explicit})
-    return {"choice": min(t, key=t.get), "seconds": t, "tokens": n, "heads": heads,
+    t = _race({"fused": fused, "explicit": explicit}, repeats=5)
+    # the fused kernel is PyTorch's own choice: the explicit product must win clearly
+    choice = "explicit" if t["explicit"] < 0.9 * t["fused"] else "fused"
+    return {"choice": choice, "seconds": t, "tokens": n, "heads": heads,
             "batch": batch, "query_rows": rows}
 
 
-def linear_kernel(precision: str) -> str:
+def linear_kernel(precision: str, rows: int = 6304) -> str:
     """``"onednn"`` (pre-packed oneDNN weights, the MLP's GELU fused into its first layer:
     :mod:`dinofeat.onednn`) or ``"aten"`` (``nn.Linear`` as it is) for inference on CPU
-    at ``precision``: oneDNN when a probe on a ViT-S-sized MLP finds it at least 3%
-    faster and as accurate as ``nn.Linear`` against a float64 computation (cached per
-    machine). ``"aten"`` without probing, for fp16, or when the operators are missing."""
-    if precision not in ("fp32", "bf16") or not onednn.available():
+    at ``precision`` on inputs of ``rows`` rows (tokens x images; default: a ViT-S/16
+    batch of 32): oneDNN when a probe on a ViT-S-sized MLP at this row bucket (a power of
+    two, from 1024 to 65536) finds it at least 3% faster and as accurate as
+    ``nn.Linear`` against a float64 computation (cached per machine). The gain grows with
+    the rows (on the Intel AMX machine: a tie at 3k rows, 1.2-1.7x from 6k). ``"aten"``
+    without probing, for fp16, or when the operators are missing."""
+    if not _may_pack(precision):
         return "aten"
-    res = probe(f"linear/cpu/{precision}", lambda: _probe_linear(precision))
+    bucket = _bucket(rows, lo=1024, hi=65536)
+    res = probe(f"linear/cpu/{precision}/{bucket}", lambda: _probe_linear(precision, bucket))
     return res["choice"] if res else "aten"
 
 
-def _probe_linear(precision: str) -> dict[str, Any]:
+def _may_pack(precision: str) -> bool:
+    return precision in ("fp32", "bf16") and probing_enabled() and onednn.available()
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def _packed_rows(dtype: torch.dtype, rows: int) -> bool:
+    """:func:`dinofeat.onednn.packed_linears`' ``when``: the probed choice per row bucket."""
+    name = _DTYPE_NAMES.get(dtype)
+    return name is not None and linear_kernel(name, rows) == "onednn"
+
+
+def _probe_linear(precision: str, bucket: int) -> dict[str, Any]:
     from timm.layers import Mlp
     g = torch.Generator().manual_seed(0)
     mlp = Mlp(384, 1536).eval()
-    x = torch.randn(1576, 384, generator=g)  # 8 images of 197 tokens
-    with torch.no_grad():
-        ref = mlp.double()(x.double())
+    rows = bucket * 3 // 4 + 1  # a 3/4-full bucket: 6145 of 8192 for a batch of 32 x 197
+    x = torch.randn(rows, 384, generator=g)
+    head = x[:512]
+    with torch.no_grad():  # accuracy on the first rows: float64 at every size costs
+        ref = mlp.double()(head.double())
         mlp.float()
     dtype = AUTOCAST_DTYPES.get(precision)
 
-    def run() -> torch.Tensor:
+    def run(inp: torch.Tensor = x) -> torch.Tensor:
         with fast_math("cpu", precision), contextlib.ExitStack() as stack:
             if dtype is not None:
                 stack.enter_context(torch.autocast("cpu", dtype=dtype))
-            return mlp(x)
+            return mlp(inp)
 
-    def packed() -> torch.Tensor:
+    def packed(inp: torch.Tensor = x) -> torch.Tensor:
         with onednn.packed_linears(mlp):
-            return run()
+            return run(inp)
 
     try:
-        err = {k: float((fn().double() - ref).abs().max()) for k, fn in
+        err = {k: float((fn(head).double() - ref).abs().max()) for k, fn in
                (("aten", run), ("onednn", packed))}
     except RuntimeError as e:  # an operator this build cannot run
         return {"choice": "aten", "reason": f"oneDNN failed: {e}"}
-    t = _race({"aten": run, "onednn": packed}, repeats=3)
+    t = _race({"aten": run, "onednn": packed}, repeats=3 if rows > 8192 else 5)
     scale = float(ref.abs().max())
     accurate = err["onednn"] <= max(2 * err["aten"], 1e-5 * scale)  # fp32: ~1e-7 each
     faster = t["onednn"] < 0.97 * t["aten"]
     return {"choice": "onednn" if accurate and faster else "aten", "seconds": t,
-            "max_abs_error": err, "accurate": accurate}
+            "rows": rows, "max_abs_error": err, "accurate": accurate}
 
 
 def clear_probes() -> None:

@@ -130,37 +130,55 @@ def mlp_gelu(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return linear(fc2, linear(fc1, x, dtype, "gelu"), dtype)
 
 
-def _linear_forward(module: nn.Linear, own: Callable) -> Callable:
+#: ``when(dtype, rows)``: whether a call with ``rows`` rows in ``dtype`` uses the packed
+#: path (the caller's measured choice); the default: always.
+When = Callable[[torch.dtype, int], bool]
+
+
+def _always(dtype: torch.dtype, rows: int) -> bool:
+    return True
+
+
+def _dtype_here(x: torch.Tensor, when: When) -> torch.dtype | None:
+    dtype = _compute_dtype(x)
+    if dtype is None or not when(dtype, x.numel() // max(1, x.shape[-1])):
+        return None
+    return dtype
+
+
+def _linear_forward(module: nn.Linear, own: Callable, when: When) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = _dtype_here(x, when)
         return own(x) if dtype is None else linear(module, x, dtype)
     return forward
 
 
-def _mlp_forward(module: nn.Module, own: Callable) -> Callable:
+def _mlp_forward(module: nn.Module, own: Callable, when: When) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        dtype = None if module.training else _compute_dtype(x)
+        dtype = None if module.training else _dtype_here(x, when)
         return own(x) if dtype is None else mlp_gelu(module, x, dtype)
     return forward
 
 
-def _targets(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
+def _targets(model: nn.Module, when: When) -> list[tuple[nn.Module, Callable]]:
     out: list[tuple[nn.Module, Callable]] = []
     for m in model.modules():
         if "forward" in m.__dict__:  # its forward was replaced already (compiled, user's)
             continue
         if isinstance(m, nn.Linear):
-            out.append((m, _linear_forward(m, m.forward)))
+            out.append((m, _linear_forward(m, m.forward, when)))
         elif _fusable_mlp(m):
-            out.append((m, _mlp_forward(m, m.forward)))
+            out.append((m, _mlp_forward(m, m.forward, when)))
     return out
 
 
 @contextlib.contextmanager
-def packed_linears(model: nn.Module) -> Iterator[None]:
+def packed_linears(model: nn.Module, when: When = _always) -> Iterator[None]:
     """Inside: ``model``'s linear layers (and timm MLPs) compute with packed oneDNN
-    weights when called without gradients on CPU in fp32 or bf16; restored when the last
-    user of ``model`` (nested or in another thread) leaves. Does nothing when
+    weights when called without gradients on CPU in fp32 or bf16 and ``when(dtype,
+    rows)`` says so (the gain depends on the number of rows: see
+    ``dinofeat.accel.linear_kernel``); restored when the last user of ``model`` (nested
+    or in another thread) leaves; ``when`` is the first user's. Does nothing when
     :func:`available` is false."""
     if not available():
         yield
@@ -173,7 +191,7 @@ def packed_linears(model: nn.Module) -> Iterator[None]:
     with _lock:
         entry = _installed.get(model)
         if entry is None:
-            patched = _targets(model)
+            patched = _targets(model, when)
             for m, fwd in patched:
                 m.forward = fwd  # an instance attribute: nn.Module.__call__ finds it first
             entry = _installed[model] = [0, [m for m, _ in patched]]

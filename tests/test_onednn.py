@@ -149,11 +149,15 @@ def test_vit_features_through_fast_inference(precision, monkeypatch):
     x = _x(2, 3, 224, 224, seed=1)
     with torch.inference_mode():
         ref = model.backbone(x)
-    monkeypatch.setattr(accel, "linear_kernel", lambda p: "onednn")
+    monkeypatch.setattr(accel, "_may_pack", lambda p: True)
+    rows_seen = []
+    monkeypatch.setattr(accel, "linear_kernel",
+                        lambda p, rows=0: rows_seen.append(rows) or "onednn")
     with torch.inference_mode(), accel.fast_inference(model, precision):
         assert "forward" in model.backbone.vit.blocks[0].mlp.__dict__
         fast = model.backbone(x).float()
     assert all("forward" not in m.__dict__ for m in model.modules())
+    assert 2 * 197 in rows_seen and 2 in rows_seen  # all tokens; the [CLS]-only last block
     kind, tol = accel.FEATURE_TOLERANCES[precision]
     if kind == "max_abs":
         assert float((fast - ref).abs().max()) <= tol
@@ -164,12 +168,16 @@ def test_vit_features_through_fast_inference(precision, monkeypatch):
 def test_probe_records_its_evidence(tmp_path, monkeypatch):
     monkeypatch.setenv("DINOFEAT_PROBE", "1")
     monkeypatch.setenv("DINOFEAT_CACHE_DIR", str(tmp_path))
-    choice = accel.linear_kernel("bf16")
-    rec = accel.platform_report()["probes"]["linear/cpu/bf16"]
+    choice = accel.linear_kernel("bf16", rows=1000)
+    rec = accel.platform_report()["probes"]["linear/cpu/bf16/1024"]
+    assert rec["rows"] == 769
     assert choice == rec["choice"] in ("onednn", "aten")
     assert set(rec["seconds"]) == {"aten", "onednn"} and rec["accurate"] in (True, False)
     if choice == "onednn":
         assert rec["accurate"] and rec["seconds"]["onednn"] < rec["seconds"]["aten"]
     assert accel.linear_kernel("fp16") == "aten"
+    # the packed path per call follows the probe of the call's row bucket
+    assert accel._packed_rows(torch.bfloat16, 1000) == (choice == "onednn")
+    assert not accel._packed_rows(torch.float16, 1000)
     monkeypatch.setenv("DINOFEAT_PROBE", "0")
     assert accel.linear_kernel("bf16") == "aten"  # no probing: nn.Linear as it is
