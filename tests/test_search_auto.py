@@ -429,14 +429,17 @@ def test_recall_is_measured_again_as_the_index_grows():
     """Without a save, ``add`` measures recall again once the index has grown by a tenth
     since the last measurement, so that searches run with parameters measured on about the
     index they search."""
-    x, fresh = _with_fresh(8000, seed=14)
+    x, fresh = _with_fresh(20000, seed=14)
     index = KNNIndex(factory="auto", expected_size=len(x), recall=0.95)
-    index.add(x[:3000])  # the training sample: chosen and measured on these
-    assert index.auto["measured_on"] == 3000
-    index.add(x[3000:3200])  # less than a tenth more: not measured again
-    assert index.auto["measured_on"] == 3000
-    index.add(x[3200:])
-    assert index.auto["measured_on"] == 8000 and index.auto["recall_bound"] >= 0.95
+    # the training sample (128 lists, planned for 20,000): chosen and measured on these,
+    # although 5,000 vectors alone would get 64 lists
+    index.add(x[:5000])
+    assert index.resolved_factory.startswith("IVF128,")
+    assert index.auto["measured_on"] == 5000
+    index.add(x[5000:5200])  # less than a tenth more: not measured again
+    assert index.auto["measured_on"] == 5000
+    index.add(x[5200:])
+    assert index.auto["measured_on"] == 20000 and index.auto["recall_bound"] >= 0.95
     assert _fresh_recall(index, x, fresh) >= 0.95
 
 

@@ -665,7 +665,11 @@ class KNNIndex:
         if p is None or self._index is None or not self._index.is_trained or \
                 self.factory != "auto" or self.resolved_factory == "Flat":
             return dict(self.auto)
-        cand = next((c for c in autos.candidates(max(len(self), 1), self._d)
+        # the candidate as chosen: its list count follows the size planned at the choice,
+        # which the index may not have reached yet (or may have outgrown)
+        sizes = {int(self.auto.get("expected_vectors") or 0), len(self)} - {0}
+        cand = next((c for n in sorted(sizes, reverse=True)
+                     for c in autos.candidates(n, self._d)
                      if c.factory == self.resolved_factory), None)
         if cand is None or cand.param is None:
             return dict(self.auto)
