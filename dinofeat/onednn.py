@@ -20,7 +20,7 @@ the fused GELU on timm's ``Mlp``) for the duration of a ``with`` block:
   (a new tensor or an in-place update);
 * nesting and threads are counted per model: the last one to leave restores the modules;
 * memory: the packed copy of a weight is kept (per dtype) as long as its module lives, so
-  a model used in fp32 holds its linear weights twice (ViT-S/16: +86 MB; bf16: +43 MB).
+  a model used in fp32 holds its linear weights twice (ViT-S/16: +85 MB; bf16: +42 MB).
 
 Whether to use it on a machine is a measured choice (``dinofeat.accel.linear_kernel``):
 this module only provides the mechanism.
