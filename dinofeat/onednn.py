@@ -18,7 +18,9 @@ the fused GELU on timm's ``Mlp``) for the duration of a ``with`` block:
   anything else (training, CUDA, fp16) runs the module's own forward;
 * the packed weight is cached on the module and packed again when the parameter changes
   (a new tensor or an in-place update);
-* nesting and threads are counted per model: the last one to leave restores the modules.
+* nesting and threads are counted per model: the last one to leave restores the modules;
+* memory: the packed copy of a weight is kept (per dtype) as long as its module lives, so
+  a model used in fp32 holds its linear weights twice (ViT-S/16: +85 MB; bf16: +42 MB).
 
 Whether to use it on a machine is a measured choice (``dinofeat.accel.linear_kernel``):
 this module only provides the mechanism.
