@@ -447,7 +447,7 @@ def test_budget_that_leaves_only_reranked_pq_meets_the_target():
     """A budget below every candidate but IVF-PQ with re-ranking: it is chosen, its
     ``nprobe`` and ``k_factor`` grow together until the bound reaches the target, and
     fresh queries meet it against numpy brute force."""
-    x, fresh = _with_fresh(6000, seed=15, dim=128)  # PQ's codebooks pay off from here
+    x, fresh = _with_fresh(6000, seed=15, dim=64)  # PQ's codebooks pay off from here
     cands = {c.factory: c.memory(len(x)) for c in candidates(len(x), x.shape[1])}
     rflat = next(f for f in cands if f.endswith("RFlat"))
     assert cands[rflat] == min(cands.values())
