@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from dinofeat.search import openblas
+from dinofeat import openblas
 
-openblas.pin_core()  # before faiss loads its OpenBLAS (see dinofeat.search.openblas)
+openblas.pin_core()  # before faiss loads its OpenBLAS (see dinofeat.openblas)
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402

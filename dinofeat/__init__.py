@@ -11,7 +11,12 @@ and the complete DINO training core::
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .openblas import pin_core as _pin_openblas_core
 from .version import __version__
+
+# before any dinofeat module loads faiss: its bundled OpenBLAS falls back to generic
+# kernels on CPUs newer than itself unless told which to use
+_pin_openblas_core()
 
 # Public names are imported on first use (PEP 562), so that ``import dinofeat`` and the
 # command line's ``--help`` do not pay for torch, torchvision and faiss until needed.

@@ -463,17 +463,18 @@ def test_budget_that_leaves_only_reranked_pq_meets_the_target():
 
 
 def test_openblas_core_is_pinned_before_faiss_loads():
-    """``import dinofeat.search`` sets OPENBLAS_CORETYPE from the CPU's flags before faiss
+    """``import dinofeat`` sets OPENBLAS_CORETYPE from the CPU's flags before faiss
     loads its OpenBLAS (0.3.15 falls back to generic kernels on newer CPUs), and leaves a
     value the user set."""
     import subprocess
     import sys
-    from dinofeat.search.openblas import core_for_flags
+    from dinofeat.openblas import core_for_flags
     assert core_for_flags({"avx2", "fma"} | {f"avx512{x}" for x in "f cd bw dq vl".split()}) \
         == "SkylakeX"
     assert core_for_flags({"avx2", "fma", "sse3"}) == "Haswell"
     assert core_for_flags({"sse3"}) is None
-    code = ("import os, dinofeat.search, faiss; "
+    # accel loads faiss for its probes without going through dinofeat.search
+    code = ("import os, dinofeat.accel, faiss; "
             "print(os.environ.get('OPENBLAS_CORETYPE'))")
     env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_CORETYPE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -9,24 +9,20 @@ images, choosing its faiss type, and near-duplicate grouping.
 - :mod:`~dinofeat.search.factory`: faiss factory strings, training sizes, the ``auto`` choice;
 - :mod:`~dinofeat.search.identity`: which model and settings made a set of vectors;
 - :mod:`~dinofeat.search.dedup`: near-duplicate groups of a collection;
-- :mod:`~dinofeat.search.ondisk`: IVF lists on disk, growing a memory-mapped index;
-- :mod:`~dinofeat.search.openblas`: faiss's OpenBLAS kernels on CPUs newer than it.
+- :mod:`~dinofeat.search.ondisk`: IVF lists on disk, growing a memory-mapped index.
+
+faiss's bundled OpenBLAS is pointed at the CPU's kernels when ``dinofeat`` is imported
+(:mod:`dinofeat.openblas`), before anything loads faiss.
 """
 
-# before faiss is loaded by any module below: its OpenBLAS must not fall back to generic
-# kernels on a CPU newer than itself
-from .openblas import pin_core as _pin_openblas_core
-
-_pin_openblas_core()
-
-from .build import AddReport, ImagePlan, image_files  # noqa: E402
-from .dedup import (DEFAULT_THRESHOLD, DedupResult, DuplicateGroup, RowGroup, dedup_folder,  # noqa: E402
+from .build import AddReport, ImagePlan, image_files
+from .dedup import (DEFAULT_THRESHOLD, DedupResult, DuplicateGroup, RowGroup, dedup_folder,
                     duplicate_groups, find_duplicate_pairs, find_duplicates, group_pairs)
-from .factory import AUTO_EXACT_LIMIT, BLAS_THRESHOLD, choose_factory, configure_threads  # noqa: E402
-from .identity import (IncompatibleFeaturesError, check_compatible, embedding_identity,  # noqa: E402
+from .factory import AUTO_EXACT_LIMIT, BLAS_THRESHOLD, choose_factory, configure_threads
+from .identity import (IncompatibleFeaturesError, check_compatible, embedding_identity,
                        features_info)
-from .index import KNNIndex  # noqa: E402
-from .storage import FORMAT_VERSION, IndexFormatError  # noqa: E402
+from .index import KNNIndex
+from .storage import FORMAT_VERSION, IndexFormatError
 
 __all__ = ["KNNIndex", "IndexFormatError", "IncompatibleFeaturesError", "FORMAT_VERSION",
            "AUTO_EXACT_LIMIT", "BLAS_THRESHOLD", "choose_factory", "configure_threads",

@@ -6,7 +6,9 @@ itself (Sapphire Rapids and later Xeons, among others) and falls back to its gen
 assignment) then runs several times slower than the CPU allows. On the 2-core Xeon with
 AMX, faiss's exact search of 250 queries over 200k 384-d vectors took 1.6 s with Prescott
 kernels and 0.33 s with ``OPENBLAS_CORETYPE=SkylakeX``. OpenBLAS reads the variable once,
-when its library is loaded, so it must be set before faiss is first imported.
+when its library is loaded, so it must be set before faiss is first imported:
+``import dinofeat`` calls :func:`pin_core` before any of its modules can load faiss (a
+program that imported faiss before dinofeat keeps OpenBLAS's own choice).
 """
 
 from __future__ import annotations
