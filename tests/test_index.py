@@ -536,6 +536,37 @@ def test_cli_build_info_search_add(photo_dir, tmp_path, capsys):
     assert "no such index" in capsys.readouterr().err
 
 
+def test_cli_mmap_add_and_search(photo_dir, tmp_path, capsys):
+    """`index add --mmap` grows an IVF index without reading its lists into memory and
+    `search --mmap` searches it mapped: the same answers as the index read whole."""
+    from dinofeat.model import save_safetensors
+    weights = save_safetensors(_tiny_model(), tmp_path / "tiny.safetensors")
+    out = tmp_path / "ivf.idx"
+    assert _cli("index", "build", photo_dir / "cats", "--model", weights, "--out", out,
+                "--factory", "IVF2,Flat", "--num-workers", 0, "--no-progress") == 0
+    n_cats = len(KNNIndex.load(out))
+    assert _cli("index", "add", out, photo_dir, "--model", weights, "--mmap",
+                "--num-workers", 0, "--no-progress") == 0
+    assert "added 7 images" in capsys.readouterr().out
+    assert len(KNNIndex.load(out)) == n_cats + 7 == 14
+    query = photo_dir / "dogs" / "img004.png"
+    answers = []
+    for extra in ((), ("--mmap",)):
+        assert _cli("search", out, query, "-k", 5, "--json", "--model", weights, *extra) == 0
+        answers.append(json.loads(capsys.readouterr().out)["results"])
+    assert answers[0] == answers[1] and answers[0][0]["path"] == os.path.abspath(query)
+    assert "--mmap" in capsys.readouterr().out + _help("search")
+
+
+def _help(verb: str) -> str:
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        _cli(verb, "--help")
+    return buf.getvalue()
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_build_the_same_index(photo_dir, tmp_path):
     """`torchrun --nproc_per_node 2 -m dinofeat index build` (gloo, CPU) gives the index

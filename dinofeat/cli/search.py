@@ -66,9 +66,14 @@ def _index_model(index, args: argparse.Namespace):
         raise FileNotFoundError(f"{args.index}: {e}") from None
 
 
+MMAP_HELP = ("map the index's data from disk instead of reading it into memory: for an "
+             "index larger than memory (an IVF index then reads only the lists a query "
+             "probes; new vectors of 'index add' join the next generation's on-disk lists)")
+
+
 def _cmd_index_add(args: argparse.Namespace) -> int:
     from ..search import KNNIndex
-    index = KNNIndex.load(args.index)
+    index = KNNIndex.load(args.index, mmap=args.mmap)
     features_device(args)
     model = _index_model(index, args)
     opts = {**index.embed_options(), **embed_run_options(args)}
@@ -167,7 +172,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     for q in args.queries:
         if not Path(q).exists():
             raise FileNotFoundError(f"no such query image: {q}")
-    index = KNNIndex.load(args.index)
+    index = KNNIndex.load(args.index, mmap=args.mmap)
     if len(index) == 0:
         raise UserError(f"{args.index} is empty")
     model = _index_model(index, args)
@@ -300,6 +305,7 @@ def register(sub) -> None:
     q.add_argument("folder", help="image folder (recursive) or file")
     index_model_args(q)
     q.add_argument("--labels-from-folders", action="store_true")
+    q.add_argument("--mmap", action="store_true", help=MMAP_HELP)
     running(q)
     q.set_defaults(func=_cmd_index_add)
 
@@ -320,6 +326,7 @@ def register(sub) -> None:
     q.add_argument("--json", action="store_true", help="print JSON")
     index_model_args(q)
     q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--mmap", action="store_true", help=MMAP_HELP)
     q.set_defaults(func=_cmd_search)
 
     q = sub.add_parser(
