@@ -453,14 +453,21 @@ def _cpu_info() -> tuple[str, tuple[str, ...]]:
     return name, flags
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
 def _machine_key() -> str:
     """What a probe's result depends on: CPU model and vector flags, core count, torch
-    and faiss versions, the GPU."""
+    and faiss versions, the GPU. Computed once per process: every packed linear layer
+    looks its probe up on every call."""
     faiss_version = ""
     with contextlib.suppress(Exception):
         import faiss
         faiss_version = faiss.__version__
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = _cores()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     name, flags = _cpu_info()
     text = json.dumps([name, flags, cores, torch.__version__, faiss_version, gpu])
@@ -536,9 +543,7 @@ BUSY_LOAD_PER_CORE = 1.25
 
 
 def _busy(load: list[float] | None) -> bool:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return bool(load) and load[0] > BUSY_LOAD_PER_CORE * cores
+    return bool(load) and load[0] > BUSY_LOAD_PER_CORE * _cores()
 
 
 def _race(fns: dict[str, Callable[[], Any]], repeats: int = 3) -> dict[str, float]:

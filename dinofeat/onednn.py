@@ -16,8 +16,8 @@ the fused GELU on timm's ``Mlp``) for the duration of a ``with`` block:
 
 * only without gradients, on CPU tensors, in fp32 or bf16 (autocast's bf16 included):
   anything else (training, CUDA, fp16) runs the module's own forward;
-* the packed weight is cached on the module and packed again when the parameter changes
-  (a new tensor or an in-place update);
+* the packed weight is cached per module (outside it) and packed again when the parameter
+  changes (a new tensor or an in-place update);
 * nesting and threads are counted per model: the last one to leave restores the modules;
 * memory: the packed copy of a weight is kept (per dtype) as long as its module lives, so
   a model used in fp32 holds its linear weights twice (ViT-S/16: +85 MB; bf16: +42 MB).
@@ -78,7 +78,7 @@ def _identity(t: torch.Tensor) -> tuple[int, int]:
 
 def _packed(module: nn.Linear, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor,
                                                                        torch.Tensor | None]:
-    """``module``'s weight reordered for oneDNN and its bias, in ``dtype``: cached on the
+    """``module``'s weight reordered for oneDNN and its bias, in ``dtype``: cached for the
     module, and packed again when the weight or bias is another tensor or was changed in
     place (its version counter)."""
     w, b = module.weight, module.bias
